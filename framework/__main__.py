@@ -1,0 +1,3 @@
+from sapling.cli import main
+
+main()

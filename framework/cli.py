@@ -1,0 +1,82 @@
+"""`sapling <command> [hydra overrides]` (also `python -m sapling <command> ...`).
+
+Every command is a Hydra app on the one `conf/` tree: the command name becomes the `command` key,
+the rest of the arguments are Hydra's (overrides, `-m` for sweeps, `--cfg job` to print the config).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from importlib.resources import files
+
+import hydra
+from omegaconf import DictConfig
+
+from sapling.config import COMMANDS, ConfigError, register_configs, validate
+
+USAGE = f"""usage: sapling <command> [key=value ...] [hydra options]
+
+commands:
+  pipeline   the whole recipe end to end (default experiment: demo, CPU, minutes)
+  train      train model.path (or model.tiny) with cross-entropy: from scratch or fine-tuning
+  distill    distil teacher.path into a student (student.path, or student.config overrides)
+  eval       perplexity of model.path (and teacher.path) on data.files; writes report.md
+
+examples:
+  sapling pipeline experiment=demo
+  sapling distill teacher.path=T student.config.num_hidden_layers=8 data.files=[a.jsonl] trainer.max_steps=1000
+  sapling eval model.path=outputs/distill/.../model data.files=[held_out.txt]
+  sapling distill --cfg job          # print the composed config
+(valid commands: {", ".join(COMMANDS)})"""
+
+log = logging.getLogger("sapling")
+
+
+def _dispatch(cfg: DictConfig) -> None:
+    try:
+        validate(cfg)
+        if cfg.command == "pipeline":
+            from sapling.pipeline import run_pipeline
+
+            run_pipeline(cfg)
+        elif cfg.command == "train":
+            from sapling.commands import run_train
+
+            run_train(cfg)
+        elif cfg.command == "distill":
+            from sapling.commands import run_distill
+
+            run_distill(cfg)
+        elif cfg.command == "eval":
+            from sapling.commands import run_eval
+
+            run_eval(cfg)
+    except ConfigError as err:
+        print(f"sapling: config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except FileNotFoundError as err:
+        print(f"sapling: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"sapling {cfg.command}: outputs in {cfg.output_dir}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"sapling: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
+    register_configs()
+    config_dir = str(files("sapling.conf"))
+    if command == "pipeline" and not any(a.startswith(("experiment=", "+experiment=")) for a in rest):
+        rest = ["experiment=demo", *rest]  # the embedded default
+    sys.argv = [f"sapling-{command}", f"command={command}", *rest]
+    hydra.main(version_base=None, config_path=config_dir, config_name="config")(_dispatch)()
+
+
+if __name__ == "__main__":
+    main()

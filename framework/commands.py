@@ -1,0 +1,150 @@
+"""The `train`, `distill` and `eval` commands: build components from config, run, write outputs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sapling.config import ConfigError, check_shape, check_vocab
+from sapling.data import PackedData, build_packed_data
+from sapling.eval.perplexity import evaluate_lm
+from sapling.eval.report import write_report
+from sapling.models import build_model, count_parameters, load_tokenizer, source_config
+from sapling.train.hooks import HookContext, run_hooks
+from sapling.train.loop import TrainResult, fit
+from sapling.train.metrics import MetricsLogger
+
+log = logging.getLogger("sapling")
+
+
+def select_device(cfg: DictConfig) -> torch.device:
+    want = cfg.trainer.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device", want, "no CUDA device is visible", "use trainer.device=auto or cpu")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(want)
+
+
+def prepare_output(cfg: DictConfig) -> Path:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return out
+
+
+def tokenizer_path(cfg: DictConfig, *fallback_keys: str) -> str:
+    if cfg.data.tokenizer is not None:
+        return cfg.data.tokenizer
+    for key in fallback_keys:
+        if OmegaConf.select(cfg, f"{key}.path") is not None:
+            return OmegaConf.select(cfg, f"{key}.path")
+    raise ConfigError("data.tokenizer", None, f"no tokenizer: {' and '.join(fallback_keys)} have no path",
+                      "pass data.tokenizer=<dir with tokenizer files>")
+
+
+def load_data(cfg: DictConfig, tokenizer: Any, *, val_fraction: float | None = None) -> PackedData:
+    d = cfg.data
+    return build_packed_data(
+        list(d.files) or None, tokenizer, d.seq_len, hub_name=d.hub_name, hub_config=d.hub_config,
+        hub_split=d.hub_split, text_field=d.text_field,
+        val_fraction=d.val_fraction if val_fraction is None else val_fraction, seed=d.seed,
+        max_tokens=d.max_tokens, cache_dir=d.cache_dir or str(Path(cfg.cache_dir) / "data"), num_proc=d.num_proc,
+    )
+
+
+def check_tokenizer_fits(tokenizer: Any, model_cfg: Any, key: str) -> None:
+    if len(tokenizer) > model_cfg.vocab_size:
+        raise ConfigError(f"{key}.vocab_size", model_cfg.vocab_size, f"smaller than the tokenizer's {len(tokenizer)} "
+                          "tokens", f"use the tokenizer the model was trained with, or set {key}.config.vocab_size")
+
+
+def run_distill(cfg: DictConfig) -> TrainResult:
+    """Distil `teacher` into `student` (loaded, or the teacher's architecture with `student.config`)."""
+    teacher_cfg = source_config(cfg.teacher)
+    student_cfg = source_config(cfg.student, base=teacher_cfg if cfg.student.path is None else None)
+    check_shape("student.config", student_cfg)
+    check_vocab(teacher_cfg, student_cfg)
+    tokenizer = load_tokenizer(tokenizer_path(cfg, "teacher", "student"))
+    check_tokenizer_fits(tokenizer, teacher_cfg, "teacher.config")
+    device = select_device(cfg)
+    out = prepare_output(cfg)
+    data = load_data(cfg, tokenizer)
+    teacher = build_model(cfg.teacher, teacher_cfg, device, seed=cfg.seed)
+    student = build_model(cfg.student, student_cfg, device, seed=cfg.seed + 1)
+    metrics = MetricsLogger(out, cfg.logger, OmegaConf.to_container(cfg, resolve=True))
+    ctx = HookContext(cfg=cfg, teacher=teacher, student=student, tokenizer=tokenizer, data=data, output_dir=out,
+                      metrics=metrics, device=device)
+    try:
+        run_hooks("pre", cfg.hooks.pre, ctx)
+        metrics.log({"event": "start", "command": "distill", "teacher_params": count_parameters(teacher),
+                     "student_params": count_parameters(ctx.student), "train_tokens": data.train.num_tokens})
+        result = fit(cfg, student=ctx.student, teacher=teacher, tokenizer=tokenizer, data=data, output_dir=out,
+                     metrics=metrics, device=device, desc="distill")
+        ctx.result = result
+        run_hooks("post", cfg.hooks.post, ctx)
+    finally:
+        metrics.close()
+    return result
+
+
+def run_train(cfg: DictConfig) -> TrainResult:
+    """Train `model` with CE only: from scratch (model.tiny / model.config) or fine-tuning model.path."""
+    model_cfg = source_config(cfg.model)
+    check_shape("model.config", model_cfg)
+    tokenizer = load_tokenizer(tokenizer_path(cfg, "model"))
+    check_tokenizer_fits(tokenizer, model_cfg, "model.config")
+    device = select_device(cfg)
+    out = prepare_output(cfg)
+    data = load_data(cfg, tokenizer)
+    model = build_model(cfg.model, model_cfg, device, seed=cfg.seed)
+    metrics = MetricsLogger(out, cfg.logger, OmegaConf.to_container(cfg, resolve=True))
+    ctx = HookContext(cfg=cfg, teacher=None, student=model, tokenizer=tokenizer, data=data, output_dir=out,
+                      metrics=metrics, device=device)
+    try:
+        run_hooks("pre", cfg.hooks.pre, ctx)
+        metrics.log({"event": "start", "command": "train", "params": count_parameters(model),
+                     "train_tokens": data.train.num_tokens})
+        result = fit(cfg, student=ctx.student, teacher=None, tokenizer=tokenizer, data=data, output_dir=out,
+                     metrics=metrics, device=device, desc="train")
+        ctx.result = result
+        run_hooks("post", cfg.hooks.post, ctx)
+    finally:
+        metrics.close()
+    return result
+
+
+def run_eval(cfg: DictConfig) -> dict[str, Any]:
+    """Perplexity of `model` (and `teacher`, when given) on all of `data.files`; writes report.md."""
+    model_cfg = source_config(cfg.model)
+    tokenizer = load_tokenizer(tokenizer_path(cfg, "model"))
+    device = select_device(cfg)
+    out = prepare_output(cfg)
+    data = load_data(cfg, tokenizer, val_fraction=0.0)
+    rows = []
+    metrics = MetricsLogger(out, None)
+    try:
+        for key in ("model", "teacher"):
+            src = cfg[key]
+            if src.path is None and src.tiny is None:
+                continue
+            mcfg = model_cfg if key == "model" else source_config(src)
+            model = build_model(src, mcfg, device, seed=cfg.seed)
+            res = evaluate_lm(model, data.train, micro_batch_size=cfg.eval.micro_batch_size,
+                              max_batches=cfg.eval.batches, device=device)
+            row = {"model": key, "path": src.path or src.tiny, "params": count_parameters(model), **res}
+            metrics.log({"event": "eval", **row})
+            rows.append(row)
+            del model
+    finally:
+        metrics.close()
+    write_report(out / "report.md", "Sapling evaluation", [
+        ("Perplexity", ["model", "path", "params", "tokens", "loss (nats/token)", "perplexity"],
+         [[r["model"], r["path"], f"{r['params']:,}", f"{r['tokens']:,}", f"{r['loss']:.4f}", f"{r['ppl']:.2f}"]
+          for r in rows]),
+    ])
+    return {"rows": rows}

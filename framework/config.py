@@ -1,0 +1,332 @@
+"""Structured configs (registered in Hydra's ConfigStore) and validation that runs before any model loads.
+
+Every field here is a key users can override on the command line (`trainer.lr=3e-4`). The YAML files in
+`conf/` select group options and set defaults; the dataclasses below give every key its type, so a
+typo or a wrong type fails in Hydra, and :func:`validate` catches wrong *values* with one line that
+names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+COMMANDS = ("pipeline", "train", "distill", "eval")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+DATA_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ConfigError(ValueError):
+    """A bad config value. The message is one line: the key, what is wrong, and how to fix it."""
+
+    def __init__(self, key: str, value: Any, problem: str, fix: str) -> None:
+        self.key = key
+        super().__init__(f"{key}={value!r}: {problem}; fix: {fix}")
+
+
+# HF config fields that can be overridden without a `+` (any other field: `+student.config.rope_theta=1e6`).
+HF_SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                   "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
+
+
+def _shape_overrides() -> dict[str, Any]:
+    return dict.fromkeys(HF_SHAPE_FIELDS)
+
+
+@dataclass
+class ModelSourceConfig:
+    """Where a model comes from: an HF checkpoint (`path`: local dir or hub id) or a named tiny config.
+
+    `config` overrides fields of the HF config (null = keep); for a student without `path` it is
+    applied to the teacher's config to give the student's shape (`student.config.num_hidden_layers=2`).
+    """
+
+    path: str | None = None
+    tiny: str | None = None
+    config: dict[str, Any] = field(default_factory=_shape_overrides)
+    init: str = "auto"  # auto | pretrained | random
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class DataConfig:
+    files: list[str] = field(default_factory=list)
+    hub_name: str | None = None
+    hub_config: str | None = None
+    hub_split: str = "train"
+    text_field: str = "text"
+    tokenizer: str | None = None  # defaults to the teacher's (distill) or the model's (train/eval) tokenizer
+    seq_len: int = 256
+    val_fraction: float = 0.05
+    max_tokens: int | None = None
+    seed: int = 0
+    num_proc: int = 1
+    cache_dir: str | None = None  # defaults to <cache_dir>/data
+
+
+@dataclass
+class DistillConfig:
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    chunk_size: int | None = None  # tokens per loss chunk; None = let the kernel choose
+
+
+@dataclass
+class PruneTargetConfig:
+    num_hidden_layers: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    params: int | None = None
+
+
+@dataclass
+class PruneConfig:
+    target: PruneTargetConfig = field(default_factory=PruneTargetConfig)
+    calibration_samples: int = 1024
+
+
+@dataclass
+class QuantConfig:
+    scheme: str = "w4a16"
+    group_size: int = 128
+
+
+@dataclass
+class DeepSpeedConfig:
+    name: str = "none"  # none | zero1 | zero2 | zero3 | zero3_offload
+    stage: int = 0
+    offload_optimizer: bool = False
+    offload_param: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 16
+    save_every: int = 0  # 0: only the final HF checkpoint
+    keep_last: int = 2
+    resume: bool = True  # continue from output_dir/checkpoints/latest when it exists
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    progress: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"  # wandb | none
+    project: str = "sapling"
+    run_name: str | None = None
+    mode: str | None = None  # None: $WANDB_MODE if set, else offline
+
+
+@dataclass
+class HooksConfig:
+    pre: list[str] = field(default_factory=list)
+    post: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    batches: int | None = None  # None: the whole validation split
+    micro_batch_size: int = 8
+
+
+@dataclass
+class DemoCorpusConfig:
+    """The demo's corpus: this Python's own standard-library sources (every machine has them)."""
+
+    max_bytes: int = 3_000_000
+    vocab_size: int = 2048
+
+
+@dataclass
+class PipelineConfig:
+    corpus: DemoCorpusConfig = field(default_factory=DemoCorpusConfig)
+    teacher_steps: int = 400
+    teacher_lr: float = 2e-3
+    scratch_baseline: bool = True  # also train the student shape from scratch with CE for the same steps
+
+
+@dataclass
+class SaplingConfig:
+    command: str = "pipeline"
+    output_dir: str = MISSING
+    cache_dir: str = MISSING
+    seed: int = 0
+    teacher: ModelSourceConfig = field(default_factory=ModelSourceConfig)
+    student: ModelSourceConfig = field(default_factory=ModelSourceConfig)
+    model: ModelSourceConfig = field(default_factory=ModelSourceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+
+def register_configs() -> None:
+    """Register the schema so `conf/config.yaml` can build on it (called before Hydra composes)."""
+    ConfigStore.instance().store(name="sapling_schema", node=SaplingConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+
+
+def _check(ok: bool, key: str, value: Any, problem: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, problem, fix)
+
+
+def is_hub_id(path: str) -> bool:
+    """`org/name` that is not an existing local path: a model or data set on the hub."""
+    return bool(_HUB_ID.match(path)) and not Path(path).exists()
+
+
+def check_model_path(key: str, path: str | None, markers: tuple[str, ...] = ("config.json",)) -> None:
+    """`path` is an existing directory holding one of `markers`, or a hub id."""
+    if path is None:
+        return
+    expanded = Path(os.path.expanduser(path))
+    if expanded.exists() or is_hub_id(path):
+        if expanded.is_dir() and not any((expanded / m).exists() for m in markers):
+            raise ConfigError(key, path, f"directory has no {' or '.join(markers)}",
+                              f"point {key} at a directory written by save_pretrained (e.g. a sapling output_dir/model)")
+        return
+    raise ConfigError(key, path, "no such directory (and not a hub id like org/name)",
+                      f"set {key} to an HF checkpoint directory or a hub model id")
+
+
+def check_data(data: Any, required: bool) -> None:
+    _check(data.seq_len > 0, "data.seq_len", data.seq_len, "must be > 0", "set data.seq_len to the block length, e.g. 256")
+    _check(0.0 <= data.val_fraction < 1.0, "data.val_fraction", data.val_fraction, "must be in [0, 1)",
+           "set data.val_fraction=0.05")
+    if data.max_tokens is not None:
+        _check(data.max_tokens > 0, "data.max_tokens", data.max_tokens, "must be > 0", "drop it or set a positive cap")
+    if required:
+        _check(bool(data.files) or data.hub_name is not None, "data.files", list(data.files), "no training data given",
+               "pass data.files=[a.txt,b.jsonl,c.parquet] or data.hub_name=org/dataset")
+    for i, f in enumerate(data.files):
+        key = f"data.files[{i}]"
+        _check(Path(f).suffix.lower() in DATA_EXTENSIONS, key, f, "unsupported file type",
+               f"use one of {', '.join(DATA_EXTENSIONS)}")
+        _check(Path(os.path.expanduser(f)).is_file(), key, f, "no such file", "check the path (relative paths are "
+               "resolved from the directory you launched from)")
+    if data.tokenizer is not None:
+        check_model_path("data.tokenizer", data.tokenizer, ("tokenizer.json", "tokenizer_config.json"))
+
+
+def check_shape(key: str, cfg: Any) -> None:
+    """Attention shape rules an HF config must satisfy (after overrides)."""
+    heads = getattr(cfg, "num_attention_heads", None)
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    hidden = getattr(cfg, "hidden_size", None)
+    for name in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                 "num_key_value_heads", "vocab_size"):
+        val = getattr(cfg, name, None)
+        _check(val is None or val > 0, f"{key}.{name}", val, "must be > 0", f"set {key}.{name} to a positive integer")
+    if heads and kv:
+        _check(heads % kv == 0, f"{key}.num_attention_heads", heads,
+               f"not divisible by num_key_value_heads={kv}",
+               f"choose num_attention_heads as a multiple of num_key_value_heads (e.g. {kv * max(1, heads // kv)})")
+    if heads and hidden and getattr(cfg, "head_dim", None) is None:
+        _check(hidden % heads == 0, f"{key}.hidden_size", hidden, f"not divisible by num_attention_heads={heads}",
+               f"set {key}.hidden_size to a multiple of {heads} or set {key}.config.head_dim explicitly")
+
+
+def check_vocab(teacher_cfg: Any, student_cfg: Any) -> None:
+    vt, vs = teacher_cfg.vocab_size, student_cfg.vocab_size
+    _check(vt == vs, "student.config.vocab_size", vs, f"student vocab {vs} != teacher vocab {vt} (the KD loss compares "
+           "distributions over one vocabulary)", f"use a student with the teacher's tokenizer (vocab_size={vt})")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Value checks that need no model weights. Raises ConfigError (one line) on the first problem."""
+    cmd = cfg.command
+    _check(cmd in COMMANDS, "command", cmd, "unknown command", f"use one of {', '.join(COMMANDS)}")
+    d, t = cfg.distill, cfg.trainer
+    _check(d.divergence in DIVERGENCES, "distill.divergence", d.divergence, "unknown divergence",
+           f"use one of {', '.join(DIVERGENCES)}")
+    _check(d.temperature > 0, "distill.temperature", d.temperature, "must be > 0", "set distill.temperature=1.0")
+    _check(0.0 <= d.beta <= 1.0, "distill.beta", d.beta, "must be in [0, 1]", "set distill.beta=0.5")
+    _check(d.kd_weight >= 0, "distill.kd_weight", d.kd_weight, "must be >= 0", "set distill.kd_weight=1.0")
+    _check(d.ce_weight >= 0, "distill.ce_weight", d.ce_weight, "must be >= 0", "set distill.ce_weight=0.0")
+    if cmd in ("distill", "pipeline"):
+        _check(d.kd_weight + d.ce_weight > 0, "distill.kd_weight", d.kd_weight, "kd_weight and ce_weight are both 0",
+               "set distill.kd_weight=1.0")
+    _check(t.max_steps >= 0, "trainer.max_steps", t.max_steps, "must be >= 0", "set trainer.max_steps=1000")
+    _check(t.micro_batch_size > 0, "trainer.micro_batch_size", t.micro_batch_size, "must be > 0",
+           "set trainer.micro_batch_size=8")
+    _check(t.grad_accum > 0, "trainer.grad_accum", t.grad_accum, "must be > 0", "set trainer.grad_accum=1")
+    _check(t.lr > 0, "trainer.lr", t.lr, "must be > 0", "set trainer.lr=1e-3")
+    _check(0.0 <= t.min_lr_ratio <= 1.0, "trainer.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]",
+           "set trainer.min_lr_ratio=0.1")
+    _check(t.warmup_steps >= 0, "trainer.warmup_steps", t.warmup_steps, "must be >= 0", "set trainer.warmup_steps=10")
+    _check(t.grad_clip >= 0, "trainer.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)",
+           "set trainer.grad_clip=1.0")
+    _check(t.log_every > 0, "trainer.log_every", t.log_every, "must be > 0", "set trainer.log_every=10")
+    _check(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0 (0 disables)", "set trainer.eval_every=50")
+    _check(t.save_every >= 0, "trainer.save_every", t.save_every, "must be >= 0 (0: final model only)",
+           "set trainer.save_every=0")
+    _check(t.device in ("auto", "cpu", "cuda"), "trainer.device", t.device, "unknown device",
+           "use auto, cpu or cuda")
+    _check(cfg.logger.name in ("wandb", "none"), "logger", cfg.logger.name, "unknown logger", "use logger=wandb or logger=none")
+    _check(cfg.deepspeed.name == "none", "deepspeed", cfg.deepspeed.name,
+           "DeepSpeed engines are not wired into the trainer yet", "use deepspeed=none (single process)")
+    for key in ("teacher", "student", "model"):
+        src = cfg[key]
+        _check(src.init in ("auto", "pretrained", "random"), f"{key}.init", src.init, "unknown init",
+               "use auto, pretrained or random")
+        _check(src.dtype in ("auto", "float32", "bfloat16", "float16"), f"{key}.dtype", src.dtype, "unknown dtype",
+               "use auto, float32, bfloat16 or float16")
+        check_model_path(f"{key}.path", src.path)
+        if src.tiny is not None:
+            from sapling.models.tiny import TINY_CONFIGS
+
+            _check(src.tiny in TINY_CONFIGS, f"{key}.tiny", src.tiny, "unknown tiny config",
+                   f"use one of {', '.join(sorted(TINY_CONFIGS))}")
+    if cmd == "distill":
+        _check(cfg.teacher.path is not None or cfg.teacher.tiny is not None, "teacher.path", None,
+               "distill needs a teacher", "pass teacher.path=<HF checkpoint dir or hub id>")
+    if cmd in ("train", "eval"):
+        _check(cfg.model.path is not None or cfg.model.tiny is not None, "model.path", None,
+               f"{cmd} needs a model", "pass model.path=<HF checkpoint dir> (or model.tiny=<name> to train from scratch)")
+    from sapling.train.hooks import available
+
+    for stage in ("pre", "post"):
+        for i, name in enumerate(cfg.hooks[stage]):
+            _check(name in available(stage), f"hooks.{stage}[{i}]", name, f"no {stage}-hook of that name",
+                   f"use one of {available(stage) or '(none yet)'}")
+    check_data(cfg.data, required=cmd in ("train", "distill", "eval"))
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,69 @@
+"""Fingerprinting of packing inputs and the on-disk cache of packed arrays.
+
+Layout: ``<cache_dir>/<fingerprint>/{train.npy,val.npy,meta.json}``. Every file is written to a
+temporary name and moved into place with ``os.replace``, so readers never see a partial file; an
+entry counts as present only when all three files exist. Arrays are re-opened memory-mapped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from typing import Any
+
+import numpy as np
+
+CACHE_FORMAT_VERSION = 1
+_FILES = ("train.npy", "val.npy", "meta.json")
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """sha256 of the tokenizer's serialization (vocab, merges, normalizer...), else of its vocab."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def file_signature(path: str) -> dict[str, Any]:
+    """Path, size and modification time of a data file (changes whenever the file is rewritten)."""
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def fingerprint(payload: dict[str, Any]) -> str:
+    """sha256 hex digest of a JSON-serializable description of all inputs."""
+    blob = json.dumps({"version": CACHE_FORMAT_VERSION, **payload}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _atomic_write(path: str, write) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_entry(entry_dir: str, train: np.ndarray, val: np.ndarray, meta: dict[str, Any]) -> None:
+    """Atomically write one cache entry (meta.json last)."""
+    os.makedirs(entry_dir, exist_ok=True)
+    _atomic_write(os.path.join(entry_dir, "train.npy"), lambda f: np.save(f, train))
+    _atomic_write(os.path.join(entry_dir, "val.npy"), lambda f: np.save(f, val))
+    blob = json.dumps(meta, indent=2, sort_keys=True).encode("utf-8")
+    _atomic_write(os.path.join(entry_dir, "meta.json"), lambda f: f.write(blob))
+
+
+def load_entry(entry_dir: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]] | None:
+    """Return memory-mapped (train, val, meta) of a complete cache entry, or None when absent."""
+    if not all(os.path.isfile(os.path.join(entry_dir, name)) for name in _FILES):
+        return None
+    train = np.load(os.path.join(entry_dir, "train.npy"), mmap_mode="r")
+    val = np.load(os.path.join(entry_dir, "val.npy"), mmap_mode="r")
+    with open(os.path.join(entry_dir, "meta.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    return train, val, meta

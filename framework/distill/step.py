@@ -1,0 +1,75 @@
+"""One distillation (or plain LM) loss computation on a batch of packed token blocks.
+
+The student's final hidden states and lm_head weight go into `fused_linear_kd_loss` together with the
+teacher's final hidden states and lm_head weight, so the loss never needs full [tokens x vocab]
+logits from the models themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sapling.kernels import fused_linear_kd_loss
+from sapling.models import decoder_and_head
+
+IGNORE_INDEX = -100
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Next-token targets for positions 0..L-2 of each block, flattened."""
+    return labels[:, 1:].reshape(-1)
+
+
+def count_valid(labels: torch.Tensor) -> int:
+    return int((shifted_targets(labels) != IGNORE_INDEX).sum())
+
+
+def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Final (post-norm) hidden states for positions that predict a next token: [B*(L-1), H]."""
+    decoder, _ = decoder_and_head(model)
+    hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+    return hidden[:, :-1].reshape(-1, hidden.shape[-1])
+
+
+def loss_on_batch(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    batch: dict[str, torch.Tensor],
+    distill_cfg: Any,
+    *,
+    num_valid_tokens: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """kd_weight * T^2 * D(teacher || student) + ce_weight * CE, summed over valid tokens / num_valid_tokens.
+
+    With `teacher=None` only the CE term is computed (training from scratch or fine-tuning).
+    """
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    _, s_head = decoder_and_head(student)
+    hs = final_hidden(student, input_ids)
+    kd_weight = distill_cfg.kd_weight if teacher is not None else 0.0
+    ce_weight = distill_cfg.ce_weight if teacher is not None else 1.0
+    teacher_kwargs: dict[str, Any] = {}
+    if kd_weight > 0:
+        _, t_head = decoder_and_head(teacher)
+        with torch.no_grad():
+            ht = final_hidden(teacher, input_ids)
+        teacher_kwargs = dict(teacher_hidden=ht, teacher_weight=t_head.weight, teacher_bias=t_head.bias)
+    loss, parts = fused_linear_kd_loss(
+        hs,
+        s_head.weight,
+        labels=shifted_targets(labels),
+        divergence=distill_cfg.divergence,
+        beta=distill_cfg.beta,
+        temperature=distill_cfg.temperature,
+        kd_weight=kd_weight,
+        ce_weight=ce_weight,
+        ignore_index=IGNORE_INDEX,
+        student_bias=s_head.bias,
+        num_valid_tokens=num_valid_tokens,
+        chunk_size=getattr(distill_cfg, "chunk_size", None),
+        return_parts=True,
+        **teacher_kwargs,
+    )
+    return loss, {"kd": float(parts["kd"]), "ce": float(parts["ce"])}

@@ -1,0 +1,44 @@
+"""Perplexity of a causal LM on packed validation blocks."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from sapling.distill.step import IGNORE_INDEX, final_hidden, shifted_targets
+from sapling.kernels import fused_linear_kd_loss
+from sapling.models import decoder_and_head
+
+
+@torch.no_grad()
+def evaluate_lm(
+    model: torch.nn.Module,
+    blocks: Any,
+    *,
+    micro_batch_size: int = 8,
+    max_batches: int | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Mean next-token NLL (nats) over the first `max_batches` batches of `blocks` (all when None)."""
+    was_training = model.training
+    model.eval()
+    _, head = decoder_and_head(model)
+    total_nll, total_tokens = 0.0, 0
+    n = len(blocks)
+    batches = math.ceil(n / micro_batch_size)
+    if max_batches is not None:
+        batches = min(batches, max_batches)
+    for b in range(batches):
+        ids = torch.stack([blocks[i] for i in range(b * micro_batch_size, min(n, (b + 1) * micro_batch_size))])
+        ids = ids.to(device)
+        hidden = final_hidden(model, ids)
+        targets = shifted_targets(ids)
+        nll_sum = fused_linear_kd_loss(hidden, head.weight, labels=targets, kd_weight=0.0, ce_weight=1.0,
+                                       ignore_index=IGNORE_INDEX, student_bias=head.bias, num_valid_tokens=1)
+        total_nll += float(nll_sum)
+        total_tokens += int((targets != IGNORE_INDEX).sum())
+    model.train(was_training)
+    loss = total_nll / max(1, total_tokens)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": total_tokens}

@@ -1,0 +1,138 @@
+"""Load and save Hugging Face causal LMs and tokenizers; resolve a model's config without its weights."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from sapling.models.tiny import tiny_config
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 on CUDA and fp32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def _plain(overrides: Any) -> dict[str, Any]:
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(overrides):
+            overrides = OmegaConf.to_container(overrides, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return {k: v for k, v in dict(overrides or {}).items() if v is not None}
+
+
+def apply_overrides(config: PretrainedConfig, overrides: Any) -> PretrainedConfig:
+    """A copy of `config` with HF config fields replaced (e.g. {"num_hidden_layers": 2})."""
+    config = copy.deepcopy(config)
+    for key, value in _plain(overrides).items():
+        setattr(config, key, value)
+    # Llama-style configs store head_dim = hidden_size // num_attention_heads; a changed width or head
+    # count changes it too, unless head_dim is given. Left as None when not divisible, so validation
+    # (check_shape) reports it instead of silently building a different model.
+    given = _plain(overrides)
+    if ("hidden_size" in given or "num_attention_heads" in given) and "head_dim" not in given:
+        if config.model_type in ("llama", "mistral", "qwen2") and getattr(config, "head_dim", None) is not None:
+            divisible = config.hidden_size % config.num_attention_heads == 0
+            config.head_dim = config.hidden_size // config.num_attention_heads if divisible else None
+    return config
+
+
+def source_config(src: Any, base: PretrainedConfig | None = None) -> PretrainedConfig:
+    """The HF config a model source describes (`path`, `tiny`, or `base` + overrides), weights untouched."""
+    if src.path is not None:
+        config = AutoConfig.from_pretrained(os.path.expanduser(src.path))
+    elif src.tiny is not None:
+        config = tiny_config(src.tiny)
+    elif base is not None:
+        config = base
+    else:
+        raise ValueError("model source has neither path nor tiny, and no base config to derive from")
+    return apply_overrides(config, src.config)
+
+
+def build_model(
+    src: Any,
+    config: PretrainedConfig,
+    device: torch.device,
+    *,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """Load pretrained weights from `src.path`, or initialise `config` randomly (seeded) when there are none.
+
+    `src.init`: `auto` loads weights when a path is given (and the shape was not overridden),
+    `random` always initialises from `config`, `pretrained` requires a path.
+    """
+    dtype = resolve_dtype(src.dtype, device)
+    pretrained = src.init == "pretrained" or (src.init == "auto" and src.path is not None and not _plain(src.config))
+    if pretrained:
+        if src.path is None:
+            raise ValueError("init=pretrained needs a path")
+        model = AutoModelForCausalLM.from_pretrained(
+            os.path.expanduser(src.path), config=config, dtype=dtype, attn_implementation=src.attn_implementation
+        )
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            config = copy.deepcopy(config)
+            config._attn_implementation = src.attn_implementation
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.to(device)
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(os.path.expanduser(path))
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer at {path} has no eos_token (needed to separate packed documents)")
+    return tok
+
+
+def save_hf_checkpoint(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | os.PathLike
+) -> Path:
+    """Write config.json, *.safetensors and tokenizer files atomically: temp dir, then rename."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear]:
+    """The causal LM's decoder stack (returns final hidden states) and its lm_head."""
+    decoder = getattr(model, model.base_model_prefix)
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head)")
+    return decoder, head

@@ -1,0 +1,33 @@
+"""Named tiny configs: real architectures at toy sizes, for tests and the demo (no hub needed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+
+_COMMON: dict[str, Any] = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+)
+
+TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama-tiny": ("llama", {}),
+    "mistral-tiny": ("mistral", {"sliding_window": None}),
+    "qwen2-tiny": ("qwen2", {}),
+    "qwen3-tiny": ("qwen3", {"head_dim": 16}),
+}
+
+
+def tiny_config(name: str, **overrides: Any) -> PretrainedConfig:
+    """An HF config of the named tiny architecture, with `overrides` applied to its fields."""
+    if name not in TINY_CONFIGS:
+        raise ValueError(f"unknown tiny config {name!r}; choose one of {', '.join(sorted(TINY_CONFIGS))}")
+    model_type, extra = TINY_CONFIGS[name]
+    return AutoConfig.for_model(model_type, **{**_COMMON, **extra, **overrides})

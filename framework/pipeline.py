@@ -1,0 +1,262 @@
+"""`sapling pipeline`: the whole recipe end to end on one machine.
+
+With `experiment=demo` (the default) it runs on CPU in minutes on a corpus every machine has, the
+Python standard library's own source files:
+
+1. corpus -> byte-level BPE tokenizer (trained here with `tokenizers`) -> packed train/val blocks;
+2. a small teacher trained with CE (cached under `cache_dir`, so a second run skips it);
+3. a smaller student (the teacher's architecture with `student.config` overrides) distilled from it;
+4. the same student shape trained from scratch with CE for the same steps, as the baseline;
+5. perplexities of all of them and of a unigram model on held-out files -> `report.md`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sapling.commands import load_data, prepare_output, select_device
+from sapling.config import check_shape, check_vocab
+from sapling.data import unigram_cross_entropy
+from sapling.eval.perplexity import evaluate_lm
+from sapling.eval.report import write_report
+from sapling.models import apply_overrides, build_model, count_parameters, load_tokenizer, source_config
+from sapling.train.loop import fit
+from sapling.train.metrics import MetricsLogger
+
+log = logging.getLogger("sapling")
+EOS = "<|endoftext|>"
+
+
+def _sha(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _atomic_dir(final: Path, build) -> Path:
+    """Build a directory under a temp name with `build(tmp)`, then rename it to `final`."""
+    if final.exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def stdlib_corpus(cache: Path, max_bytes: int) -> Path:
+    """A jsonl of this Python's standard-library .py files (one document each), up to `max_bytes`."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py"))
+    docs, total = [], 0
+    for p in files:
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if total + len(text) > max_bytes:
+            continue
+        docs.append({"text": text, "source": p.name})
+        total += len(text)
+    if not docs:
+        raise FileNotFoundError(f"no readable .py files under {root} for the demo corpus")
+    key = _sha([d["source"] for d in docs], total, sys.version_info[:2])[:12]
+    final = cache / f"corpus-{key}.jsonl"
+    if not final.exists():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
+            for d in docs:
+                f.write(json.dumps(d) + "\n")
+        os.replace(tmp, final)
+    return final
+
+
+def train_bpe_tokenizer(corpus: Path, vocab_size: int, cache: Path) -> Path:
+    """A byte-level BPE tokenizer trained on `corpus`, saved as a transformers tokenizer directory."""
+    key = _sha(corpus.name, vocab_size)[:12]
+
+    def build(tmp: Path) -> None:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+
+        def texts():
+            with open(corpus) as f:
+                for line in f:
+                    yield json.loads(line)["text"]
+
+        tok.train_from_iterator(texts(), trainer=trainer)
+        PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS,
+                                pad_token=EOS).save_pretrained(tmp)
+
+    return _atomic_dir(cache / f"tokenizer-{key}", build)
+
+
+def _stage_cfg(cfg: DictConfig, **trainer: Any) -> DictConfig:
+    stage = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for k, v in trainer.items():
+        stage.trainer[k] = v
+    return stage
+
+
+def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    out = prepare_output(cfg)
+    cache = Path(cfg.cache_dir) / "demo"
+    device = select_device(cfg)
+    metrics = MetricsLogger(out, None)
+    timings: dict[str, float] = {}
+
+    def stage(name: str, t0: float) -> None:
+        timings[name] = time.perf_counter() - t0
+        metrics.log({"event": "stage", "name": name, "wall_s": timings[name]})
+        log.info("stage %s: %.1f s", name, timings[name])
+
+    # 1. corpus, tokenizer, data
+    t0 = time.perf_counter()
+    if cfg.data.files or cfg.data.hub_name:
+        corpus_note = "data.files" if cfg.data.files else f"hub data set {cfg.data.hub_name}"
+        tok_path = cfg.data.tokenizer or cfg.teacher.path
+        if tok_path is None:
+            raise FileNotFoundError("pipeline with your own data needs data.tokenizer or teacher.path")
+    else:
+        corpus = stdlib_corpus(cache, cfg.pipeline.corpus.max_bytes)
+        corpus_note = f"Python {sys.version_info.major}.{sys.version_info.minor} standard library sources"
+        tok_path = str(train_bpe_tokenizer(corpus, cfg.pipeline.corpus.vocab_size, cache))
+        cfg = OmegaConf.merge(cfg, {"data": {"files": [str(corpus)]}})
+    tokenizer = load_tokenizer(tok_path)
+    data = load_data(cfg, tokenizer)
+    unigram = unigram_cross_entropy(data.train, data.val, len(tokenizer))
+    stage("data", t0)
+
+    # 2. teacher: trained once per (corpus, tokenizer, shape, schedule), then cached
+    t0 = time.perf_counter()
+    if cfg.teacher.path is not None:
+        teacher_cfg = source_config(cfg.teacher)
+        teacher = build_model(cfg.teacher, teacher_cfg, device)
+        teacher_note = cfg.teacher.path
+    else:
+        teacher_cfg = apply_overrides(source_config(cfg.teacher), {"vocab_size": len(tokenizer)})
+        check_shape("teacher.config", teacher_cfg)
+        tcfg = _stage_cfg(cfg, max_steps=cfg.pipeline.teacher_steps, lr=cfg.pipeline.teacher_lr, save_every=0)
+        key = _sha(data.fingerprint, teacher_cfg.to_dict(), OmegaConf.to_container(tcfg.trainer))[:12]
+        cached = cache / f"teacher-{key}"
+        if (cached / "config.json").exists():
+            teacher_note = f"cached: {cached}"
+        else:
+            teacher_note = f"trained now ({cfg.pipeline.teacher_steps} steps), cached at {cached}"
+            student_src = OmegaConf.create({"path": None, "tiny": None, "config": {}, "init": "random",
+                                            "dtype": cfg.teacher.dtype, "attn_implementation": "sdpa"})
+            model = build_model(student_src, teacher_cfg, device, seed=cfg.seed)
+            tm = MetricsLogger(out / "teacher", cfg.logger, OmegaConf.to_container(tcfg), prefix="teacher/")
+            try:
+                res = fit(tcfg, student=model, teacher=None, tokenizer=tokenizer, data=data,
+                          output_dir=out / "teacher", metrics=tm, device=device, desc="teacher")
+            finally:
+                tm.close()
+            _atomic_dir(cached, lambda tmp: shutil.copytree(res.model_dir, tmp, dirs_exist_ok=True))
+            del model
+        teacher = build_model(OmegaConf.create({**OmegaConf.to_container(cfg.teacher), "path": str(cached),
+                                                "config": {}, "tiny": None}), teacher_cfg, device)
+    stage("teacher", t0)
+
+    # 3. student: the teacher's architecture at the student.config shape, distilled
+    t0 = time.perf_counter()
+    student_cfg = source_config(cfg.student, base=teacher_cfg if cfg.student.path is None else None)
+    check_shape("student.config", student_cfg)
+    check_vocab(teacher_cfg, student_cfg)
+    student = build_model(cfg.student, student_cfg, device, seed=cfg.seed + 1)
+    sm = MetricsLogger(out / "distill", cfg.logger, OmegaConf.to_container(cfg, resolve=True), prefix="distill/")
+    try:
+        kd = fit(cfg, student=student, teacher=teacher, tokenizer=tokenizer, data=data, output_dir=out / "distill",
+                 metrics=sm, device=device, desc="distill")
+    finally:
+        sm.close()
+    stage("distill", t0)
+
+    # 4. the same shape from the same init, CE only, same steps
+    scratch = None
+    if cfg.pipeline.scratch_baseline:
+        t0 = time.perf_counter()
+        baseline = build_model(cfg.student, student_cfg, device, seed=cfg.seed + 1)
+        bm = MetricsLogger(out / "scratch", cfg.logger, OmegaConf.to_container(cfg, resolve=True), prefix="scratch/")
+        try:
+            scratch = fit(cfg, student=baseline, teacher=None, tokenizer=tokenizer, data=data,
+                          output_dir=out / "scratch", metrics=bm, device=device, desc="scratch")
+        finally:
+            bm.close()
+        stage("scratch", t0)
+
+    # 5. evaluation on the whole held-out split + report
+    t0 = time.perf_counter()
+    evals: dict[str, dict[str, float]] = {}
+    models = {"teacher": teacher, "student (distilled)": student}
+    if scratch is not None:
+        models["student (CE from scratch)"] = baseline
+    for name, model in models.items():
+        evals[name] = evaluate_lm(model, data.val, micro_batch_size=cfg.eval.micro_batch_size,
+                                  max_batches=cfg.eval.batches, device=device)
+        metrics.log({"event": "eval", "model": name, "params": count_parameters(model),
+                     "val_loss": evals[name]["loss"], "val_ppl": evals[name]["ppl"]})
+    metrics.log({"event": "eval", "model": "unigram", "val_loss": unigram, "val_ppl": math.exp(unigram)})
+    stage("eval", t0)
+    shutil.copytree(out / "distill" / "model", out / "model", dirs_exist_ok=True)
+    timings["total"] = time.perf_counter() - t_start
+    metrics.log({"event": "done", "wall_s": timings["total"]})
+    metrics.close()
+
+    rows = [["unigram (train-split token frequencies)", "-", f"{unigram:.4f}", f"{math.exp(unigram):.2f}", "-"]]
+    for name, model in models.items():
+        steps = cfg.pipeline.teacher_steps if name == "teacher" and cfg.teacher.path is None else cfg.trainer.max_steps
+        rows.append([name, f"{count_parameters(model):,}", f"{evals[name]['loss']:.4f}", f"{evals[name]['ppl']:.2f}",
+                     str(steps) if name != "teacher" or cfg.teacher.path is None else "-"])
+    shape_keys = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                  "num_key_value_heads", "vocab_size")
+    shapes = [[k, getattr(teacher_cfg, k), getattr(student_cfg, k)] for k in shape_keys]
+    verdict = "n/a"
+    if scratch is not None:
+        a, b = evals["student (distilled)"]["ppl"], evals["student (CE from scratch)"]["ppl"]
+        verdict = (f"distilled student perplexity {a:.2f} vs {b:.2f} from scratch: "
+                   f"{'distillation wins' if a < b else 'training from scratch wins'} "
+                   f"({abs(a - b) / b * 100:.1f}% {'lower' if a < b else 'higher'}) at {cfg.trainer.max_steps} steps")
+    write_report(out / "report.md", "Sapling pipeline report", [
+        ("Setup", "\n".join([
+            f"- corpus: {corpus_note}; {data.train.num_tokens:,} train tokens, {data.val.num_tokens:,} validation "
+            f"tokens (held-out documents), seq_len {cfg.data.seq_len}, tokenizer vocab {len(tokenizer):,}",
+            f"- teacher: {teacher_note}",
+            f"- student: {cfg.trainer.max_steps} steps x {cfg.trainer.micro_batch_size * cfg.trainer.grad_accum} "
+            f"sequences, lr {cfg.trainer.lr}, divergence {cfg.distill.divergence}, T={cfg.distill.temperature}, "
+            f"kd_weight {cfg.distill.kd_weight}, ce_weight {cfg.distill.ce_weight}",
+            f"- device: {device.type}; wall time {timings['total']:.0f} s "
+            f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items() if k != 'total')})",
+        ])),
+        ("Validation perplexity", ["model", "params", "loss (nats/token)", "perplexity", "train steps"], rows),
+        ("Result", verdict),
+        ("Shapes", ["field", "teacher", "student"], shapes),
+    ])
+    print((out / "report.md").read_text())
+    return {"evals": evals, "unigram": unigram, "timings": timings, "output_dir": str(out)}

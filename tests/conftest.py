@@ -1,0 +1,86 @@
+"""Shared fixtures: a real byte-level BPE tokenizer, a corpus and a tiny teacher checkpoint, all built offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def corpus_file(demo_cache) -> Path:
+    from sapling.pipeline import stdlib_corpus
+
+    return stdlib_corpus(demo_cache, 250_000)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(corpus_file, demo_cache) -> Path:
+    from sapling.pipeline import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(corpus_file, 384, demo_cache)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from sapling.models import load_tokenizer
+
+    return load_tokenizer(str(tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, tokenizer) -> Path:
+    """A randomly initialised tiny Llama saved as an HF checkpoint with the tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from sapling.models import save_hf_checkpoint, tiny_config
+
+    torch.manual_seed(0)
+    cfg = tiny_config("llama-tiny", vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2)
+    model = AutoModelForCausalLM.from_config(cfg)
+    return save_hf_checkpoint(model, tokenizer, tmp_path_factory.mktemp("teacher") / "model")
+
+
+@pytest.fixture(scope="session")
+def text_files(tmp_path_factory, corpus_file) -> list[Path]:
+    """A few .txt documents and a .jsonl, cut from the corpus."""
+    root = tmp_path_factory.mktemp("text")
+    docs = [json.loads(line)["text"] for line in corpus_file.read_text().splitlines()][:12]
+    paths = []
+    for i, d in enumerate(docs[:6]):
+        p = root / f"doc{i}.txt"
+        p.write_text(d)
+        paths.append(p)
+    j = root / "more.jsonl"
+    j.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[6:]))
+    paths.append(j)
+    return paths
+
+
+@pytest.fixture
+def cli(tmp_path, demo_cache):
+    """Run `python -m sapling ...` in a subprocess (cwd tmp_path, cache in the session cache); not checked."""
+
+    def run(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "SAPLING_CACHE": str(demo_cache), **(env or {})}
+        return subprocess.run([sys.executable, "-m", "sapling", *args], cwd=tmp_path, env=full_env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run

@@ -1,0 +1,76 @@
+"""CLI smoke tests: each command runs end to end in a subprocess and writes its outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM
+
+
+def _metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_help(cli):
+    res = cli("--help")
+    assert res.returncode == 0
+    assert "distill" in res.stdout and "pipeline" in res.stdout
+
+
+def test_unknown_command(cli):
+    res = cli("frobnicate")
+    assert res.returncode == 2
+    assert "unknown command" in res.stderr
+
+
+def test_config_error_is_one_line(cli, teacher_dir, text_files):
+    res = cli("distill", f"teacher.path={teacher_dir}", f"data.files=[{text_files[0]}]", "data.seq_len=0")
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("sapling: config error")]
+    assert lines == [lines[0]] and "data.seq_len=0" in lines[0] and "fix:" in lines[0]
+    assert "Traceback" not in res.stderr
+
+
+def test_vocab_mismatch_and_heads_fail_before_loading(cli, teacher_dir, text_files):
+    res = cli("distill", f"teacher.path={teacher_dir}", f"data.files=[{text_files[0]}]",
+              "student.config.vocab_size=100")
+    assert res.returncode == 2 and "student.config.vocab_size=100" in res.stderr
+    res = cli("distill", f"teacher.path={teacher_dir}", f"data.files=[{text_files[0]}]",
+              "student.config.num_attention_heads=3")
+    assert res.returncode == 2 and "num_attention_heads=3" in res.stderr and "num_key_value_heads" in res.stderr
+
+
+def test_distill_then_eval(cli, tmp_path, teacher_dir, text_files):
+    out = tmp_path / "run"
+    files = "[" + ",".join(str(p) for p in text_files) + "]"
+    res = cli("distill", f"teacher.path={teacher_dir}", "student.config.num_hidden_layers=1", f"data.files={files}",
+              "data.seq_len=64", "trainer.max_steps=4", "trainer.micro_batch_size=2", "trainer.log_every=1",
+              "trainer.eval_batches=2", "logger=none", "hooks.post=[eval]", f"hydra.run.dir={out}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert model.config.num_hidden_layers == 1
+    assert (out / "model" / "tokenizer.json").exists()
+    recs = _metrics(out)
+    train = [r for r in recs if r["event"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert all(r["kd"] > 0 for r in train)
+    assert "student" in (out / "report.md").read_text()
+
+    ev = tmp_path / "eval"
+    res = cli("eval", f"model.path={out / 'model'}", f"teacher.path={teacher_dir}", f"data.files=[{text_files[-1]}]",
+              "data.seq_len=64", f"hydra.run.dir={ev}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = (ev / "report.md").read_text()
+    assert "| model |" in report and "| teacher |" in report
+
+
+def test_train_from_scratch_with_wandb_offline(cli, tmp_path, tokenizer_dir, text_files):
+    out = tmp_path / "train"
+    res = cli("train", "model.tiny=qwen2-tiny", "model.config.vocab_size=384", f"data.tokenizer={tokenizer_dir}",
+              f"data.files=[{text_files[-1]}]", "data.seq_len=32", "trainer.max_steps=3", "trainer.log_every=1",
+              "trainer.micro_batch_size=2", "logger=wandb", f"hydra.run.dir={out}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "model" / "config.json").exists()
+    assert list((out / "wandb").glob("offline-run-*")), "wandb offline run directory missing"
+    assert all(r["kd"] == 0 for r in _metrics(out) if r["event"] == "train")

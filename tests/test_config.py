@@ -1,0 +1,95 @@
+"""Config validation: each bad value fails with one line naming the key and the fix."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from sapling.config import ConfigError, register_configs, validate
+
+
+def composed(*overrides: str):
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(files("sapling.conf")), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_defaults_compose_and_validate():
+    cfg = composed("command=pipeline", "experiment=demo")
+    validate(cfg)
+    assert cfg.teacher.tiny == "llama-tiny"
+    assert cfg.trainer.max_steps > 0
+
+
+def test_deepspeed_and_logger_groups_select():
+    cfg = composed("command=pipeline", "logger=none")
+    assert cfg.logger.name == "none"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["data.seq_len=0"], "data.seq_len"),
+        (["data.seq_len=-5"], "data.seq_len"),
+        (["data.files=[/nonexistent/corpus.txt]"], "data.files[0]"),
+        (["data.files=[corpus.csv]"], "data.files[0]"),
+        (["data.val_fraction=1.5"], "data.val_fraction"),
+        (["distill.divergence=kl"], "distill.divergence"),
+        (["distill.temperature=0"], "distill.temperature"),
+        (["distill.beta=2"], "distill.beta"),
+        (["distill.kd_weight=0", "distill.ce_weight=0"], "distill.kd_weight"),
+        (["trainer.micro_batch_size=0"], "trainer.micro_batch_size"),
+        (["trainer.grad_accum=0"], "trainer.grad_accum"),
+        (["trainer.lr=0"], "trainer.lr"),
+        (["trainer.device=tpu"], "trainer.device"),
+        (["hooks.pre=[nonsense]"], "hooks.pre[0]"),
+        (["teacher.path=/nonexistent/teacher"], "teacher.path"),
+        (["teacher.tiny=gpt-huge"], "teacher.tiny"),
+    ],
+)
+def test_bad_value_names_key_and_fix(overrides, key):
+    cfg = composed("command=pipeline", *overrides)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    msg = str(err.value)
+    assert msg.startswith(f"{key}=")
+    assert "fix:" in msg
+    assert "\n" not in msg
+
+
+def test_commands_require_their_inputs():
+    with pytest.raises(ConfigError, match=r"^teacher\.path="):
+        validate(composed("command=distill"))
+    with pytest.raises(ConfigError, match=r"^model\.path="):
+        validate(composed("command=eval"))
+
+
+def test_distill_requires_data(teacher_dir):
+    with pytest.raises(ConfigError, match=r"^data\.files="):
+        validate(composed("command=distill", f"teacher.path={teacher_dir}"))
+
+
+def test_checkpoint_dir_without_config_json(tmp_path):
+    with pytest.raises(ConfigError, match="no config.json"):
+        validate(composed("command=distill", f"teacher.path={tmp_path}"))
+
+
+def test_shape_checks():
+    from sapling.config import check_shape, check_vocab
+    from sapling.models import apply_overrides, tiny_config
+
+    base = tiny_config("llama-tiny")
+    with pytest.raises(ConfigError, match=r"^student\.config\.num_attention_heads=6: not divisible by num_key_v"):
+        check_shape("student.config", apply_overrides(base, {"num_attention_heads": 6, "num_key_value_heads": 4,
+                                                             "hidden_size": 96}))
+    with pytest.raises(ConfigError, match=r"^student\.config\.hidden_size=70"):
+        check_shape("student.config", apply_overrides(base, {"hidden_size": 70}))
+    with pytest.raises(ConfigError, match=r"^student\.config\.num_hidden_layers=-1: must be > 0"):
+        check_shape("student.config", apply_overrides(base, {"num_hidden_layers": -1}))
+    with pytest.raises(ConfigError, match=r"^student\.config\.vocab_size=100: .*teacher vocab 512"):
+        check_vocab(base, tiny_config("llama-tiny", vocab_size=100))
+    check_shape("student.config", apply_overrides(base, {"num_hidden_layers": 1, "hidden_size": 32}))

@@ -1,0 +1,139 @@
+"""The training loop: loss goes down under distillation, resume reproduces an uninterrupted run, lr schedule."""
+
+from __future__ import annotations
+
+import json
+from importlib.resources import files
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from sapling.config import register_configs
+from sapling.data import build_packed_data
+from sapling.models import build_model, source_config
+from sapling.train.engine import LocalEngine
+from sapling.train.loop import fit
+from sapling.train.metrics import MetricsLogger, read_metrics
+from sapling.train.optim import lr_factor
+
+
+def _cfg(tmp_path, *overrides: str):
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(files("sapling.conf")), version_base=None):
+        cfg = compose(config_name="config", overrides=["command=distill", f"output_dir={tmp_path}",
+                                                       f"cache_dir={tmp_path / 'cache'}", "logger=none",
+                                                       "trainer.progress=false", *overrides])
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def packed(tokenizer, corpus_file, tmp_path_factory):
+    return build_packed_data([str(corpus_file)], tokenizer, 32, val_fraction=0.1, seed=0,
+                             max_tokens=60_000, cache_dir=str(tmp_path_factory.mktemp("data")))
+
+
+def _models(cfg, tokenizer, teacher_seed=0):
+    tcfg = source_config(cfg.teacher)
+    tcfg.vocab_size = len(tokenizer)
+    teacher = build_model(cfg.teacher, tcfg, torch.device("cpu"), seed=teacher_seed)
+    scfg = source_config(cfg.student, base=tcfg)
+    student = build_model(cfg.student, scfg, torch.device("cpu"), seed=1)
+    return teacher, student
+
+
+def test_distillation_reduces_kd_loss(tmp_path, tokenizer, packed):
+    cfg = _cfg(tmp_path, "teacher.tiny=llama-tiny", "student.config.hidden_size=32",
+               "student.config.num_hidden_layers=1", "trainer.max_steps=30", "trainer.micro_batch_size=4",
+               "trainer.log_every=1", "trainer.lr=1e-2", "trainer.warmup_steps=3", "trainer.eval_every=0",
+               "trainer.eval_batches=2", "distill.temperature=2.0")
+    teacher, student = _models(cfg, tokenizer)
+    # Give the teacher a peaked distribution to imitate (a random init is nearly uniform).
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(8.0)
+    m = MetricsLogger(tmp_path, None)
+    fit(cfg, student=student, teacher=teacher, tokenizer=tokenizer, data=packed, output_dir=tmp_path, metrics=m,
+        device=torch.device("cpu"))
+    m.close()
+    kd = [r["kd"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["event"] == "train"]
+    assert len(kd) == 30
+    assert sum(kd[-5:]) / 5 < 0.7 * sum(kd[:5]) / 5
+
+
+def test_teacher_is_untouched(tmp_path, tokenizer, packed):
+    cfg = _cfg(tmp_path, "teacher.tiny=llama-tiny", "trainer.max_steps=2", "trainer.micro_batch_size=2",
+               "trainer.eval_batches=1")
+    teacher, student = _models(cfg, tokenizer)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    m = MetricsLogger(tmp_path, None)
+    fit(cfg, student=student, teacher=teacher, tokenizer=tokenizer, data=packed, output_dir=tmp_path, metrics=m,
+        device=torch.device("cpu"))
+    m.close()
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def _run(tmp_path, tokenizer, packed, out, fail_at=None, **kw):
+    cfg = _cfg(out, "teacher.tiny=llama-tiny", "student.config.num_hidden_layers=1", "trainer.max_steps=8",
+               "trainer.micro_batch_size=2", "trainer.grad_accum=2", "trainer.log_every=1", "trainer.save_every=3",
+               "trainer.eval_every=0", "trainer.eval_batches=1", "trainer.lr=2e-3")
+    teacher, student = _models(cfg, tokenizer)
+    if fail_at is not None:
+        original = LocalEngine.step
+        calls = {"n": 0}
+
+        def failing(self):
+            calls["n"] += 1
+            if calls["n"] == fail_at:
+                raise KeyboardInterrupt("simulated crash")
+            return original(self)
+
+        kw["monkeypatch"].setattr(LocalEngine, "step", failing)
+    m = MetricsLogger(out, None)
+    try:
+        fit(cfg, student=student, teacher=teacher, tokenizer=tokenizer, data=packed, output_dir=out, metrics=m,
+            device=torch.device("cpu"))
+    finally:
+        m.close()
+        if fail_at is not None:
+            kw["monkeypatch"].undo()
+    return student
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, tokenizer, packed, monkeypatch):
+    ref_out, cut_out = tmp_path / "ref", tmp_path / "cut"
+    ref_student = _run(tmp_path, tokenizer, packed, ref_out)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, tokenizer, packed, cut_out, fail_at=8, monkeypatch=monkeypatch)  # dies in step 8, after ckpt 6
+    assert (cut_out / "checkpoints" / "latest").read_text() == "global_step6"
+    assert sorted(p.name for p in (cut_out / "checkpoints").glob("global_step*")) == ["global_step3", "global_step6"]
+    resumed = _run(tmp_path, tokenizer, packed, cut_out)
+    ref = {r["step"]: r["loss"] for r in read_metrics(ref_out / "metrics.jsonl") if r["event"] == "train"}
+    recs = read_metrics(cut_out / "metrics.jsonl")
+    assert any(r["event"] == "resume" and r["step"] == 6 for r in recs)
+    after = {r["step"]: r["loss"] for r in recs[[i for i, r in enumerate(recs) if r["event"] == "resume"][0]:]
+             if r["event"] == "train"}
+    assert sorted(after) == [7, 8]
+    for step, loss in after.items():
+        assert loss == ref[step], (step, loss, ref[step])
+    for (name, a), (_, b) in zip(ref_student.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_lr_schedule_shape():
+    f = [lr_factor(s, warmup_steps=10, max_steps=100, min_lr_ratio=0.1) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[9:], f[10:]))
+    assert f[-1] == pytest.approx(0.1, abs=1e-3)
+    assert lr_factor(100, warmup_steps=10, max_steps=100, min_lr_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_metrics_jsonl_is_one_object_per_line(tmp_path):
+    m = MetricsLogger(tmp_path, None)
+    m.log({"event": "train", "step": 1, "loss": float("nan")})
+    m.log({"event": "eval", "step": 1, "val_loss": 1.5})
+    m.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["event"] for x in lines] == ["train", "eval"]
