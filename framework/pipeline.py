@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-
 from sapling.commands import load_data, prepare_output, select_device
 from sapling.config import check_shape, check_vocab
 from sapling.data import unigram_cross_entropy
@@ -192,8 +191,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     student = build_model(cfg.student, student_cfg, device, seed=cfg.seed + 1)
     sm = MetricsLogger(out / "distill", cfg.logger, OmegaConf.to_container(cfg, resolve=True), prefix="distill/")
     try:
-        kd = fit(cfg, student=student, teacher=teacher, tokenizer=tokenizer, data=data, output_dir=out / "distill",
-                 metrics=sm, device=device, desc="distill")
+        fit(cfg, student=student, teacher=teacher, tokenizer=tokenizer, data=data, output_dir=out / "distill",
+            metrics=sm, device=device, desc="distill")
     finally:
         sm.close()
     stage("distill", t0)

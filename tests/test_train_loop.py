@@ -9,7 +9,6 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-
 from sapling.config import register_configs
 from sapling.data import build_packed_data
 from sapling.models import build_model, source_config

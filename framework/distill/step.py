@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from sapling.kernels import fused_linear_kd_loss
 from sapling.models import decoder_and_head
 

@@ -10,9 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
-
 from sapling.models.tiny import tiny_config
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,10 +49,11 @@ def apply_overrides(config: PretrainedConfig, overrides: Any) -> PretrainedConfi
     # count changes it too, unless head_dim is given. Left as None when not divisible, so validation
     # (check_shape) reports it instead of silently building a different model.
     given = _plain(overrides)
-    if ("hidden_size" in given or "num_attention_heads" in given) and "head_dim" not in given:
-        if config.model_type in ("llama", "mistral", "qwen2") and getattr(config, "head_dim", None) is not None:
-            divisible = config.hidden_size % config.num_attention_heads == 0
-            config.head_dim = config.hidden_size // config.num_attention_heads if divisible else None
+    width_changed = ("hidden_size" in given or "num_attention_heads" in given) and "head_dim" not in given
+    derived = config.model_type in ("llama", "mistral", "qwen2") and getattr(config, "head_dim", None) is not None
+    if width_changed and derived:
+        divisible = config.hidden_size % config.num_attention_heads == 0
+        config.head_dim = config.hidden_size // config.num_attention_heads if divisible else None
     return config
 
 

@@ -8,14 +8,13 @@ step once; log, validate and checkpoint on their schedules; save an HF checkpoin
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
-
 from sapling.data import PackedData, ResumableLoader
 from sapling.distill.step import count_valid, loss_on_batch
 from sapling.eval.perplexity import evaluate_lm
@@ -23,6 +22,7 @@ from sapling.models import save_hf_checkpoint
 from sapling.train.checkpoint import load_latest, save_checkpoint, set_rng_state
 from sapling.train.engine import LocalEngine
 from sapling.train.metrics import MetricsLogger
+from tqdm.auto import tqdm
 
 
 @dataclass
@@ -79,7 +79,7 @@ def fit(
 
     batches = iter(loader)
     bar = tqdm(total=t.max_steps, initial=start_step, desc=desc, disable=not t.progress, dynamic_ncols=True,
-               mininterval=1.0)
+               mininterval=1.0 if sys.stderr.isatty() else 30.0)
     t0, window_t0, window_tokens = time.perf_counter(), time.perf_counter(), 0
     last_val: dict[str, float] = {}
     for step in range(start_step, t.max_steps):
