@@ -7,6 +7,7 @@ the rest of the arguments are Hydra's (overrides, `-m` for sweeps, `--cfg job` t
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from importlib.resources import files
 
@@ -54,9 +55,13 @@ def _dispatch(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"sapling: config error: {err}", file=sys.stderr)
         sys.exit(2)
-    except FileNotFoundError as err:
-        print(f"sapling: {err}", file=sys.stderr)
-        sys.exit(2)
+    except (FileNotFoundError, ValueError) as err:
+        # Bad input found while running (data too short for one block, mismatched checkpoint, ...):
+        # one line, no traceback, unless SAPLING_DEBUG=1 asks for it.
+        if os.environ.get("SAPLING_DEBUG"):
+            raise
+        print(f"sapling: error: {err} (set SAPLING_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(1)
     print(f"sapling {cfg.command}: outputs in {cfg.output_dir}", file=sys.stderr)
 
 

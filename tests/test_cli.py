@@ -74,3 +74,11 @@ def test_train_from_scratch_with_wandb_offline(cli, tmp_path, tokenizer_dir, tex
     assert (out / "model" / "config.json").exists()
     assert list((out / "wandb").glob("offline-run-*")), "wandb offline run directory missing"
     assert all(r["kd"] == 0 for r in _metrics(out) if r["event"] == "train")
+
+
+def test_runtime_input_error_is_one_line(cli, teacher_dir, text_files):
+    res = cli("distill", f"teacher.path={teacher_dir}", f"data.files=[{text_files[0]},{text_files[1]}]",
+              "data.seq_len=1000000", "logger=none")
+    assert res.returncode == 1
+    assert "sapling: error:" in res.stderr and "seq_len" in res.stderr
+    assert "Traceback" not in res.stderr

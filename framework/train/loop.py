@@ -64,6 +64,9 @@ def fit(
     resumed = load_latest(ckpt_root) if t.resume else None
     if resumed is not None:
         engine_state, client = resumed
+        if client.get("data_fingerprint", data.fingerprint) != data.fingerprint:
+            raise ValueError(f"{ckpt_root} was written for other data (fingerprint {client['data_fingerprint'][:12]}, "
+                             f"now {data.fingerprint[:12]}); use a new output_dir or trainer.resume=false")
         engine.load_state_dict(engine_state)
         loader.load_state_dict(client["loader"])
         set_rng_state(client["rng"])
@@ -113,7 +116,8 @@ def fit(
             bar.set_postfix(loss=f"{step_loss:.3f}", val=f"{last_val['loss']:.3f}", refresh=False)
         if t.save_every and done % t.save_every == 0 and done != t.max_steps:
             save_checkpoint(ckpt_root, done, engine.state_dict(),
-                            {"step": done, "tokens": tokens_seen, "loader": loader.state_dict()}, t.keep_last)
+                            {"step": done, "tokens": tokens_seen, "loader": loader.state_dict(),
+                             "data_fingerprint": data.fingerprint}, t.keep_last)
         bar.update(1)
     bar.close()
 
