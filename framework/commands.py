@@ -62,6 +62,25 @@ def check_tokenizer_fits(tokenizer: Any, model_cfg: Any, key: str) -> None:
                           "tokens", f"use the tokenizer the model was trained with, or set {key}.config.vocab_size")
 
 
+def train_with_hooks(cfg: DictConfig, command: str, *, teacher: torch.nn.Module | None, student: torch.nn.Module,
+                     tokenizer: Any, data: PackedData, out: Path, device: torch.device) -> TrainResult:
+    """Pre-hooks, the training loop, post-hooks; metrics to `out/metrics.jsonl` (and wandb)."""
+    metrics = MetricsLogger(out, cfg.logger, OmegaConf.to_container(cfg, resolve=True))
+    ctx = HookContext(cfg=cfg, teacher=teacher, student=student, tokenizer=tokenizer, data=data, output_dir=out,
+                      metrics=metrics, device=device)
+    try:
+        run_hooks("pre", cfg.hooks.pre, ctx)
+        metrics.log({"event": "start", "command": command, "student_params": count_parameters(ctx.student),
+                     "teacher_params": count_parameters(teacher) if teacher is not None else 0,
+                     "train_tokens": data.train.num_tokens})
+        ctx.result = fit(cfg, student=ctx.student, teacher=teacher, tokenizer=tokenizer, data=data, output_dir=out,
+                         metrics=metrics, device=device, desc=command)
+        run_hooks("post", cfg.hooks.post, ctx)
+    finally:
+        metrics.close()
+    return ctx.result
+
+
 def run_distill(cfg: DictConfig) -> TrainResult:
     """Distil `teacher` into `student` (loaded, or the teacher's architecture with `student.config`)."""
     teacher_cfg = source_config(cfg.teacher)
@@ -75,20 +94,8 @@ def run_distill(cfg: DictConfig) -> TrainResult:
     data = load_data(cfg, tokenizer)
     teacher = build_model(cfg.teacher, teacher_cfg, device, seed=cfg.seed)
     student = build_model(cfg.student, student_cfg, device, seed=cfg.seed + 1)
-    metrics = MetricsLogger(out, cfg.logger, OmegaConf.to_container(cfg, resolve=True))
-    ctx = HookContext(cfg=cfg, teacher=teacher, student=student, tokenizer=tokenizer, data=data, output_dir=out,
-                      metrics=metrics, device=device)
-    try:
-        run_hooks("pre", cfg.hooks.pre, ctx)
-        metrics.log({"event": "start", "command": "distill", "teacher_params": count_parameters(teacher),
-                     "student_params": count_parameters(ctx.student), "train_tokens": data.train.num_tokens})
-        result = fit(cfg, student=ctx.student, teacher=teacher, tokenizer=tokenizer, data=data, output_dir=out,
-                     metrics=metrics, device=device, desc="distill")
-        ctx.result = result
-        run_hooks("post", cfg.hooks.post, ctx)
-    finally:
-        metrics.close()
-    return result
+    return train_with_hooks(cfg, "distill", teacher=teacher, student=student, tokenizer=tokenizer, data=data,
+                            out=out, device=device)
 
 
 def run_train(cfg: DictConfig) -> TrainResult:
@@ -101,20 +108,8 @@ def run_train(cfg: DictConfig) -> TrainResult:
     out = prepare_output(cfg)
     data = load_data(cfg, tokenizer)
     model = build_model(cfg.model, model_cfg, device, seed=cfg.seed)
-    metrics = MetricsLogger(out, cfg.logger, OmegaConf.to_container(cfg, resolve=True))
-    ctx = HookContext(cfg=cfg, teacher=None, student=model, tokenizer=tokenizer, data=data, output_dir=out,
-                      metrics=metrics, device=device)
-    try:
-        run_hooks("pre", cfg.hooks.pre, ctx)
-        metrics.log({"event": "start", "command": "train", "params": count_parameters(model),
-                     "train_tokens": data.train.num_tokens})
-        result = fit(cfg, student=ctx.student, teacher=None, tokenizer=tokenizer, data=data, output_dir=out,
-                     metrics=metrics, device=device, desc="train")
-        ctx.result = result
-        run_hooks("post", cfg.hooks.post, ctx)
-    finally:
-        metrics.close()
-    return result
+    return train_with_hooks(cfg, "train", teacher=None, student=model, tokenizer=tokenizer, data=data, out=out,
+                            device=device)
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:

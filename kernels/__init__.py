@@ -1,8 +1,7 @@
 """Loss kernels: the fused linear KD loss (torch reference and Triton)."""
 
+from .chunk_torch import kd_chunk_loss_and_grad
+from .fused_kd_loss import fused_linear_kd_loss
 from .kd_loss_reference import DIVERGENCES, kd_loss_reference
 
-# The Triton kernel replaces this later; until then the fused entry point is the torch reference.
-fused_linear_kd_loss = kd_loss_reference
-
-__all__ = ["DIVERGENCES", "fused_linear_kd_loss", "kd_loss_reference"]
+__all__ = ["DIVERGENCES", "fused_linear_kd_loss", "kd_chunk_loss_and_grad", "kd_loss_reference"]

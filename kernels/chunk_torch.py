@@ -1,0 +1,224 @@
+"""KD + CE loss of one chunk of rows and its analytic gradient w.r.t. the student logits (plain PyTorch).
+
+This is the per-chunk step of :func:`sapling.kernels.fused_linear_kd_loss`; the Triton kernel in
+``chunk_triton.py`` implements the same function (dense teacher only). The math, including the
+``LOG_TINY`` floors and the top-k tail bucket, is exactly that of ``kd_loss_reference`` (see its module
+docstring); only the gradient is written out by hand instead of coming from autograd.
+
+Gradients
+---------
+Let ``u = z / T`` and ``lp_s = log_softmax(u)``. For any per-row function ``F(lp_s)`` with
+``g = dF/d lp_s`` (zero where ``lp_s`` was ``-inf`` and got floored at ``LOG_TINY``, as in the
+reference), the log-softmax chain rule gives ``dF/du = g - p_s * sum(g)``, and
+``d(T**2 * F)/dz = T * (g - p_s * sum(g))``. Per divergence (``p = exp(lp)``)::
+
+    forward_kl  g = -p_t                                 -> T * (p_s * sum(p_t) - p_t) ~ T * (p_s - p_t)
+    reverse_kl  g = p_s * (lp_s - lp_t + 1)              -> T * p_s * ((lp_s - lp_t) - KL(p_s || p_t))
+    jsd         g = (1 - beta) * p_s * (lp_s - log m)    (the terms through log m cancel, since
+                                                          (1-beta) p_s / m * m = (1-beta) p_s)
+    CE (T = 1)  dCE/dz = softmax(z) - onehot(y)
+
+Top-k teacher: ``F`` is a function of the (k+1) bucket log-probs ``s_j = lp_s[idx_j]`` and
+``s_tail = logsumexp({lp_s[v]: v not in idx} U {LOG_TINY})``; with ``g_j``, ``g_tail`` its partial
+derivatives, ``dF/d lp_s[v] = g_j`` at ``v = idx_j`` and ``g_tail * exp(lp_s[v] - s_tail)`` elsewhere,
+then the log-softmax rule above.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .kd_loss_reference import LOG_TINY
+
+__all__ = ["kd_chunk_loss_and_grad"]
+
+_TINY: float = torch.finfo(torch.float32).tiny
+
+
+def kd_chunk_loss_and_grad(
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    labels: Tensor | None,
+    *,
+    divergence: str,
+    beta: float,
+    temperature: float,
+    kd_weight: float,
+    ce_weight: float,
+    ignore_index: int,
+    scale: float,
+    teacher_topk: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row losses of a chunk of ``c`` rows and ``d loss / d student_logits``.
+
+    ``student_logits [c, V]`` and ``teacher_logits [c, V]`` are raw logits (bias included; any dtype,
+    computed in float32). Give ``teacher_logits`` or ``teacher_topk = (lp_t [c, k], idx [c, k])`` for the
+    KD term, neither for none. ``labels [c]`` (or None: no CE) enables the CE term; rows whose label is
+    ``ignore_index`` contribute nothing. Returns float32 ``(kd_rows [c], ce_rows [c], grad [c, V])`` with
+    ``kd_rows = T**2 * D``, ``ce_rows = CE`` (0 on ignored rows) and
+    ``grad = d(scale * sum(kd_weight * kd_rows + ce_weight * ce_rows)) / d student_logits``.
+    """
+    kd_rows, ce_rows, grad = chunk_loss(
+        student_logits,
+        teacher_logits,
+        labels,
+        divergence=divergence,
+        beta=beta,
+        temperature=temperature,
+        kd_weight=kd_weight,
+        ce_weight=ce_weight,
+        ignore_index=ignore_index,
+        scale=scale,
+        teacher_topk=teacher_topk,
+        need_grad=True,
+    )
+    assert grad is not None
+    return kd_rows, ce_rows, grad
+
+
+def chunk_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    labels: Tensor | None,
+    *,
+    divergence: str,
+    beta: float,
+    temperature: float,
+    kd_weight: float,
+    ce_weight: float,
+    ignore_index: int,
+    scale: float,
+    teacher_topk: tuple[Tensor, Tensor] | None = None,
+    need_grad: bool = True,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`kd_chunk_loss_and_grad`, skipping the gradient (returned as None) when ``need_grad`` is False."""
+    z = student_logits.float()
+    c = z.shape[0]
+    t = float(temperature)
+    valid = None if labels is None else labels != ignore_index
+    kd_rows = z.new_zeros(c)
+    ce_rows = z.new_zeros(c)
+    grad: Tensor | None = None
+
+    lp_t_scaled: Tensor | None = None  # raw log_softmax(z / T), shared with CE when T == 1
+    if labels is not None:
+        lp1 = F.log_softmax(z, dim=-1)
+        safe = labels.long() if valid is None else torch.where(valid, labels, 0).long()
+        ce_rows = -lp1.gather(1, safe[:, None]).squeeze(1)
+        if need_grad and ce_weight != 0:
+            w = float(scale) * float(ce_weight)
+            grad = lp1.exp().mul_(w)
+            grad.scatter_add_(1, safe[:, None], grad.new_full((c, 1), -w))
+        if t == 1.0:
+            lp_t_scaled = lp1
+
+    if teacher_logits is not None or teacher_topk is not None:
+        if lp_t_scaled is None:
+            lp_t_scaled = F.log_softmax(z / t, dim=-1)
+        want_grad = need_grad and kd_weight != 0
+        if teacher_topk is None:
+            d, dlp = _dense(lp_t_scaled, teacher_logits, t, divergence, beta, want_grad)
+        else:
+            d, dlp = _topk(lp_t_scaled, teacher_topk[0], teacher_topk[1], divergence, beta, want_grad)
+        kd_rows = d * (t * t)
+        if dlp is not None:
+            dlp.mul_(float(scale) * float(kd_weight) * t)  # d(T^2 D)/dz = T * dD/du
+            grad = dlp if grad is None else grad.add_(dlp)
+
+    if valid is not None:
+        kd_rows = torch.where(valid, kd_rows, 0.0)
+        ce_rows = torch.where(valid, ce_rows, 0.0)
+        if grad is not None:
+            grad.masked_fill_(~valid[:, None], 0.0)
+    if need_grad and grad is None:
+        grad = z.new_zeros(z.shape)
+    return kd_rows, ce_rows, grad
+
+
+# ----------------------------------------------------------------------------------------------------
+# divergences with their derivative w.r.t. the student log-probs
+# ----------------------------------------------------------------------------------------------------
+
+
+def _div_and_grad(
+    lp_s: Tensor, lp_t: Tensor, divergence: str, beta: float, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """``(D [c], dD/dlp_s [c, K] or None)`` from finite log-probs; same formulas as the reference."""
+    if divergence == "forward_kl":
+        p_t = lp_t.exp()
+        d = (p_t * (lp_t - lp_s)).sum(-1)
+        return d, p_t.neg_() if need_grad else None
+    if divergence == "reverse_kl":
+        p_s = lp_s.exp()
+        diff = lp_s - lp_t
+        d = (p_s * diff).sum(-1)
+        return d, diff.add_(1.0).mul_(p_s) if need_grad else None
+    if divergence != "jsd":
+        raise ValueError(f"unknown divergence {divergence!r}")
+    if beta in (0.0, 1.0):  # m equals one of the two: D == 0 exactly, and so is its gradient
+        return lp_s.new_zeros(lp_s.shape[0]), torch.zeros_like(lp_s) if need_grad else None
+    log_m = torch.logaddexp(lp_t + math.log(beta), lp_s + math.log1p(-beta))
+    p_s = lp_s.exp()
+    s_minus_m = lp_s - log_m
+    d = beta * (lp_t.exp() * (lp_t - log_m)).sum(-1) + (1.0 - beta) * (p_s * s_minus_m).sum(-1)
+    return d, s_minus_m.mul_(p_s).mul_(1.0 - beta) if need_grad else None
+
+
+def _neginf_mask(lp: Tensor) -> Tensor | None:
+    """Where ``lp`` is -inf; None when nowhere (checked on CPU only, to keep CUDA free of host syncs)."""
+    neg = torch.isneginf(lp)
+    return None if not neg.is_cuda and not neg.any() else neg
+
+
+def _log_softmax_backward_(dlp: Tensor, lp: Tensor) -> Tensor:
+    """dF/du from dF/dlp for lp = log_softmax(u), in place (consumes both arguments)."""
+    total = dlp.sum(-1, keepdim=True)
+    return dlp.sub_(lp.exp_().mul_(total))
+
+
+def _dense(
+    lp: Tensor, z_t: Tensor, t: float, divergence: str, beta: float, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Dense teacher. ``lp`` = raw log_softmax(z / T), consumed. Returns (D, dD/du or None)."""
+    neg = _neginf_mask(lp)
+    lp_s = lp if neg is None else lp.masked_fill_(neg, LOG_TINY)
+    lp_t = F.log_softmax(z_t.float() / t, dim=-1).clamp_(min=LOG_TINY)
+    d, g = _div_and_grad(lp_s, lp_t, divergence, beta, need_grad)
+    if g is None:
+        return d, None
+    del lp_t
+    p_s = lp_s.exp_()
+    if neg is not None:  # no gradient through floored entries; p_s = exp(raw lp) = 0 there
+        g.masked_fill_(neg, 0.0)
+        p_s.masked_fill_(neg, 0.0)
+    return d, g.sub_(p_s.mul_(g.sum(-1, keepdim=True)))
+
+
+def _topk(
+    lp: Tensor, lp_t: Tensor, idx: Tensor, divergence: str, beta: float, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Top-k teacher with a tail bucket. ``lp`` = raw log_softmax(z / T), consumed."""
+    idx = idx.long()
+    k = idx.shape[1]
+    s_top = lp.gather(1, idx)
+    neg = torch.isneginf(s_top)
+    s_top.masked_fill_(neg, LOG_TINY)
+    rest = lp.scatter(1, idx, float("-inf"))
+    floor_col = lp.new_full((lp.shape[0], 1), LOG_TINY)
+    s_tail = torch.logsumexp(torch.cat([rest, floor_col], dim=1), dim=1, keepdim=True)
+
+    t_top = lp_t.float().clamp(min=LOG_TINY)
+    t_tail = (-torch.expm1(torch.logsumexp(t_top, dim=1, keepdim=True))).clamp(min=_TINY).log()
+    d, g = _div_and_grad(
+        torch.cat([s_top, s_tail], dim=1), torch.cat([t_top, t_tail], dim=1), divergence, beta, need_grad
+    )
+    if g is None:
+        return d, None
+    g_top = g[:, :k].masked_fill(neg, 0.0)
+    dlp = rest.sub_(s_tail).exp_().mul_(g[:, k:])  # tail: g_tail * exp(lp - s_tail), 0 at idx
+    dlp.scatter_add_(1, idx, g_top)
+    return d, _log_softmax_backward_(dlp, lp)

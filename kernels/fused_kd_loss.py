@@ -1,0 +1,272 @@
+"""Memory-efficient fused linear KD loss: ``[N x V]`` logits never exist.
+
+Same arguments, semantics and results (up to float32 rounding) as ``kd_loss_reference``. The forward
+pass walks the valid rows ``chunk_size`` at a time; per chunk it computes the student (and teacher)
+logits in the input dtype, calls the chunk function (loss per row + analytic ``d loss / d logits`` in
+float32, see ``chunk_torch.py``) and turns that gradient into ``grad_hidden[chunk] = grad @ W_s`` and
+``grad_weight += grad^T @ h_s`` (``grad_weight`` / ``grad_bias`` accumulate in float32 and are cast to the
+weight dtype at the end). The backward pass only multiplies the saved gradients by ``grad_output``.
+
+Extra memory: O(chunk_size x V) float32 temporaries + ``grad_hidden [N, Hs]`` + ``grad_weight [V, Hs]``.
+On CUDA, with Triton importable and a dense teacher, the chunk function is the Triton kernel
+``chunk_triton.kd_chunk_loss_and_grad_triton``; otherwise the torch one.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .chunk_torch import chunk_loss
+from .kd_loss_reference import _validate
+
+__all__ = ["CHUNK_BUDGET_BYTES", "default_chunk_size", "fused_linear_kd_loss"]
+
+# chunk_size=None: the largest chunk whose float32 [chunk, V] temporaries (~_LIVE_TEMPS of them alive at
+# once in the chunk function, logits included) fit in CHUNK_BUDGET_BYTES.
+CHUNK_BUDGET_BYTES: int = 256 * 2**20
+_LIVE_TEMPS: int = 8
+
+
+def default_chunk_size(vocab: int, n_rows: int) -> int:
+    """``CHUNK_BUDGET_BYTES // (4 bytes * _LIVE_TEMPS * V)`` rows, clamped to ``[1, n_rows]``."""
+    rows = CHUNK_BUDGET_BYTES // (4 * _LIVE_TEMPS * max(vocab, 1))
+    return max(1, min(rows, n_rows))
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_chunk_fn() -> Callable | None:
+    """The Triton chunk function, or None when it cannot be imported (no triton, not written yet, ...)."""
+    try:
+        from . import chunk_triton
+    except Exception:  # any import-time failure means: use the torch path
+        return None
+    if not getattr(chunk_triton, "TRITON_AVAILABLE", True):
+        return None
+    return getattr(chunk_triton, "kd_chunk_loss_and_grad_triton", None)
+
+
+@dataclass
+class _Plan:
+    """Everything besides the differentiable student tensors, prepared once per call."""
+
+    form: str | None
+    want_kd: bool
+    want_ce: bool
+    rows: dict[str, Tensor]  # row-aligned inputs (teacher detached)
+    t_weight: Tensor | None
+    t_bias: Tensor | None
+    valid_idx: Tensor | None  # None: every row is valid
+    n_valid: int
+    denom: Tensor | float
+    chunk_size: int
+    kwargs: dict  # divergence, beta, temperature, kd_weight, ce_weight, ignore_index, scale
+
+
+def _run(
+    h: Tensor, w: Tensor, b: Tensor | None, plan: _Plan, needs: tuple[bool, bool, bool]
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
+    """Loop over chunks: (loss, kd part, ce part, (grad_hidden, grad_weight, grad_bias) or Nones)."""
+    need_h, need_w, need_b = needs
+    need_grad = need_h or need_w or need_b
+    grad_h = grad_w = grad_b = None
+    if need_h:
+        alloc = torch.empty if plan.valid_idx is None else torch.zeros  # ignored rows get zero grad
+        grad_h = alloc(h.shape, dtype=h.dtype, device=h.device)
+    if need_w:
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+    if need_b:
+        grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device)
+    kd_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+    ce_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+    kw = plan.kwargs
+
+    triton_fn = _triton_chunk_fn() if h.is_cuda and plan.form != "topk" else None
+    step = plan.chunk_size
+    n_loop = plan.n_valid if plan.want_kd or plan.want_ce else 0
+    for start in range(0, n_loop, step):
+        stop = min(start + step, plan.n_valid)
+        if plan.valid_idx is None:
+            sel = None
+            rows = {k: v[start:stop] for k, v in plan.rows.items()}
+        else:
+            sel = plan.valid_idx[start:stop]
+            rows = {k: v.index_select(0, sel) for k, v in plan.rows.items()}
+        h_c = h[start:stop] if sel is None else h.index_select(0, sel)
+        z_s = F.linear(h_c, w, b)
+        z_t = None
+        if plan.form == "dense" and plan.want_kd:
+            z_t = F.linear(rows["h_t"], plan.t_weight, plan.t_bias)
+        elif plan.form == "logits" and plan.want_kd:
+            z_t = rows["z_t"]
+        topk = (rows["lp_t"], rows["idx"]) if plan.form == "topk" and plan.want_kd else None
+        labels = rows.get("labels")
+        if triton_fn is not None:
+            kd_r, ce_r, g = triton_fn(z_s, z_t, labels, **kw)  # reports CE rows whenever labels are given
+        else:
+            kd_r, ce_r, g = chunk_loss(z_s, z_t, labels, **kw, teacher_topk=topk, need_grad=need_grad)
+        del z_s, z_t
+        kd_sum += kd_r.sum()
+        ce_sum += ce_r.sum()
+        if not need_grad:
+            continue
+        g_lp = g.to(h.dtype)
+        if grad_h is not None:
+            if sel is None:
+                torch.mm(g_lp, w, out=grad_h[start:stop])
+            else:
+                grad_h.index_copy_(0, sel, g_lp @ w)
+        if grad_w is not None:
+            if g_lp.dtype == torch.float32:
+                grad_w.addmm_(g_lp.t(), h_c)
+            else:
+                grad_w += g_lp.t() @ h_c
+        if grad_b is not None:
+            grad_b += g.sum(0)
+        del g, g_lp
+
+    loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+    if plan.want_kd and kw["kd_weight"] != 0:
+        loss_sum = loss_sum + kw["kd_weight"] * kd_sum
+    if plan.want_ce and kw["ce_weight"] != 0:
+        loss_sum = loss_sum + kw["ce_weight"] * ce_sum
+    loss = loss_sum / plan.denom
+    if grad_w is not None:
+        grad_w = grad_w.to(w.dtype)
+    if grad_b is not None:
+        grad_b = grad_b.to(b.dtype)
+    return loss, kd_sum / plan.denom, ce_sum / plan.denom, (grad_h, grad_w, grad_b)
+
+
+class _FusedLinearKD(torch.autograd.Function):
+    """Forward computes loss and gradients chunk by chunk; backward scales the saved gradients."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor, b: Tensor | None, plan: _Plan):  # type: ignore[override]
+        needs = tuple(bool(x) for x in ctx.needs_input_grad[:3])
+        loss, kd, ce, grads = _run(h, w, b, plan, needs)  # type: ignore[arg-type]
+        ctx.save_for_backward(*grads)
+        ctx.mark_non_differentiable(kd, ce)
+        return loss, kd, ce
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor, _grad_kd: Tensor, _grad_ce: Tensor):  # type: ignore[override]
+        grads = [None if g is None else g * grad_loss for g in ctx.saved_tensors]
+        return grads[0], grads[1], grads[2], None
+
+
+def fused_linear_kd_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    teacher_topk: tuple[Tensor, Tensor] | None = None,
+    labels: Tensor | None = None,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+    *,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    teacher_logits: Tensor | None = None,
+    num_valid_tokens: int | Tensor | None = None,
+    return_parts: bool = False,
+    chunk_size: int | None = None,
+) -> Tensor | tuple[Tensor, dict[str, Tensor | int]]:
+    """KD (+ optional hard-label CE) loss of an lm_head without materialising ``[N, V]`` logits.
+
+    Arguments, result and ``return_parts`` are those of ``kd_loss_reference`` (see its docstring).
+    ``chunk_size`` rows are processed at a time; None picks ``default_chunk_size(V, n_valid)`` (about
+    ``CHUNK_BUDGET_BYTES`` = 256 MiB of float32 temporaries). Gradients for ``student_hidden``,
+    ``student_weight`` and ``student_bias`` are computed during the forward when autograd needs them.
+    """
+    form = _validate(
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        teacher_topk,
+        labels,
+        divergence,
+        beta,
+        temperature,
+        kd_weight,
+        ce_weight,
+        student_bias,
+        teacher_bias,
+        teacher_logits,
+        num_valid_tokens,
+        chunk_size,
+    )
+    n, vocab = student_hidden.shape[0], student_weight.shape[0]
+    valid_idx: Tensor | None = None
+    n_valid = n
+    if labels is not None:
+        valid_idx = (labels != ignore_index).nonzero().squeeze(1)
+        n_valid = int(valid_idx.numel())
+        if n_valid == n:
+            valid_idx = None  # every row valid: plain slices
+
+    want_kd = form is not None and (kd_weight != 0 or return_parts)
+    want_ce = labels is not None and (ce_weight != 0 or return_parts)
+    rows: dict[str, Tensor] = {}
+    if want_ce:
+        rows["labels"] = labels
+    if want_kd and form == "dense":
+        rows["h_t"] = teacher_hidden.detach()
+    elif want_kd and form == "logits":
+        rows["z_t"] = teacher_logits.detach()
+    elif want_kd and form == "topk":
+        rows["lp_t"] = teacher_topk[0].detach()
+        rows["idx"] = teacher_topk[1].long()
+
+    if num_valid_tokens is None:
+        denom: Tensor | float = float(max(n_valid, 1))
+        scale = 1.0 / denom
+    elif isinstance(num_valid_tokens, Tensor):
+        denom = num_valid_tokens.detach().to(device=student_hidden.device, dtype=torch.float32)
+        scale = 1.0 / float(denom)
+    else:
+        denom = float(num_valid_tokens)
+        scale = 1.0 / denom
+
+    plan = _Plan(
+        form=form,
+        want_kd=want_kd,
+        want_ce=want_ce,
+        rows=rows,
+        t_weight=teacher_weight.detach() if form == "dense" else None,
+        t_bias=teacher_bias.detach() if teacher_bias is not None else None,
+        valid_idx=valid_idx,
+        n_valid=n_valid,
+        denom=denom,
+        chunk_size=chunk_size if chunk_size is not None else default_chunk_size(vocab, n_valid),
+        kwargs=dict(
+            divergence=divergence,
+            beta=float(beta),
+            temperature=float(temperature),
+            kd_weight=float(kd_weight),
+            ce_weight=float(ce_weight),
+            ignore_index=ignore_index,
+            scale=scale,
+        ),
+    )
+    params = (student_hidden, student_weight, student_bias)
+    if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
+        loss, kd, ce = _FusedLinearKD.apply(student_hidden, student_weight, student_bias, plan)
+    else:
+        with torch.no_grad():
+            loss, kd, ce, _ = _run(student_hidden, student_weight, student_bias, plan, (False, False, False))
+    if not return_parts:
+        return loss
+    return loss, {"kd": kd, "ce": ce, "num_valid": n_valid}
