@@ -13,6 +13,7 @@ from importlib.resources import files
 
 import hydra
 from omegaconf import DictConfig
+
 from sapling.config import COMMANDS, ConfigError, register_configs, validate
 
 USAGE = f"""usage: sapling <command> [key=value ...] [hydra options]

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
 from sapling.config import ConfigError, check_shape, check_vocab
 from sapling.data import PackedData, build_packed_data
 from sapling.eval.perplexity import evaluate_lm

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
 from sapling.commands import load_data, prepare_output, select_device
 from sapling.config import check_shape, check_vocab
 from sapling.data import unigram_cross_entropy

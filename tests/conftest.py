@@ -48,8 +48,9 @@ def tokenizer(tokenizer_dir):
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory, tokenizer) -> Path:
     """A randomly initialised tiny Llama saved as an HF checkpoint with the tokenizer."""
-    from sapling.models import save_hf_checkpoint, tiny_config
     from transformers import AutoModelForCausalLM
+
+    from sapling.models import save_hf_checkpoint, tiny_config
 
     torch.manual_seed(0)
     cfg = tiny_config("llama-tiny", vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2)

@@ -7,6 +7,7 @@ from importlib.resources import files
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+
 from sapling.config import ConfigError, register_configs, validate
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+
 from sapling.config import register_configs
 from sapling.data import build_packed_data
 from sapling.models import build_model, source_config
@@ -136,3 +137,27 @@ def test_metrics_jsonl_is_one_object_per_line(tmp_path):
     m.close()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["event"] for x in lines] == ["train", "eval"]
+
+
+def test_trainer_fused_loss_matches_reference_loss(tmp_path, tokenizer, packed, monkeypatch):
+    """A short distillation with the fused loss (the default) gives the reference loss's losses."""
+    import sapling.distill.head as head_mod
+    from sapling.kernels import fused_linear_kd_loss, kd_loss_reference
+
+    assert head_mod.fused_linear_kd_loss is fused_linear_kd_loss
+    losses = {}
+    for name, fn in (("fused", fused_linear_kd_loss), ("reference", kd_loss_reference)):
+        monkeypatch.setattr(head_mod, "fused_linear_kd_loss", fn)
+        out = tmp_path / name
+        cfg = _cfg(out, "teacher.tiny=llama-tiny", "student.config.num_hidden_layers=1", "trainer.max_steps=5",
+                   "trainer.micro_batch_size=2", "trainer.grad_accum=2", "trainer.log_every=1",
+                   "trainer.eval_every=0", "trainer.eval_batches=1", "distill.divergence=jsd",
+                   "distill.temperature=2.0", "distill.ce_weight=0.3", "distill.chunk_size=16")
+        teacher, student = _models(cfg, tokenizer)
+        m = MetricsLogger(out, None)
+        fit(cfg, student=student, teacher=teacher, tokenizer=tokenizer, data=packed, output_dir=out, metrics=m,
+            device=torch.device("cpu"))
+        m.close()
+        losses[name] = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["event"] == "train"]
+    assert len(losses["fused"]) == 5
+    assert losses["fused"] == pytest.approx(losses["reference"], rel=1e-5)

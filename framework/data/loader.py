@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from sapling.data.blocks import PackedBlocks
 
 _MASK64 = (1 << 64) - 1

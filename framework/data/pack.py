@@ -24,6 +24,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from sapling.data import cache
 from sapling.data.blocks import PackedBlocks, PackedData
 from sapling.data.sources import check_files, load_documents, open_hub_stream

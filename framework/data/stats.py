@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from sapling.data.blocks import PackedBlocks
 
 _ROWS_PER_CHUNK = 1 << 14  # bounds memory when counting over memory-mapped arrays

@@ -1,8 +1,8 @@
 """One distillation (or plain LM) loss computation on a batch of packed token blocks.
 
-The student's final hidden states and lm_head weight go into `fused_linear_kd_loss` together with the
-teacher's final hidden states and lm_head weight, so the loss never needs full [tokens x vocab]
-logits from the models themselves.
+The student's final hidden states go through its lm_head (a KDHead, see head.py), whose forward runs
+`fused_linear_kd_loss` with the teacher's final hidden states and lm_head weight, so the loss never
+needs full [tokens x vocab] logits from the models themselves.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from sapling.kernels import fused_linear_kd_loss
+
+from sapling.distill.head import install_kd_head
 from sapling.models import decoder_and_head
 
 IGNORE_INDEX = -100
@@ -45,19 +46,11 @@ def loss_on_batch(
     With `teacher=None` only the CE term is computed (training from scratch or fine-tuning).
     """
     input_ids, labels = batch["input_ids"], batch["labels"]
-    _, s_head = decoder_and_head(student)
+    head = install_kd_head(student)
     hs = final_hidden(student, input_ids)
     kd_weight = distill_cfg.kd_weight if teacher is not None else 0.0
     ce_weight = distill_cfg.ce_weight if teacher is not None else 1.0
-    teacher_kwargs: dict[str, Any] = {}
-    if kd_weight > 0:
-        _, t_head = decoder_and_head(teacher)
-        with torch.no_grad():
-            ht = final_hidden(teacher, input_ids)
-        teacher_kwargs = dict(teacher_hidden=ht, teacher_weight=t_head.weight, teacher_bias=t_head.bias)
-    loss, parts = fused_linear_kd_loss(
-        hs,
-        s_head.weight,
+    kd: dict[str, Any] = dict(
         labels=shifted_targets(labels),
         divergence=distill_cfg.divergence,
         beta=distill_cfg.beta,
@@ -65,10 +58,15 @@ def loss_on_batch(
         kd_weight=kd_weight,
         ce_weight=ce_weight,
         ignore_index=IGNORE_INDEX,
-        student_bias=s_head.bias,
         num_valid_tokens=num_valid_tokens,
         chunk_size=getattr(distill_cfg, "chunk_size", None),
         return_parts=True,
-        **teacher_kwargs,
     )
+    if kd_weight > 0:
+        _, t_head = decoder_and_head(teacher)
+        with torch.no_grad():
+            ht = final_hidden(teacher, input_ids)
+        kd.update(teacher_hidden=ht, teacher_weight=t_head.weight, teacher_bias=t_head.bias)
+    # Through the head's forward, so ZeRO-3 gathers the lm_head weight and reduce-scatters its gradient.
+    loss, parts = head(hs, kd=kd)
     return loss, {"kd": float(parts["kd"]), "ce": float(parts["ce"])}

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import torch
+
 from sapling.distill.step import IGNORE_INDEX, final_hidden, shifted_targets
 from sapling.kernels import fused_linear_kd_loss
 from sapling.models import decoder_and_head

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sapling.models.tiny import tiny_config
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -18,6 +17,8 @@ from transformers import (
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
+
+from sapling.models.tiny import tiny_config
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -7,6 +7,7 @@ written once and the DeepSpeed engines slot in behind the same calls.
 from __future__ import annotations
 
 import torch
+
 from sapling.train.optim import build_optimizer, build_scheduler
 
 

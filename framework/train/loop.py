@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+
 from sapling.data import PackedData, ResumableLoader
 from sapling.distill.step import count_valid, loss_on_batch
 from sapling.eval.perplexity import evaluate_lm
@@ -22,7 +24,6 @@ from sapling.models import save_hf_checkpoint
 from sapling.train.checkpoint import load_latest, save_checkpoint, set_rng_state
 from sapling.train.engine import LocalEngine
 from sapling.train.metrics import MetricsLogger
-from tqdm.auto import tqdm
 
 
 @dataclass

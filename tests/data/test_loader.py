@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from sapling.data import PackedBlocks, ResumableLoader
 
 SEQ = 4

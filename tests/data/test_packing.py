@@ -13,6 +13,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+
 from sapling.data import (
     PackedBlocks,
     build_packed_data,

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from sapling.kernels import DIVERGENCES, fused_linear_kd_loss, kd_chunk_loss_and_grad, kd_loss_reference
 from sapling.kernels.fused_kd_loss import default_chunk_size
-from torch.utils._python_dispatch import TorchDispatchMode
 
 DIV_CASES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.1), ("jsd", 0.5), ("jsd", 0.9)]
 IGNORE = -100
