@@ -21,12 +21,14 @@ USAGE = f"""usage: sapling <command> [key=value ...] [hydra options]
 commands:
   pipeline   the whole recipe end to end (default experiment: demo, CPU, minutes)
   train      train model.path (or model.tiny) with cross-entropy: from scratch or fine-tuning
-  distill    distil teacher.path into a student (student.path, or student.config overrides)
+  distill    distil teacher.path into a student (student.path, student.config overrides, or hooks.pre=[prune])
+  prune      prune teacher.path to prune.target.<hf_field>=N (Minitron-style importance); writes model/
   eval       perplexity of model.path (and teacher.path) on data.files; writes report.md
 
 examples:
   sapling pipeline experiment=demo
   sapling distill teacher.path=T student.config.num_hidden_layers=8 data.files=[a.jsonl] trainer.max_steps=1000
+  sapling prune teacher.path=T prune.target.intermediate_size=1024 prune.target.num_hidden_layers=6 data.files=[a.txt]
   sapling eval model.path=outputs/distill/.../model data.files=[held_out.txt]
   sapling distill --cfg job          # print the composed config
 (valid commands: {", ".join(COMMANDS)})"""
@@ -49,6 +51,10 @@ def _dispatch(cfg: DictConfig) -> None:
             from sapling.commands import run_distill
 
             run_distill(cfg)
+        elif cfg.command == "prune":
+            from sapling.commands import run_prune
+
+            run_prune(cfg)
         elif cfg.command == "eval":
             from sapling.commands import run_eval
 

@@ -13,7 +13,9 @@ from sapling.config import ConfigError, check_shape, check_vocab
 from sapling.data import PackedData, build_packed_data
 from sapling.eval.perplexity import evaluate_lm
 from sapling.eval.report import write_report
-from sapling.models import build_model, count_parameters, load_tokenizer, source_config
+from sapling.models import build_model, count_parameters, load_tokenizer, save_hf_checkpoint, source_config
+from sapling.prune.hook import prune_teacher
+from sapling.prune.select import TARGET_FIELDS, resolve_target
 from sapling.train.hooks import HookContext, run_hooks
 from sapling.train.loop import TrainResult, fit
 from sapling.train.metrics import MetricsLogger
@@ -63,7 +65,8 @@ def check_tokenizer_fits(tokenizer: Any, model_cfg: Any, key: str) -> None:
                           "tokens", f"use the tokenizer the model was trained with, or set {key}.config.vocab_size")
 
 
-def train_with_hooks(cfg: DictConfig, command: str, *, teacher: torch.nn.Module | None, student: torch.nn.Module,
+def train_with_hooks(cfg: DictConfig, command: str, *, teacher: torch.nn.Module | None,
+                     student: torch.nn.Module | None,
                      tokenizer: Any, data: PackedData, out: Path, device: torch.device) -> TrainResult:
     """Pre-hooks, the training loop, post-hooks; metrics to `out/metrics.jsonl` (and wandb)."""
     metrics = MetricsLogger(out, cfg.logger, OmegaConf.to_container(cfg, resolve=True))
@@ -71,6 +74,8 @@ def train_with_hooks(cfg: DictConfig, command: str, *, teacher: torch.nn.Module 
                       metrics=metrics, device=device)
     try:
         run_hooks("pre", cfg.hooks.pre, ctx)
+        if ctx.student is None:
+            raise ValueError("no student: give student.path / student.config, or hooks.pre=[prune]")
         metrics.log({"event": "start", "command": command, "student_params": count_parameters(ctx.student),
                      "teacher_params": count_parameters(teacher) if teacher is not None else 0,
                      "train_tokens": data.train.num_tokens})
@@ -83,20 +88,57 @@ def train_with_hooks(cfg: DictConfig, command: str, *, teacher: torch.nn.Module 
 
 
 def run_distill(cfg: DictConfig) -> TrainResult:
-    """Distil `teacher` into `student` (loaded, or the teacher's architecture with `student.config`)."""
+    """Distil `teacher` into a student: `student.path`, the teacher's architecture with `student.config`
+    (random init), or the teacher pruned to `prune.target` by `hooks.pre=[prune]`."""
     teacher_cfg = source_config(cfg.teacher)
-    student_cfg = source_config(cfg.student, base=teacher_cfg if cfg.student.path is None else None)
-    check_shape("student.config", student_cfg)
-    check_vocab(teacher_cfg, student_cfg)
+    pruning = "prune" in cfg.hooks.pre
+    if pruning:
+        resolve_target(teacher_cfg, OmegaConf.to_container(cfg.prune.target))
+    else:
+        student_cfg = source_config(cfg.student, base=teacher_cfg if cfg.student.path is None else None)
+        check_shape("student.config", student_cfg)
+        check_vocab(teacher_cfg, student_cfg)
     tokenizer = load_tokenizer(tokenizer_path(cfg, "teacher", "student"))
     check_tokenizer_fits(tokenizer, teacher_cfg, "teacher.config")
     device = select_device(cfg)
     out = prepare_output(cfg)
     data = load_data(cfg, tokenizer)
     teacher = build_model(cfg.teacher, teacher_cfg, device, seed=cfg.seed)
-    student = build_model(cfg.student, student_cfg, device, seed=cfg.seed + 1)
+    student = None if pruning else build_model(cfg.student, student_cfg, device, seed=cfg.seed + 1)
     return train_with_hooks(cfg, "distill", teacher=teacher, student=student, tokenizer=tokenizer, data=data,
                             out=out, device=device)
+
+
+def run_prune(cfg: DictConfig) -> dict[str, Any]:
+    """Prune `teacher` to `prune.target`; writes `model/` and a report with perplexity before and after."""
+    teacher_cfg = source_config(cfg.teacher)
+    resolve_target(teacher_cfg, OmegaConf.to_container(cfg.prune.target))
+    tokenizer = load_tokenizer(tokenizer_path(cfg, "teacher"))
+    check_tokenizer_fits(tokenizer, teacher_cfg, "teacher.config")
+    device = select_device(cfg)
+    out = prepare_output(cfg)
+    data = load_data(cfg, tokenizer)
+    teacher = build_model(cfg.teacher, teacher_cfg, device, seed=cfg.seed)
+    metrics = MetricsLogger(out, None)
+    try:
+        student = prune_teacher(cfg, teacher, data, device, out, metrics)
+        save_hf_checkpoint(student, tokenizer, out / "model")
+        rows = []
+        for name, model in (("teacher", teacher), ("pruned", student)):
+            res = evaluate_lm(model, data.val, micro_batch_size=cfg.eval.micro_batch_size,
+                              max_batches=cfg.eval.batches, device=device)
+            metrics.log({"event": "eval", "model": name, "params": count_parameters(model), "val_loss": res["loss"],
+                         "val_ppl": res["ppl"]})
+            rows.append([name, f"{count_parameters(model):,}", f"{res['loss']:.4f}", f"{res['ppl']:.2f}"])
+    finally:
+        metrics.close()
+    shapes = [[k, getattr(teacher.config, k), getattr(student.config, k)] for k in TARGET_FIELDS]
+    write_report(out / "report.md", "Sapling pruning report", [
+        ("Validation perplexity (before any distillation)", ["model", "params", "loss (nats/token)", "perplexity"],
+         rows),
+        ("Shapes", ["field", "teacher", "pruned"], shapes),
+    ])
+    return {"model_dir": str(out / "model")}
 
 
 def run_train(cfg: DictConfig) -> TrainResult:

@@ -17,7 +17,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-COMMANDS = ("pipeline", "train", "distill", "eval")
+COMMANDS = ("pipeline", "train", "distill", "prune", "eval")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 DATA_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -93,9 +93,18 @@ class PruneTargetConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    samples: int = 1024  # sequences from the training split
+    batch_size: int = 8
+    aggregation: str = "mean_l2"  # mean_l2 (|x| mean over sequence, L2 over batch) | mean | variance
+
+
+@dataclass
 class PruneConfig:
     target: PruneTargetConfig = field(default_factory=PruneTargetConfig)
-    calibration_samples: int = 1024
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    depth_metric: str = "block_influence"  # block_influence | layer_loss
+    scores: str | None = None  # importance scores saved by an earlier run: re-prune without calibrating
 
 
 @dataclass
@@ -313,9 +322,26 @@ def validate(cfg: DictConfig) -> None:
 
             _check(src.tiny in TINY_CONFIGS, f"{key}.tiny", src.tiny, "unknown tiny config",
                    f"use one of {', '.join(sorted(TINY_CONFIGS))}")
-    if cmd == "distill":
+    p = cfg.prune
+    _check(p.calibration.samples > 0, "prune.calibration.samples", p.calibration.samples, "must be > 0",
+           "set prune.calibration.samples=1024")
+    _check(p.calibration.batch_size > 0, "prune.calibration.batch_size", p.calibration.batch_size, "must be > 0",
+           "set prune.calibration.batch_size=8")
+    _check(p.calibration.aggregation in ("mean_l2", "mean", "variance"), "prune.calibration.aggregation",
+           p.calibration.aggregation, "unknown aggregation", "use mean_l2, mean or variance")
+    _check(p.depth_metric in ("block_influence", "layer_loss"), "prune.depth_metric", p.depth_metric,
+           "unknown depth metric", "use block_influence or layer_loss")
+    if p.scores is not None:
+        _check(Path(os.path.expanduser(p.scores)).is_file(), "prune.scores", p.scores, "no such file",
+               "point it at the prune_scores.pt an earlier prune run wrote, or drop it")
+    if cmd == "prune":
+        _check(any(v is not None for v in p.target.values()), "prune.target", None, "no target shape given",
+               "set e.g. prune.target.intermediate_size=N or prune.target.num_hidden_layers=N")
+        _check(p.target.params is None, "prune.target.params", p.target.params,
+               "parameter-budget search is not implemented yet", "give the HF fields explicitly")
+    if cmd in ("distill", "prune"):
         _check(cfg.teacher.path is not None or cfg.teacher.tiny is not None, "teacher.path", None,
-               "distill needs a teacher", "pass teacher.path=<HF checkpoint dir or hub id>")
+               f"{cmd} needs a teacher", "pass teacher.path=<HF checkpoint dir or hub id>")
     if cmd in ("train", "eval"):
         _check(cfg.model.path is not None or cfg.model.tiny is not None, "model.path", None,
                f"{cmd} needs a model", "pass model.path=<HF checkpoint dir> (or model.tiny=<name> to train from scratch)")
@@ -325,7 +351,7 @@ def validate(cfg: DictConfig) -> None:
         for i, name in enumerate(cfg.hooks[stage]):
             _check(name in available(stage), f"hooks.{stage}[{i}]", name, f"no {stage}-hook of that name",
                    f"use one of {available(stage) or '(none yet)'}")
-    check_data(cfg.data, required=cmd in ("train", "distill", "eval"))
+    check_data(cfg.data, required=cmd in ("train", "distill", "prune", "eval"))
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -5,8 +5,9 @@ Python standard library's own source files:
 
 1. corpus -> byte-level BPE tokenizer (trained here with `tokenizers`) -> packed train/val blocks;
 2. a small teacher trained with CE (cached under `cache_dir`, so a second run skips it);
-3. a smaller student (the teacher's architecture with `student.config` overrides) distilled from it;
-4. the same student shape trained from scratch with CE for the same steps, as the baseline;
+3. a smaller student, pruned from the teacher (`hooks.pre=[prune]`, Minitron-style importance) or the
+   teacher's architecture at the `student.config` shape with random weights, distilled from it;
+4. the same student shape from random weights trained with CE for the same steps, as the baseline;
 5. perplexities of all of them and of a unigram model on held-out files -> `report.md`.
 """
 
@@ -33,6 +34,7 @@ from sapling.data import unigram_cross_entropy
 from sapling.eval.perplexity import evaluate_lm
 from sapling.eval.report import write_report
 from sapling.models import apply_overrides, build_model, count_parameters, load_tokenizer, source_config
+from sapling.prune.hook import prune_teacher
 from sapling.train.loop import fit
 from sapling.train.metrics import MetricsLogger
 
@@ -184,12 +186,24 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
                                                 "config": {}, "tiny": None}), teacher_cfg, device)
     stage("teacher", t0)
 
-    # 3. student: the teacher's architecture at the student.config shape, distilled
+    # 3. student: the teacher pruned to prune.target (hooks.pre=[prune]), or its architecture at the
+    #    student.config shape with random weights; then distilled
     t0 = time.perf_counter()
-    student_cfg = source_config(cfg.student, base=teacher_cfg if cfg.student.path is None else None)
-    check_shape("student.config", student_cfg)
-    check_vocab(teacher_cfg, student_cfg)
-    student = build_model(cfg.student, student_cfg, device, seed=cfg.seed + 1)
+    evals: dict[str, dict[str, float]] = {}
+    pruned = "prune" in cfg.hooks.pre
+    if pruned:
+        student = prune_teacher(cfg, teacher, data, device, out, metrics)
+        student_cfg = student.config
+        evals["student (pruned, before KD)"] = evaluate_lm(student, data.val, micro_batch_size=cfg.eval.micro_batch_size,
+                                                           max_batches=cfg.eval.batches, device=device)
+        stage("prune", t0)
+        t0 = time.perf_counter()
+    else:
+        student_cfg = source_config(cfg.student, base=teacher_cfg if cfg.student.path is None else None)
+        check_shape("student.config", student_cfg)
+        check_vocab(teacher_cfg, student_cfg)
+        student = build_model(cfg.student, student_cfg, device, seed=cfg.seed + 1)
+    kd_name = "student (pruned + distilled)" if pruned else "student (distilled)"
     sm = MetricsLogger(out / "distill", cfg.logger, OmegaConf.to_container(cfg, resolve=True), prefix="distill/")
     try:
         fit(cfg, student=student, teacher=teacher, tokenizer=tokenizer, data=data, output_dir=out / "distill",
@@ -198,11 +212,13 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         sm.close()
     stage("distill", t0)
 
-    # 4. the same shape from the same init, CE only, same steps
+    # 4. the same shape from a random init, CE only, same steps
     scratch = None
     if cfg.pipeline.scratch_baseline:
         t0 = time.perf_counter()
-        baseline = build_model(cfg.student, student_cfg, device, seed=cfg.seed + 1)
+        random_src = OmegaConf.create({"path": None, "tiny": None, "config": {}, "init": "random",
+                                       "dtype": cfg.student.dtype, "attn_implementation": cfg.student.attn_implementation})
+        baseline = build_model(random_src, student_cfg, device, seed=cfg.seed + 1)
         bm = MetricsLogger(out / "scratch", cfg.logger, OmegaConf.to_container(cfg, resolve=True), prefix="scratch/")
         try:
             scratch = fit(cfg, student=baseline, teacher=None, tokenizer=tokenizer, data=data,
@@ -213,14 +229,17 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
 
     # 5. evaluation on the whole held-out split + report
     t0 = time.perf_counter()
-    evals: dict[str, dict[str, float]] = {}
-    models = {"teacher": teacher, "student (distilled)": student}
+    models = {"teacher": teacher, kd_name: student}
     if scratch is not None:
         models["student (CE from scratch)"] = baseline
     for name, model in models.items():
         evals[name] = evaluate_lm(model, data.val, micro_batch_size=cfg.eval.micro_batch_size,
                                   max_batches=cfg.eval.batches, device=device)
         metrics.log({"event": "eval", "model": name, "params": count_parameters(model),
+                     "val_loss": evals[name]["loss"], "val_ppl": evals[name]["ppl"]})
+    if pruned:
+        name = "student (pruned, before KD)"
+        metrics.log({"event": "eval", "model": name, "params": count_parameters(student),
                      "val_loss": evals[name]["loss"], "val_ppl": evals[name]["ppl"]})
     metrics.log({"event": "eval", "model": "unigram", "val_loss": unigram, "val_ppl": math.exp(unigram)})
     stage("eval", t0)
@@ -230,17 +249,23 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     metrics.close()
 
     rows = [["unigram (train-split token frequencies)", "-", f"{unigram:.4f}", f"{math.exp(unigram):.2f}", "-"]]
-    for name, model in models.items():
-        steps = cfg.pipeline.teacher_steps if name == "teacher" and cfg.teacher.path is None else cfg.trainer.max_steps
-        rows.append([name, f"{count_parameters(model):,}", f"{evals[name]['loss']:.4f}", f"{evals[name]['ppl']:.2f}",
-                     str(steps) if name != "teacher" or cfg.teacher.path is None else "-"])
+    teacher_steps = str(cfg.pipeline.teacher_steps) if cfg.teacher.path is None else "-"
+    rows.append(["teacher", f"{count_parameters(teacher):,}", f"{evals['teacher']['loss']:.4f}",
+                 f"{evals['teacher']['ppl']:.2f}", teacher_steps])
+    if pruned:
+        e = evals["student (pruned, before KD)"]
+        rows.append(["student (pruned, before KD)", f"{count_parameters(student):,}", f"{e['loss']:.4f}",
+                     f"{e['ppl']:.2f}", "0"])
+    for name in [n for n in models if n != "teacher"]:
+        rows.append([name, f"{count_parameters(models[name]):,}", f"{evals[name]['loss']:.4f}",
+                     f"{evals[name]['ppl']:.2f}", str(cfg.trainer.max_steps)])
     shape_keys = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                   "num_key_value_heads", "vocab_size")
     shapes = [[k, getattr(teacher_cfg, k), getattr(student_cfg, k)] for k in shape_keys]
     verdict = "n/a"
     if scratch is not None:
-        a, b = evals["student (distilled)"]["ppl"], evals["student (CE from scratch)"]["ppl"]
-        verdict = (f"distilled student perplexity {a:.2f} vs {b:.2f} from scratch: "
+        a, b = evals[kd_name]["ppl"], evals["student (CE from scratch)"]["ppl"]
+        verdict = (f"{kd_name.removeprefix('student (').rstrip(')')} student perplexity {a:.2f} vs {b:.2f} from scratch: "
                    f"{'distillation wins' if a < b else 'training from scratch wins'} "
                    f"({abs(a - b) / b * 100:.1f}% {'lower' if a < b else 'higher'}) at {cfg.trainer.max_steps} steps")
     write_report(out / "report.md", "Sapling pipeline report", [

@@ -8,8 +8,8 @@ TOY = [
     "pipeline.corpus.max_bytes=300000", "pipeline.corpus.vocab_size=320", "pipeline.teacher_steps=12",
     "teacher.config.hidden_size=64", "teacher.config.intermediate_size=128", "teacher.config.num_hidden_layers=2",
     "teacher.config.num_attention_heads=4", "teacher.config.num_key_value_heads=2",
-    "student.config.hidden_size=32", "student.config.intermediate_size=64", "student.config.num_hidden_layers=1",
-    "student.config.num_attention_heads=2", "student.config.num_key_value_heads=1",
+    "prune.target.hidden_size=32", "prune.target.intermediate_size=64", "prune.target.num_hidden_layers=1",
+    "prune.target.num_attention_heads=2", "prune.target.num_key_value_heads=1", "prune.calibration.samples=16",
     "data.seq_len=32", "trainer.max_steps=6", "trainer.micro_batch_size=4", "trainer.log_every=2",
     "trainer.eval_every=3", "trainer.eval_batches=2", "eval.batches=4", "logger=none",
 ]
@@ -20,13 +20,18 @@ def test_pipeline_end_to_end_and_teacher_cache(cli, tmp_path):
     res = cli("pipeline", *TOY, f"hydra.run.dir={first}")
     assert res.returncode == 0, res.stderr[-3000:]
     report = (first / "report.md").read_text()
-    for row in ("unigram", "| teacher |", "student (distilled)", "student (CE from scratch)"):
+    for row in ("unigram", "| teacher |", "student (pruned, before KD)", "student (pruned + distilled)",
+                "student (CE from scratch)"):
         assert row in report, row
     assert "trained now" in report
     assert (first / "model" / "config.json").exists()
     events = [json.loads(x) for x in (first / "metrics.jsonl").read_text().splitlines()]
     evals = {e["model"]: e for e in events if e["event"] == "eval"}
-    assert set(evals) == {"teacher", "student (distilled)", "student (CE from scratch)", "unigram"}
+    assert set(evals) == {"teacher", "student (pruned, before KD)", "student (pruned + distilled)",
+                          "student (CE from scratch)", "unigram"}
+    pruning = next(e for e in events if e["event"] == "prune")
+    assert pruning["student_hidden_size"] == 32 and pruning["student_num_hidden_layers"] == 1
+    assert (first / "prune_scores.pt").exists()
     assert all(e["val_ppl"] > 1 for e in evals.values())
     for stage in ("teacher", "distill", "scratch"):
         recs = [json.loads(x) for x in (first / stage / "metrics.jsonl").read_text().splitlines()]
@@ -41,3 +46,15 @@ def test_pipeline_end_to_end_and_teacher_cache(cli, tmp_path):
     # The cached teacher is the same model: same validation perplexity in both reports.
     row = next(line for line in report.splitlines() if line.startswith("| teacher |"))
     assert row in report2
+
+
+def test_pipeline_with_random_student_shape(cli, tmp_path):
+    """Without the prune pre-hook the student is the teacher's architecture at student.config, random init."""
+    out = tmp_path / "random"
+    random_student = ["hooks.pre=[]", "student.config.hidden_size=32", "student.config.intermediate_size=64",
+                      "student.config.num_hidden_layers=1", "student.config.num_attention_heads=2",
+                      "student.config.num_key_value_heads=1", "pipeline.scratch_baseline=false"]
+    res = cli("pipeline", *TOY, *random_student, f"hydra.run.dir={out}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    assert "| student (distilled) |" in report and "pruned" not in report and "from scratch" not in report

@@ -19,7 +19,7 @@ import torch
 class HookContext:
     cfg: Any
     teacher: torch.nn.Module | None
-    student: torch.nn.Module
+    student: torch.nn.Module | None  # None until a pre-hook (prune) makes it
     tokenizer: Any
     data: Any
     output_dir: Path
@@ -50,11 +50,18 @@ def register_hook(name: str, stage: str) -> Callable[[Callable[[HookContext], No
     return deco
 
 
+def _load_builtin_hooks() -> None:
+    """Hooks that live beside the code they drive register themselves on import."""
+    import sapling.prune.hook  # noqa: F401
+
+
 def available(stage: str) -> list[str]:
+    _load_builtin_hooks()
     return sorted(name for (s, name) in HOOKS if s == stage)
 
 
 def run_hooks(stage: str, names: Any, ctx: HookContext) -> None:
+    _load_builtin_hooks()
     for name in names:
         hook = HOOKS.get((stage, name))
         if hook is None:  # validated earlier; kept as a guard for programmatic use

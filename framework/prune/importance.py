@@ -1,0 +1,421 @@
+"""Minitron-style importance of a decoder's structures, from activations on calibration batches.
+
+Forward hooks on a Llama/Mistral/Qwen2/Qwen3 model collect per-channel statistics:
+
+- MLP neurons: the input of `down_proj`;
+- attention heads: the input of `o_proj`, split by head, L2 norm over `head_dim`;
+- hidden channels: the outputs of every RMSNorm (both per layer, and the final one), summed over norms;
+- depth: block influence, 1 - cos(layer input, layer output) averaged over tokens; optionally the LM-loss
+  increase when a layer is dropped (`layer_drop_loss`).
+
+Statistics are kept as sums and counts only (never means), so summing the accumulators of several
+data-parallel ranks (the `reduce` argument) gives exactly the scores of one rank that saw all the data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+AGGREGATIONS = ("mean_l2", "mean", "variance")
+# Which accumulators each aggregation keeps per structure kind (besides the shared token/sample counts).
+_STATS = {"mean_l2": ("a2",), "mean": ("abs",), "variance": ("x", "x2")}
+_KINDS = ("mlp", "heads", "hidden")
+
+Reduce = Callable[[Tensor], Tensor | None]
+
+
+@dataclass
+class ImportanceScores:
+    """Importance of every prunable structure of a decoder (higher = more important)."""
+
+    mlp: Tensor  # [L, intermediate_size]
+    heads: Tensor  # [L, num_attention_heads]
+    kv_groups: Tensor  # [L, num_key_value_heads]
+    hidden: Tensor  # [hidden_size]
+    block_influence: Tensor  # [L]
+    layer_loss: Tensor | None  # [L] or None
+    num_tokens: int
+    aggregation: str = "mean_l2"
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain dict of tensors, ints and strings (loadable with `torch.load(weights_only=True)`)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_state_dict(cls, d: dict[str, Any]) -> ImportanceScores:
+        """Inverse of `state_dict`."""
+        names = {f.name for f in fields(cls)}
+        missing = {"mlp", "heads", "kv_groups", "hidden", "block_influence", "num_tokens"} - set(d)
+        if missing:
+            raise KeyError(f"importance scores lack {sorted(missing)}")
+        kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs.setdefault("layer_loss", None)
+        kwargs["num_tokens"] = int(kwargs["num_tokens"])
+        return cls(**kwargs)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically (temp file in the same folder, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(self.state_dict(), f)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ImportanceScores:
+        """Read scores written by `save`."""
+        return cls.from_state_dict(torch.load(Path(path), map_location="cpu", weights_only=True))
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of an HF causal LM (`model.model.layers`)."""
+    return model.model.layers
+
+
+def head_dim(config: Any) -> int:
+    """`config.head_dim`, or hidden_size / num_attention_heads when it is not set."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def _token_weights(batch: dict[str, Tensor]) -> Tensor | None:
+    """[B, T] float weights of the tokens that count (attention_mask), or None when all count."""
+    mask = batch.get("attention_mask")
+    return None if mask is None else mask.float()
+
+
+@contextlib.contextmanager
+def _eval_no_grad(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _apply_reduce(t: Tensor, reduce: Reduce | None) -> Tensor:
+    """`reduce(t)` on a copy; a reduce that works in place (like `dist.all_reduce`) may return None."""
+    if reduce is None:
+        return t
+    t = t.clone()
+    out = reduce(t)
+    return t if out is None else out
+
+
+# ----------------------------------------------------------------------------------------- accumulator
+
+
+class ImportanceAccumulator:
+    """Sums and counts of activation statistics over calibration batches; `finalize` turns them to scores.
+
+    Accumulators (see `state`) are float64 tensors on the model's device, allocated up front in a fixed
+    order, so every data-parallel rank holds the same keys and a SUM all-reduce of each is exact.
+    """
+
+    def __init__(self, model: nn.Module, aggregation: str = "mean_l2") -> None:
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+        self.model = model
+        self.aggregation = aggregation
+        cfg = model.config
+        layers = decoder_layers(model)
+        self.num_layers = len(layers)
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = head_dim(cfg)
+        widths = {layer.mlp.down_proj.in_features for layer in layers}
+        if len(widths) != 1:
+            raise ValueError(f"MLP widths differ across layers ({sorted(widths)}); only uniform shapes are supported")
+        self.intermediate = widths.pop()
+        self.hidden_size = cfg.hidden_size
+        sizes = {"mlp": (self.num_layers, self.intermediate), "heads": (self.num_layers, self.num_heads),
+                 "hidden": (2 * self.num_layers + 1, self.hidden_size)}
+        dev = _device(model)
+        zeros = dict(dtype=torch.float64, device=dev)
+        self._acc: dict[str, Tensor] = {}
+        for kind in _KINDS:
+            for stat in _STATS[aggregation]:
+                self._acc[f"{kind}.{stat}"] = torch.zeros(sizes[kind], **zeros)
+        self._acc["block_influence.sum"] = torch.zeros(self.num_layers, **zeros)
+        self._acc["tokens"] = torch.zeros((), **zeros)
+        self._acc["samples"] = torch.zeros((), **zeros)
+        self._handles: list[Any] = []
+        self._weights: Tensor | None = None  # token weights of the batch being processed
+        self._layer_in: dict[int, Tensor] = {}
+
+    # -- statistics
+
+    def _add(self, kind: str, row: int, x: Tensor) -> None:
+        """Add the statistics of activations x [B, T, C] to row `row` of the `kind` accumulators."""
+        x = x.float()
+        w = self._weights
+        if self.aggregation == "mean_l2":
+            a = x.abs()
+            if w is None:
+                per_sample = a.mean(dim=1)
+            else:
+                per_sample = (a * w[..., None]).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)[:, None]
+            self._acc[f"{kind}.a2"][row] += per_sample.double().pow(2).sum(dim=0)
+        elif self.aggregation == "mean":
+            a = x.abs() if w is None else x.abs() * w[..., None]
+            self._acc[f"{kind}.abs"][row] += a.sum(dim=(0, 1)).double()
+        else:
+            xw = x if w is None else x * w[..., None]
+            self._acc[f"{kind}.x"][row] += xw.sum(dim=(0, 1)).double()
+            self._acc[f"{kind}.x2"][row] += (xw * x).sum(dim=(0, 1)).double()
+
+    def _hooks(self) -> list[Any]:
+        handles = []
+        layers = decoder_layers(self.model)
+        n = self.num_layers
+
+        def mlp_hook(i: int) -> Callable:
+            def hook(_m: nn.Module, args: tuple) -> None:
+                self._add("mlp", i, args[0])
+            return hook
+
+        def head_hook(i: int) -> Callable:
+            def hook(_m: nn.Module, args: tuple) -> None:
+                x = args[0]
+                per_head = x.float().reshape(*x.shape[:-1], self.num_heads, self.head_dim).norm(dim=-1)
+                self._add("heads", i, per_head)
+            return hook
+
+        def norm_hook(k: int) -> Callable:
+            def hook(_m: nn.Module, _args: tuple, out: Tensor) -> None:
+                self._add("hidden", k, out[0] if isinstance(out, tuple) else out)
+            return hook
+
+        def layer_in_hook(i: int) -> Callable:
+            def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+                self._layer_in[i] = args[0] if args else kwargs["hidden_states"]
+            return hook
+
+        def layer_out_hook(i: int) -> Callable:
+            def hook(_m: nn.Module, _args: tuple, _kwargs: dict, out: Any) -> None:
+                h_out = out[0] if isinstance(out, tuple) else out
+                h_in = self._layer_in.pop(i)
+                d = 1.0 - F.cosine_similarity(h_in.float(), h_out.float(), dim=-1, eps=1e-8)  # [B, T]
+                if self._weights is not None:
+                    d = d * self._weights
+                self._acc["block_influence.sum"][i] += d.sum().double()
+            return hook
+
+        for i, layer in enumerate(layers):
+            handles.append(layer.mlp.down_proj.register_forward_pre_hook(mlp_hook(i)))
+            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(head_hook(i)))
+            handles.append(layer.input_layernorm.register_forward_hook(norm_hook(2 * i)))
+            handles.append(layer.post_attention_layernorm.register_forward_hook(norm_hook(2 * i + 1)))
+            handles.append(layer.register_forward_pre_hook(layer_in_hook(i), with_kwargs=True))
+            handles.append(layer.register_forward_hook(layer_out_hook(i), with_kwargs=True))
+        handles.append(self.model.model.norm.register_forward_hook(norm_hook(2 * n)))
+        return handles
+
+    def attach(self) -> None:
+        """Register the forward hooks (also done by `update` when not attached)."""
+        if not self._handles:
+            self._handles = self._hooks()
+
+    def detach(self) -> None:
+        """Remove the forward hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._layer_in.clear()
+
+    def __enter__(self) -> ImportanceAccumulator:
+        self.attach()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def update(self, batch: dict[str, Tensor]) -> None:
+        """Run the decoder on one batch ({"input_ids": [B, T]}, optional "attention_mask") and accumulate."""
+        batch = _to_device(batch, _device(self.model))
+        ids = batch["input_ids"]
+        owned = not self._handles
+        if owned:
+            self.attach()
+        self._weights = _token_weights(batch)
+        try:
+            with _eval_no_grad(self.model):
+                self.model.model(input_ids=ids, attention_mask=batch.get("attention_mask"), use_cache=False)
+            self._acc["tokens"] += float(ids.numel()) if self._weights is None else self._weights.sum().double()
+            self._acc["samples"] += float(ids.shape[0])
+        finally:
+            self._weights = None
+            self._layer_in.clear()
+            if owned:
+                self.detach()
+
+    # -- state
+
+    def state(self) -> dict[str, Tensor]:
+        """The accumulators (live tensors, in a fixed order): sums and counts only."""
+        return self._acc
+
+    def merge(self, other: ImportanceAccumulator | dict[str, Tensor]) -> ImportanceAccumulator:
+        """Add another accumulator's sums (same model shape and aggregation) into this one."""
+        state = other.state() if isinstance(other, ImportanceAccumulator) else other
+        if state.keys() != self._acc.keys():
+            raise ValueError("cannot merge accumulators of different aggregations")
+        for k, v in state.items():
+            self._acc[k] += v.to(self._acc[k].device, torch.float64)
+        return self
+
+    def finalize(self, reduce: Reduce | None = None) -> ImportanceScores:
+        """Scores from the accumulators, after applying `reduce` (e.g. an all-reduce SUM) to each of them."""
+        acc = {k: _apply_reduce(v, reduce) for k, v in self._acc.items()}
+        tokens = float(acc["tokens"])
+        if tokens <= 0:
+            raise ValueError("no calibration tokens were seen: cannot estimate importance")
+        scores: dict[str, Tensor] = {}
+        for kind in _KINDS:
+            if self.aggregation == "mean_l2":
+                s = acc[f"{kind}.a2"].sqrt()
+            elif self.aggregation == "mean":
+                s = acc[f"{kind}.abs"] / tokens
+            else:
+                mean = acc[f"{kind}.x"] / tokens
+                s = (acc[f"{kind}.x2"] / tokens - mean.pow(2)).clamp_min(0.0)
+            scores[kind] = s
+        heads = scores["heads"]
+        return ImportanceScores(
+            mlp=scores["mlp"].float().cpu(),
+            heads=heads.float().cpu(),
+            kv_groups=heads.reshape(self.num_layers, self.num_kv, -1).sum(dim=-1).float().cpu(),
+            hidden=scores["hidden"].sum(dim=0).float().cpu(),
+            block_influence=(acc["block_influence.sum"] / tokens).float().cpu(),
+            layer_loss=None,
+            num_tokens=round(tokens),
+            aggregation=self.aggregation,
+        )
+
+
+def estimate_importance(
+    model: nn.Module,
+    batches: Iterable[dict[str, Tensor]],
+    *,
+    aggregation: str = "mean_l2",
+    layer_loss: bool = False,
+    max_batches: int | None = None,
+    reduce: Reduce | None = None,
+) -> ImportanceScores:
+    """Importance of MLP neurons, heads, KV groups, hidden channels and layers from calibration batches.
+
+    `reduce` is applied to every accumulator before the scores are computed (pass an all-reduce SUM
+    across data-parallel ranks); `layer_loss=True` also measures the loss increase of dropping each layer.
+    """
+    acc = ImportanceAccumulator(model, aggregation)
+    batches = itertools.islice(batches, max_batches)
+    if layer_loss:
+        batches = list(batches)
+    with acc:
+        for batch in batches:
+            acc.update(batch)
+    scores = acc.finalize(reduce)
+    if layer_loss:
+        scores.layer_loss = layer_drop_loss(model, batches, block=1, reduce=reduce)
+    return scores
+
+
+# ------------------------------------------------------------------------------------------- depth
+
+
+@contextlib.contextmanager
+def skip_layers(model: nn.Module, drop: Iterable[int]) -> Iterator[list[int]]:
+    """Temporarily run `model` without the decoder layers in `drop`; yields the kept layer indices."""
+    base = model.model
+    layers = base.layers
+    drop = set(drop)
+    kept = [i for i in range(len(layers)) if i not in drop]
+    layer_types = getattr(model.config, "layer_types", None)
+    base.layers = nn.ModuleList([layers[i] for i in kept])
+    # Qwen2/Qwen3 pick each layer's mask by its position in config.layer_types: keep them aligned.
+    if isinstance(layer_types, list) and len(layer_types) == len(layers):
+        model.config.layer_types = [layer_types[i] for i in kept]
+    try:
+        yield kept
+    finally:
+        base.layers = layers
+        if isinstance(layer_types, list):
+            model.config.layer_types = layer_types
+
+
+def _loss_sums(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
+    """(sum of next-token CE, number of predicted tokens) over the batches, as float64 tensors."""
+    dev = _device(model)
+    total = torch.zeros((), dtype=torch.float64, device=dev)
+    count = torch.zeros((), dtype=torch.float64, device=dev)
+    for batch in batches:
+        batch = _to_device(batch, dev)
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        labels = batch.get("labels")
+        if labels is None:
+            labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        target = labels[:, 1:]
+        ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=-100,
+                             reduction="sum")
+        total += ce.double()
+        count += (target != -100).sum().double()
+    return total, count
+
+
+def layer_drop_loss(
+    model: nn.Module,
+    batches: Iterable[dict[str, Tensor]],
+    *,
+    block: int = 1,
+    reduce: Reduce | None = None,
+) -> Tensor:
+    """[L - block + 1] increase of the LM loss (nats/token) when layers [i, i + block) are dropped."""
+    batches = list(batches)
+    n = len(decoder_layers(model))
+    if not 1 <= block <= n:
+        raise ValueError(f"block={block} must be between 1 and the number of layers ({n})")
+
+    def loss() -> float:
+        total, count = (_apply_reduce(t, reduce) for t in _loss_sums(model, batches))
+        if float(count) <= 0:
+            raise ValueError("no tokens to compute the LM loss on")
+        return float(total / count)
+
+    with _eval_no_grad(model):
+        full = loss()
+        out = []
+        for i in range(n - block + 1):
+            with skip_layers(model, range(i, i + block)):
+                out.append(loss() - full)
+    return torch.tensor(out, dtype=torch.float32)

@@ -1,0 +1,297 @@
+"""Structured slicing: cut an HF causal LM down to kept layers, hidden channels, MLP neurons and heads.
+
+The result is a smaller model of the same class whose config describes it exactly, so `save_pretrained`
++ `AutoModelForCausalLM.from_pretrained` load it as is. Supported: the Llama, Mistral, Qwen2 and Qwen3
+families (pre-norm decoder, RMSNorm, RoPE, GQA attention, gated MLP).
+
+Shapes stay uniform across layers (one global config), head_dim and RoPE are never changed, and
+`head_dim` is written into the config explicitly (hidden_size / num_attention_heads no longer gives it).
+Index order is kept as given (any order is exact, as long as it is applied consistently), except that
+query heads are regrouped by their new KV group so HF's GQA mapping (query head j reads KV head
+j // (H_q / H_kv)) still pairs each kept query head with its own KV head.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Config fields holding one entry per decoder layer; subset with the kept layers.
+PER_LAYER_CONFIG_LISTS = ("layer_types",)
+
+IndexLike = torch.Tensor | Sequence[int]
+
+
+@dataclass
+class KeepPlan:
+    """The structures to keep. `None` keeps everything of that kind.
+
+    `layers` are teacher layer indices in increasing order. Indices may be tensors or lists of ints.
+    Per-layer lists (`mlp`, `kv_heads`, `heads`) have one entry per KEPT layer, with the same count in
+    every layer. `heads` are query head indices of the teacher; every kept query head's KV group must be
+    kept, with the same number of query heads in each kept group. With `kv_heads` given and `heads`
+    None, all query heads of the kept KV groups are kept.
+    """
+
+    layers: list[int] | None = None
+    hidden: torch.Tensor | None = None
+    mlp: list[torch.Tensor] | None = None
+    kv_heads: list[torch.Tensor] | None = None
+    heads: list[torch.Tensor] | None = None
+
+
+@dataclass
+class _Resolved:
+    """A validated plan with every index explicit; `heads` already grouped by new KV group."""
+
+    layers: list[int]
+    hidden: torch.Tensor
+    mlp: list[torch.Tensor]
+    kv_heads: list[torch.Tensor]
+    heads: list[torch.Tensor]
+    head_dim: int
+
+
+def _as_index(value: IndexLike, what: str, size: int) -> torch.Tensor:
+    """A 1-D int64 CPU tensor of distinct indices in [0, size), non-empty, or a ValueError naming `what`."""
+    if isinstance(value, torch.Tensor):
+        idx = value.detach().cpu()
+    else:
+        value = list(value)
+        idx = torch.as_tensor(value) if value else torch.empty(0, dtype=torch.long)
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise ValueError(f"{what}: indices must be integers, got dtype {idx.dtype}")
+    idx = idx.to(torch.long)
+    if idx.dim() != 1:
+        raise ValueError(f"{what}: expected a 1-D list of indices, got shape {tuple(idx.shape)}")
+    if idx.numel() == 0:
+        raise ValueError(f"{what}: nothing kept (empty index set); keep at least one")
+    bad = idx[(idx < 0) | (idx >= size)]
+    if bad.numel():
+        raise ValueError(f"{what}: indices {bad.tolist()} out of range [0, {size})")
+    uniq, counts = torch.unique(idx, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"{what}: duplicated indices {uniq[counts > 1].tolist()}")
+    return idx
+
+
+def _per_layer(values: Sequence[IndexLike] | None, what: str, size: int, layers: list[int],
+               default: torch.Tensor) -> list[torch.Tensor]:
+    """One validated index tensor per kept layer, all of the same length."""
+    if values is None:
+        return [default.clone() for _ in layers]
+    values = list(values)  # a list of index lists, or a 2-D tensor (one row per kept layer)
+    if len(values) != len(layers):
+        raise ValueError(f"plan.{what}: needs one index list per kept layer ({len(layers)}), got {len(values)}")
+    out = [_as_index(v, f"plan.{what}[{i}] (teacher layer {layer})", size)
+           for i, (v, layer) in enumerate(zip(values, layers))]
+    if len({len(v) for v in out}) > 1:
+        raise ValueError(f"plan.{what}: every layer must keep the same number, got counts "
+                         f"{[len(v) for v in out]} (shapes are uniform across layers)")
+    return out
+
+
+def _group_heads(heads: torch.Tensor, kv: torch.Tensor, per_group: int, n_kv: int, where: str) -> torch.Tensor:
+    """Kept query heads ordered by their new KV group (stable), checked for dropped/unequal groups."""
+    position = torch.full((n_kv,), -1, dtype=torch.long)
+    position[kv] = torch.arange(len(kv))
+    new_group = position[heads // per_group]
+    orphans = heads[new_group < 0]
+    if orphans.numel():
+        groups = sorted(set((orphans // per_group).tolist()))
+        raise ValueError(f"{where}: query heads {orphans.tolist()} belong to KV groups {groups}, which are "
+                         f"dropped; keep those KV heads or drop these query heads")
+    counts = torch.bincount(new_group, minlength=len(kv))
+    if len(set(counts.tolist())) > 1:
+        per_kv = dict(zip(kv.tolist(), counts.tolist()))
+        raise ValueError(f"{where}: every kept KV group must keep the same number of query heads, got "
+                         f"{per_kv} (KV head: query heads kept)")
+    return heads[torch.sort(new_group, stable=True).indices]
+
+
+def _resolve(config: PretrainedConfig, plan: KeepPlan) -> _Resolved:
+    """Check `plan` against `config` and make every index explicit."""
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"slicing supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; "
+                         f"got {config.model_type!r}")
+    if getattr(config, "is_heterogeneous", False):
+        raise ValueError("slicing needs a homogeneous config (same shape in every layer); this one has "
+                         "per_layer_config overrides")
+    n_layers, hidden = config.num_hidden_layers, config.hidden_size
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // n_heads
+    if n_heads % n_kv:
+        raise ValueError(f"teacher config: num_attention_heads={n_heads} not divisible by num_key_value_heads={n_kv}")
+    per_group = n_heads // n_kv
+
+    if plan.layers is None:
+        layers = list(range(n_layers))
+    else:
+        layers = _as_index(plan.layers, "plan.layers", n_layers).tolist()
+        if layers != sorted(layers):
+            raise ValueError(f"plan.layers: must be in increasing order (layer order is not changed), got {layers}")
+    keep_hidden = (torch.arange(hidden) if plan.hidden is None
+                   else _as_index(plan.hidden, "plan.hidden", hidden))
+    mlp = _per_layer(plan.mlp, "mlp", config.intermediate_size, layers, torch.arange(config.intermediate_size))
+    kv_heads = _per_layer(plan.kv_heads, "kv_heads", n_kv, layers, torch.arange(n_kv))
+    if plan.heads is None:  # all query heads of each kept KV group
+        heads = [(kv[:, None] * per_group + torch.arange(per_group)).flatten() for kv in kv_heads]
+    else:
+        heads = _per_layer(plan.heads, "heads", n_heads, layers, torch.arange(n_heads))
+    heads = [_group_heads(h, kv, per_group, n_kv, f"plan.heads[{i}] (teacher layer {layer})")
+             for i, (h, kv, layer) in enumerate(zip(heads, kv_heads, layers))]
+    return _Resolved(layers, keep_hidden, mlp, kv_heads, heads, head_dim)
+
+
+def _config_for(config: PretrainedConfig, r: _Resolved) -> PretrainedConfig:
+    cfg = copy.deepcopy(config)
+    n_old = config.num_hidden_layers
+    cfg.num_hidden_layers = len(r.layers)
+    cfg.hidden_size = len(r.hidden)
+    cfg.intermediate_size = len(r.mlp[0])
+    cfg.num_attention_heads = len(r.heads[0])
+    cfg.num_key_value_heads = len(r.kv_heads[0])
+    cfg.head_dim = r.head_dim
+    for name in PER_LAYER_CONFIG_LISTS:
+        values = getattr(config, name, None)
+        if isinstance(values, (list, tuple)) and len(values) == n_old:
+            setattr(cfg, name, [values[i] for i in r.layers])
+    # Qwen2/3: layers with index >= max_window_layers use sliding windows; count kept layers below it.
+    mwl = getattr(config, "max_window_layers", None)
+    if isinstance(mwl, int) and mwl < n_old:
+        cfg.max_window_layers = sum(i < mwl for i in r.layers)
+    return cfg
+
+
+def pruned_config(config: PretrainedConfig, plan: KeepPlan) -> PretrainedConfig:
+    """The HF config of the model `plan` cuts out of a model with `config` (a copy; `config` is unchanged)."""
+    return _config_for(config, _resolve(config, plan))
+
+
+def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Row (or column) indices of whole heads in a [heads * head_dim, ...] projection."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+# Per parameter: what each tensor dimension is indexed by (None: kept whole).
+_LAYER_RULES: dict[str, tuple[str | None, ...]] = {
+    "self_attn.q_proj.weight": ("q", "hidden"),
+    "self_attn.q_proj.bias": ("q",),
+    "self_attn.k_proj.weight": ("kv", "hidden"),
+    "self_attn.k_proj.bias": ("kv",),
+    "self_attn.v_proj.weight": ("kv", "hidden"),
+    "self_attn.v_proj.bias": ("kv",),
+    "self_attn.o_proj.weight": ("hidden", "q"),
+    "self_attn.o_proj.bias": ("hidden",),
+    "self_attn.q_norm.weight": (None,),
+    "self_attn.k_norm.weight": (None,),
+    "mlp.gate_proj.weight": ("mlp", "hidden"),
+    "mlp.gate_proj.bias": ("mlp",),
+    "mlp.up_proj.weight": ("mlp", "hidden"),
+    "mlp.up_proj.bias": ("mlp",),
+    "mlp.down_proj.weight": ("hidden", "mlp"),
+    "mlp.down_proj.bias": ("hidden",),
+    "input_layernorm.weight": ("hidden",),
+    "post_attention_layernorm.weight": ("hidden",),
+}
+_TOP_RULES: dict[str, tuple[str | None, ...]] = {
+    "embed_tokens.weight": (None, "hidden"),
+    "norm.weight": ("hidden",),
+}
+_HEAD_RULES: dict[str, tuple[str | None, ...]] = {
+    "lm_head.weight": (None, "hidden"),
+    "lm_head.bias": (None,),
+}
+
+
+def _sliced_state(model: PreTrainedModel, r: _Resolved) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The student's state dict (fresh tensors) and a map student name -> teacher name."""
+    base = model.base_model_prefix
+    new_index = {old: new for new, old in enumerate(r.layers)}
+    hidden_rows = {"hidden": r.hidden}
+    layer_index = [
+        {"mlp": mlp, "q": _head_rows(q, r.head_dim), "kv": _head_rows(kv, r.head_dim), **hidden_rows}
+        for mlp, q, kv in zip(r.mlp, r.heads, r.kv_heads)
+    ]
+    state: dict[str, torch.Tensor] = {}
+    names: dict[str, str] = {}
+    done: dict[tuple, torch.Tensor] = {}  # tied tensors (embeddings / lm_head) are sliced once
+    layer_prefix = f"{base}.layers."
+    for name, tensor in model.state_dict().items():
+        if name.startswith(layer_prefix):
+            idx_str, _, rest = name[len(layer_prefix):].partition(".")
+            old = int(idx_str)
+            if old not in new_index:
+                continue
+            new = new_index[old]
+            rule, index = _LAYER_RULES.get(rest), layer_index[new]
+            new_name = f"{layer_prefix}{new}.{rest}"
+        else:
+            rest = name[len(base) + 1:] if name.startswith(f"{base}.") else None
+            rule = _TOP_RULES.get(rest) if rest is not None else _HEAD_RULES.get(name)
+            index, new_name = hidden_rows, name
+        if rule is None or len(rule) != tensor.dim():
+            raise ValueError(f"slicing: don't know how to slice {name} (shape {tuple(tensor.shape)}) of "
+                             f"{type(model).__name__}")
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tuple(tensor.stride()), rule, new_name if name.startswith(layer_prefix) else "")
+        if key not in done:
+            out = tensor
+            for dim, kind in enumerate(rule):
+                if kind is not None:
+                    out = out.index_select(dim, index[kind].to(out.device))
+            done[key] = out.clone() if out is tensor else out
+        state[new_name] = done[key]
+        names[new_name] = name
+    return state, names
+
+
+def _teacher_name(name: str, base: str, layers: list[int]) -> str:
+    """The teacher's name for a student parameter/buffer (layer indices mapped back)."""
+    prefix = f"{base}.layers."
+    if not name.startswith(prefix):
+        return name
+    idx, _, rest = name[len(prefix):].partition(".")
+    return f"{prefix}{layers[int(idx)]}.{rest}"
+
+
+def slice_model(model: PreTrainedModel, plan: KeepPlan) -> PreTrainedModel:
+    """A new, smaller model of the same class holding the kept structures of `model` (left unchanged).
+
+    Device, dtype, attention implementation, train/eval mode, requires_grad flags and the generation
+    config are carried over; tied embeddings stay tied.
+    """
+    r = _resolve(model.config, plan)
+    config = _config_for(model.config, r)
+    state, names = _sliced_state(model, r)
+    with torch.device("meta"):
+        student = type(model)(config)
+    student.load_state_dict(state, strict=True, assign=True)
+    base = model.base_model_prefix
+    # Non-persistent buffers (RoPE inv_freq) do not depend on the sliced sizes: copy them from the teacher.
+    teacher_buffers = dict(model.named_buffers())
+    for name, buf in list(student.named_buffers()):
+        if buf.device.type != "meta":
+            continue
+        src = teacher_buffers.get(_teacher_name(name, base, r.layers))
+        if src is None or src.shape != buf.shape:
+            raise ValueError(f"slicing: buffer {name} has no counterpart of shape {tuple(buf.shape)} in the teacher")
+        owner, _, attr = name.rpartition(".")
+        student.get_submodule(owner)._buffers[attr] = src.clone()
+    if getattr(config, "tie_word_embeddings", False):
+        student.tie_weights()
+        if student.get_output_embeddings().weight is not student.get_input_embeddings().weight:
+            raise RuntimeError("slicing: lm_head and embed_tokens were not re-tied")
+    teacher_params = dict(model.named_parameters(remove_duplicate=False))
+    for name, param in student.named_parameters(remove_duplicate=False):
+        param.requires_grad_(teacher_params[names.get(name, _teacher_name(name, base, r.layers))].requires_grad)
+    if getattr(model, "generation_config", None) is not None:
+        student.generation_config = copy.deepcopy(model.generation_config)
+    student.train(model.training)
+    return student
