@@ -265,8 +265,9 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     verdict = "n/a"
     if scratch is not None:
         a, b = evals[kd_name]["ppl"], evals["student (CE from scratch)"]["ppl"]
-        verdict = (f"{kd_name.removeprefix('student (').rstrip(')')} student perplexity {a:.2f} vs {b:.2f} from scratch: "
-                   f"{'distillation wins' if a < b else 'training from scratch wins'} "
+        label = kd_name.removeprefix("student (").rstrip(")")
+        verdict = (f"{label} student perplexity {a:.2f} vs {b:.2f} from scratch: "
+                   f"{f'the {label} student wins' if a < b else 'training from scratch wins'} "
                    f"({abs(a - b) / b * 100:.1f}% {'lower' if a < b else 'higher'}) at {cfg.trainer.max_steps} steps")
     write_report(out / "report.md", "Sapling pipeline report", [
         ("Setup", "\n".join([
