@@ -118,7 +118,7 @@ def chunk_loss(
 
     if teacher_logits is not None or teacher_topk is not None:
         if lp_t_scaled is None:
-            lp_t_scaled = F.log_softmax(z / t, dim=-1)
+            lp_t_scaled = F.log_softmax(z if t == 1.0 else z / t, dim=-1)
         want_grad = need_grad and kd_weight != 0
         if teacher_topk is None:
             d, dlp = _dense(lp_t_scaled, teacher_logits, t, divergence, beta, want_grad)
@@ -147,10 +147,13 @@ def chunk_loss(
 def _div_and_grad(
     lp_s: Tensor, lp_t: Tensor, divergence: str, beta: float, need_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """``(D [c], dD/dlp_s [c, K] or None)`` from finite log-probs; same formulas as the reference."""
+    """``(D [c], dD/dlp_s [c, K] or None)`` from finite log-probs; same formulas as the reference.
+
+    ``lp_t`` may be overwritten (both callers pass a temporary); ``lp_s`` is left intact.
+    """
     if divergence == "forward_kl":
         p_t = lp_t.exp()
-        d = (p_t * (lp_t - lp_s)).sum(-1)
+        d = lp_t.sub_(lp_s).mul_(p_t).sum(-1)  # lp_t is consumed (callers pass a fresh tensor)
         return d, p_t.neg_() if need_grad else None
     if divergence == "reverse_kl":
         p_s = lp_s.exp()
@@ -169,9 +172,15 @@ def _div_and_grad(
 
 
 def _neginf_mask(lp: Tensor) -> Tensor | None:
-    """Where ``lp`` is -inf; None when nowhere (checked on CPU only, to keep CUDA free of host syncs)."""
-    neg = torch.isneginf(lp)
-    return None if not neg.is_cuda and not neg.any() else neg
+    """Where ``lp`` is -inf; None when nowhere (checked on CPU only, to keep CUDA free of host syncs).
+
+    On CPU one read-only min pass decides first (no [c, V] bool temporary in the usual all-finite case).
+    """
+    if not lp.is_cuda and lp.numel():
+        low = lp.amin()
+        if not (bool(torch.isneginf(low)) or bool(torch.isnan(low))):
+            return None
+    return torch.isneginf(lp)
 
 
 def _log_softmax_backward_(dlp: Tensor, lp: Tensor) -> Tensor:
@@ -186,7 +195,8 @@ def _dense(
     """Dense teacher. ``lp`` = raw log_softmax(z / T), consumed. Returns (D, dD/du or None)."""
     neg = _neginf_mask(lp)
     lp_s = lp if neg is None else lp.masked_fill_(neg, LOG_TINY)
-    lp_t = F.log_softmax(z_t.float() / t, dim=-1).clamp_(min=LOG_TINY)
+    z_t = z_t.float()
+    lp_t = F.log_softmax(z_t if t == 1.0 else z_t / t, dim=-1).clamp_(min=LOG_TINY)
     d, g = _div_and_grad(lp_s, lp_t, divergence, beta, need_grad)
     if g is None:
         return d, None
@@ -195,7 +205,7 @@ def _dense(
     if neg is not None:  # no gradient through floored entries; p_s = exp(raw lp) = 0 there
         g.masked_fill_(neg, 0.0)
         p_s.masked_fill_(neg, 0.0)
-    return d, g.sub_(p_s.mul_(g.sum(-1, keepdim=True)))
+    return d, g.addcmul_(p_s, g.sum(-1, keepdim=True), value=-1.0)  # g - p_s * sum(g)
 
 
 def _topk(

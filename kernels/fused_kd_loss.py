@@ -75,9 +75,12 @@ def _run(
     """Loop over chunks: (loss, kd part, ce part, (grad_hidden, grad_weight, grad_bias) or Nones)."""
     need_h, need_w, need_b = needs
     need_grad = need_h or need_w or need_b
+    n_loop = plan.n_valid if plan.want_kd or plan.want_ce else 0
     grad_h = grad_w = grad_b = None
     if need_h:
-        alloc = torch.empty if plan.valid_idx is None else torch.zeros  # ignored rows get zero grad
+        # every row is written by the loop only when all rows are valid and there is a term to compute
+        # (kd_weight == ce_weight == 0 runs no chunk); otherwise unwritten rows must read as zero
+        alloc = torch.empty if plan.valid_idx is None and n_loop > 0 else torch.zeros
         grad_h = alloc(h.shape, dtype=h.dtype, device=h.device)
     if need_w:
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
@@ -89,7 +92,6 @@ def _run(
 
     triton_fn = _triton_chunk_fn() if h.is_cuda and plan.form != "topk" else None
     step = plan.chunk_size
-    n_loop = plan.n_valid if plan.want_kd or plan.want_ce else 0
     for start in range(0, n_loop, step):
         stop = min(start + step, plan.n_valid)
         if plan.valid_idx is None:
