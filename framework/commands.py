@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sapling.config import ConfigError, check_shape, check_vocab
 from sapling.data import PackedData, build_packed_data
-from sapling.eval.perplexity import evaluate_lm
+from sapling.eval.perplexity import PERPLEXITY_COLUMNS, evaluate_lm, perplexity_rows
 from sapling.eval.report import write_report
 from sapling.models import build_model, count_parameters, load_tokenizer, save_hf_checkpoint, source_config
 from sapling.prune.hook import prune_teacher
@@ -123,19 +123,12 @@ def run_prune(cfg: DictConfig) -> dict[str, Any]:
     try:
         student = prune_teacher(cfg, teacher, data, device, out, metrics)
         save_hf_checkpoint(student, tokenizer, out / "model")
-        rows = []
-        for name, model in (("teacher", teacher), ("pruned", student)):
-            res = evaluate_lm(model, data.val, micro_batch_size=cfg.eval.micro_batch_size,
-                              max_batches=cfg.eval.batches, device=device)
-            metrics.log({"event": "eval", "model": name, "params": count_parameters(model), "val_loss": res["loss"],
-                         "val_ppl": res["ppl"]})
-            rows.append([name, f"{count_parameters(model):,}", f"{res['loss']:.4f}", f"{res['ppl']:.2f}"])
+        rows = perplexity_rows([("teacher", teacher), ("pruned", student)], data.val, cfg.eval, device, metrics)
     finally:
         metrics.close()
     shapes = [[k, getattr(teacher.config, k), getattr(student.config, k)] for k in TARGET_FIELDS]
     write_report(out / "report.md", "Sapling pruning report", [
-        ("Validation perplexity (before any distillation)", ["model", "params", "loss (nats/token)", "perplexity"],
-         rows),
+        ("Validation perplexity (before any distillation)", PERPLEXITY_COLUMNS, rows),
         ("Shapes", ["field", "teacher", "pruned"], shapes),
     ])
     return {"model_dir": str(out / "model")}

@@ -42,3 +42,29 @@ def evaluate_lm(
     model.train(was_training)
     loss = total_nll / max(1, total_tokens)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": total_tokens}
+
+
+PERPLEXITY_COLUMNS = ["model", "params", "loss (nats/token)", "perplexity"]
+
+
+def perplexity_rows(
+    models: list[tuple[str, torch.nn.Module | None]],
+    blocks: Any,
+    eval_cfg: Any,
+    device: torch.device | str,
+    metrics: Any,
+    event: str = "eval",
+) -> list[list[str]]:
+    """Evaluate each named model on `blocks`, log one record each, return report rows (PERPLEXITY_COLUMNS)."""
+    from sapling.models import count_parameters
+
+    rows = []
+    for name, model in models:
+        if model is None:
+            continue
+        res = evaluate_lm(model, blocks, micro_batch_size=eval_cfg.micro_batch_size, max_batches=eval_cfg.batches,
+                          device=device)
+        params = count_parameters(model)
+        metrics.log({"event": event, "model": name, "params": params, "val_loss": res["loss"], "val_ppl": res["ppl"]})
+        rows.append([name, f"{params:,}", f"{res['loss']:.4f}", f"{res['ppl']:.2f}"])
+    return rows

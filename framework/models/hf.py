@@ -44,12 +44,12 @@ def _plain(overrides: Any) -> dict[str, Any]:
 def apply_overrides(config: PretrainedConfig, overrides: Any) -> PretrainedConfig:
     """A copy of `config` with HF config fields replaced (e.g. {"num_hidden_layers": 2})."""
     config = copy.deepcopy(config)
-    for key, value in _plain(overrides).items():
+    given = _plain(overrides)
+    for key, value in given.items():
         setattr(config, key, value)
     # Llama-style configs store head_dim = hidden_size // num_attention_heads; a changed width or head
     # count changes it too, unless head_dim is given. Left as None when not divisible, so validation
     # (check_shape) reports it instead of silently building a different model.
-    given = _plain(overrides)
     width_changed = ("hidden_size" in given or "num_attention_heads" in given) and "head_dim" not in given
     derived = config.model_type in ("llama", "mistral", "qwen2") and getattr(config, "head_dim", None) is not None
     if width_changed and derived:

@@ -73,17 +73,10 @@ def run_hooks(stage: str, names: Any, ctx: HookContext) -> None:
 @register_hook("eval", "post")
 def eval_hook(ctx: HookContext) -> None:
     """Perplexity of the trained student (and the teacher) on the validation split -> report.md."""
-    from sapling.eval.perplexity import evaluate_lm
+    from sapling.eval.perplexity import PERPLEXITY_COLUMNS, perplexity_rows
     from sapling.eval.report import write_report
-    from sapling.models import count_parameters
 
-    rows = []
-    for name, model in (("teacher", ctx.teacher), ("student", ctx.student)):
-        if model is None:
-            continue
-        res = evaluate_lm(model, ctx.data.val, micro_batch_size=ctx.cfg.eval.micro_batch_size,
-                          max_batches=ctx.cfg.eval.batches, device=ctx.device)
-        ctx.metrics.log({"event": "eval_hook", "model": name, "val_loss": res["loss"], "val_ppl": res["ppl"]})
-        rows.append([name, f"{count_parameters(model):,}", f"{res['loss']:.4f}", f"{res['ppl']:.2f}"])
+    rows = perplexity_rows([("teacher", ctx.teacher), ("student", ctx.student)], ctx.data.val, ctx.cfg.eval,
+                           ctx.device, ctx.metrics, event="eval_hook")
     write_report(ctx.output_dir / "report.md", "Sapling evaluation (validation split)",
-                 [("Perplexity", ["model", "params", "loss (nats/token)", "perplexity"], rows)])
+                 [("Perplexity", PERPLEXITY_COLUMNS, rows)])

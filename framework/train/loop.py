@@ -88,12 +88,13 @@ def fit(
     last_val: dict[str, float] = {}
     for step in range(start_step, t.max_steps):
         micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(t.grad_accum)]
-        num_valid = sum(count_valid(mb["labels"]) for mb in micro)
+        valid = [count_valid(mb["labels"]) for mb in micro]
+        num_valid = sum(valid)
         step_loss, step_kd, step_ce = 0.0, 0.0, 0.0
-        for mb in micro:
+        for mb, mb_valid in zip(micro, valid):
             loss, parts = loss_on_batch(student, teacher, mb, cfg.distill, num_valid_tokens=num_valid)
             engine.backward(loss)
-            share = count_valid(mb["labels"]) / num_valid
+            share = mb_valid / num_valid
             step_loss += float(loss.detach())
             step_kd += parts["kd"] * share
             step_ce += parts["ce"] * share
