@@ -37,6 +37,7 @@ from .kd_loss_reference import LOG_TINY
 __all__ = ["kd_chunk_loss_and_grad"]
 
 _TINY: float = torch.finfo(torch.float32).tiny
+_FINITE_LOGIT: float = 1e30  # |z| below this: log_softmax(z) is finite in float32
 
 
 def kd_chunk_loss_and_grad(
@@ -96,6 +97,184 @@ def chunk_loss(
     need_grad: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """:func:`kd_chunk_loss_and_grad`, skipping the gradient (returned as None) when ``need_grad`` is False."""
+    kd_rows, ce_rows, grad, coef = chunk_loss_scaled(
+        student_logits,
+        teacher_logits,
+        labels,
+        divergence=divergence,
+        beta=beta,
+        temperature=temperature,
+        kd_weight=kd_weight,
+        ce_weight=ce_weight,
+        ignore_index=ignore_index,
+        scale=scale,
+        teacher_topk=teacher_topk,
+        need_grad=need_grad,
+    )
+    if grad is not None and coef != 1.0:
+        grad.mul_(coef)
+    return kd_rows, ce_rows, grad
+
+
+def forward_kl_fast_path(
+    divergence: str, kd_weight: float, temperature: float, has_labels: bool, is_cuda: bool
+) -> bool:
+    """Whether :func:`chunk_loss_scaled` takes the few-pass forward-KL path for a dense teacher (CPU)."""
+    return (
+        not is_cuda
+        and divergence == "forward_kl"
+        and kd_weight != 0
+        and (not has_labels or temperature == 1.0)
+    )
+
+
+def chunk_loss_scaled(
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    labels: Tensor | None,
+    *,
+    divergence: str,
+    beta: float,
+    temperature: float,
+    kd_weight: float,
+    ce_weight: float,
+    ignore_index: int,
+    scale: float,
+    teacher_topk: tuple[Tensor, Tensor] | None = None,
+    need_grad: bool = True,
+    scratch: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, float]:
+    """``(kd_rows, ce_rows, g, coef)`` with the true gradient ``coef * g``.
+
+    Leaving the scalar ``coef`` to the caller lets :func:`fused_linear_kd_loss` fold it into the two
+    gradient matmuls (``alpha=``) instead of spending a pass over the ``[c, V]`` gradient on it.
+
+    ``scratch`` (a float32 ``[c, V]`` buffer) hands the logits over to this function: on the forward-KL
+    fast path both float32 logits tensors are overwritten and ``g`` is written into ``scratch``, so a
+    caller that reuses the three buffers across chunks allocates nothing per chunk. (Fresh allocations
+    over glibc's 32 MiB mmap threshold page-fault on every touch, which costs more than the math.)
+    """
+    fast = (
+        need_grad
+        and teacher_logits is not None
+        and teacher_topk is None
+        and forward_kl_fast_path(
+            divergence, kd_weight, temperature, labels is not None, student_logits.is_cuda
+        )
+    )
+    if fast:
+        out = _forward_kl_dense(
+            student_logits,
+            teacher_logits,
+            labels,
+            t=float(temperature),
+            kd_weight=float(kd_weight),
+            ce_weight=float(ce_weight),
+            ignore_index=ignore_index,
+            scale=float(scale),
+            scratch=scratch,
+        )
+        if out is not None:
+            return out
+    kd_rows, ce_rows, grad = _chunk_loss_general(
+        student_logits,
+        teacher_logits,
+        labels,
+        divergence=divergence,
+        beta=beta,
+        temperature=temperature,
+        kd_weight=kd_weight,
+        ce_weight=ce_weight,
+        ignore_index=ignore_index,
+        scale=scale,
+        teacher_topk=teacher_topk,
+        need_grad=need_grad,
+    )
+    return kd_rows, ce_rows, grad, 1.0
+
+
+def _log_softmax_(x: Tensor) -> Tensor:
+    """``log_softmax(x, -1)`` written over ``x`` (the CPU kernel reads each element before writing it)."""
+    return torch.ops.aten._log_softmax.out(x, -1, False, out=x)
+
+
+def _forward_kl_dense(
+    z_s: Tensor,
+    z_t: Tensor,
+    labels: Tensor | None,
+    *,
+    t: float,
+    kd_weight: float,
+    ce_weight: float,
+    ignore_index: int,
+    scale: float,
+    scratch: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, float] | None:
+    """Forward KL against a dense teacher (+ CE, at T = 1 only) in few passes over ``[c, V]``.
+
+    Same formulas as the general path (``LOG_TINY`` floor on the teacher, ``sum(p_t)`` kept exact) but
+    with the loss as one ``vecdot`` and the whole gradient as one ``addcmul``::
+
+        grad = scale * (T * kd_w * (p_s * S - p_t) + ce_w * (p_s - onehot))     S = sum(p_t)
+             = coef * (p_t - p_s * (S + ce_w / (T * kd_w)) + onehot * ce_w / (T * kd_w))
+        coef = -scale * T * kd_w
+
+    Returns None, before touching anything, when a student logit is not finite or beyond +-1e30 (where
+    a student log-prob could be -inf): the general path then applies the reference's floors.
+    """
+    owned = scratch is not None
+    if z_s.numel() == 0:
+        return None
+    lo, hi = z_s.aminmax()
+    if not (float(lo) > -_FINITE_LOGIT and float(hi) < _FINITE_LOGIT):  # also False for NaN
+        return None  # then lp_s may be -inf: the reference's floors apply (general path, inputs intact)
+    z = z_s.float()
+    if t != 1.0:
+        z = z.mul_(1.0 / t) if owned or z is not z_s else z / t
+    lp_s = _log_softmax_(z) if owned or z is not z_s else F.log_softmax(z, dim=-1)
+    zt = z_t.float()
+    if t != 1.0:
+        zt = zt.mul_(1.0 / t) if owned or zt is not z_t else zt / t
+    lp_t = _log_softmax_(zt) if owned or zt is not z_t else F.log_softmax(zt, dim=-1)
+    if float(lp_t.amin()) < LOG_TINY:
+        lp_t.clamp_(min=LOG_TINY)
+    c = lp_s.shape[0]
+    ce_rows = lp_s.new_zeros(c)
+    safe = valid = None
+    if labels is not None:
+        valid = labels != ignore_index
+        safe = torch.where(valid, labels, 0).long()[:, None]
+        ce_rows = torch.where(valid, -lp_s.gather(1, safe).squeeze(1), 0.0)
+    p_t = torch.exp(lp_t, out=scratch) if owned else lp_t.exp()
+    kd = torch.linalg.vecdot(p_t, lp_t.sub_(lp_s))  # sum p_t * (lp_t - lp_s)
+    mass = p_t.sum(-1, keepdim=True)
+    ce_rel = ce_weight / (t * kd_weight) if labels is not None else 0.0
+    g = p_t.addcmul_(lp_s.exp_(), mass + ce_rel, value=-1.0)
+    if ce_rel != 0.0:
+        g.scatter_add_(1, safe, g.new_full((c, 1), ce_rel))
+    kd_rows = kd * (t * t)
+    if valid is not None and not bool(valid.all()):
+        kd_rows = torch.where(valid, kd_rows, 0.0)
+        g.masked_fill_(~valid[:, None], 0.0)
+    return kd_rows, ce_rows, g, -scale * t * kd_weight
+
+
+def _chunk_loss_general(
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    labels: Tensor | None,
+    *,
+    divergence: str,
+    beta: float,
+    temperature: float,
+    kd_weight: float,
+    ce_weight: float,
+    ignore_index: int,
+    scale: float,
+    teacher_topk: tuple[Tensor, Tensor] | None = None,
+    need_grad: bool = True,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Any divergence / teacher form, with the gradient fully scaled."""
     z = student_logits.float()
     c = z.shape[0]
     t = float(temperature)

@@ -8,7 +8,10 @@ float32, see ``chunk_torch.py``) and turns that gradient into ``grad_hidden[chun
 weight dtype at the end). The backward pass only multiplies the saved gradients by ``grad_output``.
 
 Extra memory: O(chunk_size x V) float32 temporaries + ``grad_hidden [N, Hs]`` + ``grad_weight [V, Hs]``.
-On CUDA, with Triton importable and a dense teacher, the chunk function is the Triton kernel
+For a dense teacher with forward KL in float32 on CPU (the common training case) the temporaries are three
+``[chunk, V]`` buffers allocated once per call and reused by every chunk: the logits matmuls write into
+them and the chunk function overwrites them in place (its few-pass path, ``chunk_torch._forward_kl_dense``),
+and the gradient's scalar factor is folded into the gradient matmuls (``alpha=``). On CUDA, with Triton importable and a dense teacher, the chunk function is the Triton kernel
 ``chunk_triton.kd_chunk_loss_and_grad_triton``; otherwise the torch one.
 """
 
@@ -23,20 +26,21 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .chunk_torch import chunk_loss
+from .chunk_torch import chunk_loss_scaled, forward_kl_fast_path
 from .kd_loss_reference import _validate
 
-__all__ = ["CHUNK_BUDGET_BYTES", "default_chunk_size", "fused_linear_kd_loss"]
+__all__ = ["CHUNK_BUDGET_BYTES", "WORKSPACE_TEMPS", "default_chunk_size", "fused_linear_kd_loss"]
 
-# chunk_size=None: the largest chunk whose float32 [chunk, V] temporaries (~_LIVE_TEMPS of them alive at
-# once in the chunk function, logits included) fit in CHUNK_BUDGET_BYTES.
+# chunk_size=None: the largest chunk whose float32 [chunk, V] temporaries fit in CHUNK_BUDGET_BYTES: the
+# three reused buffers of the CPU forward-KL path (WORKSPACE_TEMPS), or ~_LIVE_TEMPS fresh ones otherwise.
 CHUNK_BUDGET_BYTES: int = 256 * 2**20
+WORKSPACE_TEMPS: int = 3
 _LIVE_TEMPS: int = 8
 
 
-def default_chunk_size(vocab: int, n_rows: int) -> int:
-    """``CHUNK_BUDGET_BYTES // (4 bytes * _LIVE_TEMPS * V)`` rows, clamped to ``[1, n_rows]``."""
-    rows = CHUNK_BUDGET_BYTES // (4 * _LIVE_TEMPS * max(vocab, 1))
+def default_chunk_size(vocab: int, n_rows: int, live_temps: int = _LIVE_TEMPS) -> int:
+    """``CHUNK_BUDGET_BYTES // (4 bytes * live_temps * V)`` rows, clamped to ``[1, n_rows]``."""
+    rows = CHUNK_BUDGET_BYTES // (4 * live_temps * max(vocab, 1))
     return max(1, min(rows, n_rows))
 
 
@@ -50,6 +54,28 @@ def _triton_chunk_fn() -> Callable | None:
     if not getattr(chunk_triton, "TRITON_AVAILABLE", True):
         return None
     return getattr(chunk_triton, "kd_chunk_loss_and_grad_triton", None)
+
+
+def _uses_workspace(plan: _Plan, h: Tensor) -> bool:
+    """Dense teacher, forward KL, float32 on CPU: the chunk loop's preallocated-buffer path."""
+    kw = plan.kwargs
+    return (
+        plan.form == "dense"
+        and plan.want_kd
+        and h.dtype == torch.float32
+        and plan.t_weight is not None
+        and plan.t_weight.dtype == torch.float32
+        and forward_kl_fast_path(
+            kw["divergence"], kw["kd_weight"], kw["temperature"], plan.want_ce, h.is_cuda
+        )
+    )
+
+
+def _linear_into(out: Tensor, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``F.linear(x, w, b)`` written into ``out``."""
+    if b is None:
+        return torch.mm(x, w.t(), out=out)
+    return torch.addmm(b, x, w.t(), out=out)
 
 
 @dataclass
@@ -92,6 +118,11 @@ def _run(
 
     triton_fn = _triton_chunk_fn() if h.is_cuda and plan.form != "topk" else None
     step = plan.chunk_size
+    # dense forward KL on CPU in float32: student logits, teacher logits and the gradient live in three
+    # [chunk, V] buffers reused by every chunk (the chunk function overwrites the logits in place)
+    workspace = None
+    if need_grad and n_loop > 0 and _uses_workspace(plan, h):
+        workspace = torch.empty((3, min(step, n_loop), w.shape[0]), dtype=torch.float32, device=h.device)
     for start in range(0, n_loop, step):
         stop = min(start + step, plan.n_valid)
         if plan.valid_idx is None:
@@ -101,18 +132,26 @@ def _run(
             sel = plan.valid_idx[start:stop]
             rows = {k: v.index_select(0, sel) for k, v in plan.rows.items()}
         h_c = h[start:stop] if sel is None else h.index_select(0, sel)
-        z_s = F.linear(h_c, w, b)
-        z_t = None
-        if plan.form == "dense" and plan.want_kd:
+        z_t = scratch = None
+        if workspace is not None:
+            z_s = _linear_into(workspace[0, : stop - start], h_c, w, b)
+            z_t = _linear_into(workspace[1, : stop - start], rows["h_t"], plan.t_weight, plan.t_bias)
+            scratch = workspace[2, : stop - start]
+        else:
+            z_s = F.linear(h_c, w, b)
+        if plan.form == "dense" and plan.want_kd and z_t is None:
             z_t = F.linear(rows["h_t"], plan.t_weight, plan.t_bias)
         elif plan.form == "logits" and plan.want_kd:
             z_t = rows["z_t"]
         topk = (rows["lp_t"], rows["idx"]) if plan.form == "topk" and plan.want_kd else None
         labels = rows.get("labels")
+        coef = 1.0  # the chunk's gradient is coef * g
         if triton_fn is not None:
             kd_r, ce_r, g = triton_fn(z_s, z_t, labels, **kw)  # reports CE rows whenever labels are given
         else:
-            kd_r, ce_r, g = chunk_loss(z_s, z_t, labels, **kw, teacher_topk=topk, need_grad=need_grad)
+            kd_r, ce_r, g, coef = chunk_loss_scaled(
+                z_s, z_t, labels, **kw, teacher_topk=topk, need_grad=need_grad, scratch=scratch
+            )
         del z_s, z_t
         kd_sum += kd_r.sum()
         ce_sum += ce_r.sum()
@@ -120,17 +159,18 @@ def _run(
             continue
         g_lp = g.to(h.dtype)
         if grad_h is not None:
-            if sel is None:
-                torch.mm(g_lp, w, out=grad_h[start:stop])
-            else:
-                grad_h.index_copy_(0, sel, g_lp @ w)
+            out = torch.mm(g_lp, w, out=grad_h[start:stop]) if sel is None else g_lp @ w
+            if coef != 1.0:
+                out.mul_(coef)
+            if sel is not None:
+                grad_h.index_copy_(0, sel, out)
         if grad_w is not None:
             if g_lp.dtype == torch.float32:
-                grad_w.addmm_(g_lp.t(), h_c)
+                grad_w.addmm_(g_lp.t(), h_c, alpha=coef)
             else:
-                grad_w += g_lp.t() @ h_c
+                grad_w.add_(g_lp.t() @ h_c, alpha=coef)
         if grad_b is not None:
-            grad_b += g.sum(0)
+            grad_b.add_(g.sum(0), alpha=coef)
         del g, g_lp
 
     loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -188,8 +228,8 @@ def fused_linear_kd_loss(
     """KD (+ optional hard-label CE) loss of an lm_head without materialising ``[N, V]`` logits.
 
     Arguments, result and ``return_parts`` are those of ``kd_loss_reference`` (see its docstring).
-    ``chunk_size`` rows are processed at a time; None picks ``default_chunk_size(V, n_valid)`` (about
-    ``CHUNK_BUDGET_BYTES`` = 256 MiB of float32 temporaries). Gradients for ``student_hidden``,
+    ``chunk_size`` rows are processed at a time; None picks ``default_chunk_size`` (about
+    ``CHUNK_BUDGET_BYTES`` = 256 MiB of float32 ``[chunk, V]`` temporaries). Gradients for ``student_hidden``,
     ``student_weight`` and ``student_bias`` are computed during the forward when autograd needs them.
     """
     form = _validate(
@@ -252,7 +292,7 @@ def fused_linear_kd_loss(
         valid_idx=valid_idx,
         n_valid=n_valid,
         denom=denom,
-        chunk_size=chunk_size if chunk_size is not None else default_chunk_size(vocab, n_valid),
+        chunk_size=chunk_size or 0,  # 0: set below
         kwargs=dict(
             divergence=divergence,
             beta=float(beta),
@@ -263,6 +303,9 @@ def fused_linear_kd_loss(
             scale=scale,
         ),
     )
+    if not plan.chunk_size:
+        temps = WORKSPACE_TEMPS if _uses_workspace(plan, student_hidden) else _LIVE_TEMPS
+        plan.chunk_size = default_chunk_size(vocab, n_valid, temps)
     params = (student_hidden, student_weight, student_bias)
     if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
         loss, kd, ce = _FusedLinearKD.apply(student_hidden, student_weight, student_bias, plan)

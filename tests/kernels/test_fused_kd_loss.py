@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sapling.kernels import DIVERGENCES, fused_linear_kd_loss, kd_chunk_loss_and_grad, kd_loss_reference
+from sapling.kernels import (
+    DIVERGENCES,
+    chunk_torch,
+    fused_linear_kd_loss,
+    kd_chunk_loss_and_grad,
+    kd_loss_reference,
+)
 from sapling.kernels.fused_kd_loss import default_chunk_size
 
 DIV_CASES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.1), ("jsd", 0.5), ("jsd", 0.9)]
@@ -488,6 +494,49 @@ def test_chunk_grad_matches_float64_autograd(form, divergence, beta, temperature
     assert not grad[0, :3].any()
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("with_labels", [False, True])
+@pytest.mark.parametrize("extreme", [None, "neg_inf", "huge"])
+def test_forward_kl_fast_path_matches_general_path(temperature, with_labels, extreme):
+    """The few-pass forward-KL path (logits overwritten in a scratch buffer) equals the general path."""
+    g = torch.Generator().manual_seed(5)
+    c, v = 7, 41
+    z = 4 * torch.randn(c, v, generator=g)
+    z_t = 4 * torch.randn(c, v, generator=g)
+    z_t[3, :20] = -200.0  # teacher log-probs below LOG_TINY: floored
+    if extreme == "neg_inf":
+        z[1, 2] = float("-inf")
+    elif extreme == "huge":
+        z[2, 4] = 3e30
+    labels = torch.randint(0, v, (c,), generator=g) if with_labels else None
+    if labels is not None:
+        labels[5] = IGNORE
+    kw = dict(divergence="forward_kl", beta=0.5, temperature=temperature, ignore_index=IGNORE, scale=0.3)
+    kw.update(kd_weight=0.7, ce_weight=0.4 if with_labels else 0.0)
+    zs_in, zt_in = z.clone(), z_t.clone()
+    kd, ce, g_scaled, coef = chunk_torch.chunk_loss_scaled(zs_in, zt_in, labels, **kw, scratch=torch.empty(c, v))
+    kd_ref, ce_ref, grad_ref = chunk_torch._chunk_loss_general(z, z_t, labels, **kw)
+    fast = chunk_torch.forward_kl_fast_path("forward_kl", 0.7, temperature, with_labels, False)
+    assert fast == (temperature == 1.0 or not with_labels)
+    if extreme is not None or not fast:  # general path taken: the caller's logits are untouched
+        assert coef == 1.0 and torch.equal(zs_in, z) and torch.equal(zt_in, z_t)
+    else:
+        assert coef != 1.0 and not torch.equal(zs_in, z)  # consumed in place
+    torch.testing.assert_close(kd, kd_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ce, ce_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_scaled * coef, grad_ref, rtol=1e-5, atol=1e-7)
+    if labels is not None:
+        assert not g_scaled[5].any() and kd[5] == 0
+
+
+def test_in_place_log_softmax_matches_out_of_place():
+    x = 10 * torch.randn(33, 1000)
+    expected = F.log_softmax(x, -1)
+    y = x.clone()
+    assert chunk_torch._log_softmax_(y) is y
+    assert torch.equal(y, expected)
+
+
 def test_chunk_without_teacher_or_labels():
     z = torch.randn(4, 10)
     common = dict(divergence="forward_kl", beta=0.5, temperature=1.0, ignore_index=IGNORE, scale=1.0)
@@ -546,6 +595,7 @@ def test_never_materialises_n_by_v(form):
 
 def test_default_chunk_size():
     assert default_chunk_size(32000, 10_000) == 262  # 256 MiB / (8 fp32 temporaries * V)
+    assert default_chunk_size(32000, 10_000, live_temps=3) == 699
     assert default_chunk_size(32000, 5) == 5
     assert default_chunk_size(10**9, 5) == 1
     assert default_chunk_size(97, 0) == 1
