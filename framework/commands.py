@@ -65,6 +65,17 @@ def check_tokenizer_fits(tokenizer: Any, model_cfg: Any, key: str) -> None:
                           "tokens", f"use the tokenizer the model was trained with, or set {key}.config.vocab_size")
 
 
+def check_prune_target(cfg: DictConfig, teacher_cfg: Any) -> None:
+    """Fail before any model loads when `prune.target` cannot be met (explicit fields or a budget)."""
+    resolve_target(teacher_cfg, OmegaConf.to_container(cfg.prune.target))
+    if cfg.prune.target.params is not None:
+        from sapling.prune.search import candidate_shapes
+
+        s = cfg.prune.search
+        candidate_shapes(teacher_cfg, int(cfg.prune.target.params), multiple=s.multiple, tolerance=s.tolerance,
+                         max_candidates=s.max_candidates)
+
+
 def train_with_hooks(cfg: DictConfig, command: str, *, teacher: torch.nn.Module | None,
                      student: torch.nn.Module | None,
                      tokenizer: Any, data: PackedData, out: Path, device: torch.device) -> TrainResult:
@@ -79,7 +90,8 @@ def train_with_hooks(cfg: DictConfig, command: str, *, teacher: torch.nn.Module 
         metrics.log({"event": "start", "command": command, "student_params": count_parameters(ctx.student),
                      "teacher_params": count_parameters(teacher) if teacher is not None else 0,
                      "train_tokens": data.train.num_tokens})
-        ctx.result = fit(cfg, student=ctx.student, teacher=teacher, tokenizer=tokenizer, data=data, output_dir=out,
+        fit_cfg = ctx.extras.get("fit_cfg", cfg)  # a pre-hook may have spent part of the step budget
+        ctx.result = fit(fit_cfg, student=ctx.student, teacher=teacher, tokenizer=tokenizer, data=data, output_dir=out,
                          metrics=metrics, device=device, desc=command)
         run_hooks("post", cfg.hooks.post, ctx)
     finally:
@@ -93,7 +105,7 @@ def run_distill(cfg: DictConfig) -> TrainResult:
     teacher_cfg = source_config(cfg.teacher)
     pruning = "prune" in cfg.hooks.pre
     if pruning:
-        resolve_target(teacher_cfg, OmegaConf.to_container(cfg.prune.target))
+        check_prune_target(cfg, teacher_cfg)
     else:
         student_cfg = source_config(cfg.student, base=teacher_cfg if cfg.student.path is None else None)
         check_shape("student.config", student_cfg)
@@ -112,7 +124,7 @@ def run_distill(cfg: DictConfig) -> TrainResult:
 def run_prune(cfg: DictConfig) -> dict[str, Any]:
     """Prune `teacher` to `prune.target`; writes `model/` and a report with perplexity before and after."""
     teacher_cfg = source_config(cfg.teacher)
-    resolve_target(teacher_cfg, OmegaConf.to_container(cfg.prune.target))
+    check_prune_target(cfg, teacher_cfg)
     tokenizer = load_tokenizer(tokenizer_path(cfg, "teacher"))
     check_tokenizer_fits(tokenizer, teacher_cfg, "teacher.config")
     device = select_device(cfg)
@@ -121,16 +133,23 @@ def run_prune(cfg: DictConfig) -> dict[str, Any]:
     teacher = build_model(cfg.teacher, teacher_cfg, device, seed=cfg.seed)
     metrics = MetricsLogger(out, None)
     try:
-        student = prune_teacher(cfg, teacher, data, device, out, metrics)
+        outcome = prune_teacher(cfg, teacher, data, device, out, metrics, tokenizer=tokenizer)
+        student = outcome.student
         save_hf_checkpoint(student, tokenizer, out / "model")
         rows = perplexity_rows([("teacher", teacher), ("pruned", student)], data.val, cfg.eval, device, metrics)
     finally:
         metrics.close()
     shapes = [[k, getattr(teacher.config, k), getattr(student.config, k)] for k in TARGET_FIELDS]
-    write_report(out / "report.md", "Sapling pruning report", [
+    sections = [
         ("Validation perplexity (before any distillation)", PERPLEXITY_COLUMNS, rows),
         ("Shapes", ["field", "teacher", "pruned"], shapes),
-    ])
+    ]
+    if outcome.search_rows:
+        from sapling.prune.search import format_table
+
+        sections.append(("Parameter-budget search (candidates ranked by held-out LM loss)",
+                         format_table(outcome.search_rows)))
+    write_report(out / "report.md", "Sapling pruning report", sections)
     return {"model_dir": str(out / "model")}
 
 

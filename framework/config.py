@@ -100,11 +100,27 @@ class CalibrationConfig:
 
 
 @dataclass
+class PruneSearchConfig:
+    """`prune.target.params`: candidate shapes within `tolerance` of the budget, ranked by held-out LM loss."""
+
+    multiple: int | None = None  # width dims are multiples of this; None: 128 where the teacher allows, else smaller
+    tolerance: float = 0.01  # |params - budget| <= tolerance * budget
+    max_candidates: int = 12  # candidates evaluated (spread over width-only, depth-only and mixed)
+    eval_batches: int = 4  # held-out calibration batches for the ranking loss
+    distill_top_k: int = 0  # > 0: briefly distil the best k before the final pick
+    distill_steps: int = 20
+
+
+@dataclass
 class PruneConfig:
     target: PruneTargetConfig = field(default_factory=PruneTargetConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    importance: str = "activation"  # activation (Minitron) | magnitude (weight norms) | random (baseline)
     depth_metric: str = "block_influence"  # block_influence | layer_loss
     scores: str | None = None  # importance scores saved by an earlier run: re-prune without calibrating
+    search: PruneSearchConfig = field(default_factory=PruneSearchConfig)
+    rounds: int = 1  # > 1: reach the target in R prune -> distill rounds (iterative pruning)
+    round_steps: list[int] | None = None  # distil steps after each of the first R-1 rounds; None: max_steps // R each
 
 
 @dataclass
@@ -331,14 +347,44 @@ def validate(cfg: DictConfig) -> None:
            p.calibration.aggregation, "unknown aggregation", "use mean_l2, mean or variance")
     _check(p.depth_metric in ("block_influence", "layer_loss"), "prune.depth_metric", p.depth_metric,
            "unknown depth metric", "use block_influence or layer_loss")
+    _check(p.importance in ("activation", "magnitude", "random"), "prune.importance", p.importance,
+           "unknown importance", "use activation, magnitude or random")
+    t = p.target
+    if t.params is not None:
+        fixed = [k for k, v in t.items() if k != "params" and v is not None]
+        _check(not fixed, "prune.target.params", t.params, f"given together with prune.target.{fixed[0] if fixed else ''}",
+               "give either a parameter budget or explicit HF fields, not both")
+        _check(isinstance(t.params, int) and t.params > 0, "prune.target.params", t.params,
+               "must be a positive parameter count", "e.g. prune.target.params=4000000000")
+    ps = p.search
+    _check(ps.multiple is None or ps.multiple >= 1, "prune.search.multiple", ps.multiple, "must be >= 1",
+           "set e.g. prune.search.multiple=128, or null for automatic")
+    _check(0 < ps.tolerance < 1, "prune.search.tolerance", ps.tolerance, "must be in (0, 1)", "e.g. 0.01 (1%)")
+    _check(ps.max_candidates >= 1, "prune.search.max_candidates", ps.max_candidates, "must be >= 1", "e.g. 12")
+    _check(ps.eval_batches >= 1, "prune.search.eval_batches", ps.eval_batches, "must be >= 1", "e.g. 4")
+    _check(ps.distill_top_k >= 0 and ps.distill_steps >= 1, "prune.search.distill_top_k", ps.distill_top_k,
+           "distill_top_k must be >= 0 and distill_steps >= 1", "e.g. distill_top_k=3 distill_steps=20")
+    _check(p.rounds >= 1, "prune.rounds", p.rounds, "must be >= 1", "1 prunes in one shot; e.g. 2 for two rounds")
+    if p.round_steps is not None:
+        steps = list(p.round_steps)
+        _check(len(steps) == p.rounds - 1 and all(int(x) >= 1 for x in steps), "prune.round_steps", steps,
+               f"needs {p.rounds - 1} positive step counts (one per round before the last)",
+               "e.g. prune.rounds=3 prune.round_steps=[100,100], or null for an even split")
+        if cmd == "distill":
+            _check(sum(steps) < cfg.trainer.max_steps, "prune.round_steps", steps,
+                   f"uses all of trainer.max_steps={cfg.trainer.max_steps}", "leave steps for the last round")
+    if p.rounds > 1:
+        _check(cmd == "distill" or (cmd == "pipeline" and "prune" in cfg.hooks.pre), "prune.rounds", p.rounds,
+               f"iterative pruning distils between rounds, which `sapling {cmd}` does not",
+               "run `sapling distill hooks.pre=[prune] prune.rounds=R` (or keep prune.rounds=1)")
+        _check(p.scores is None, "prune.scores", p.scores, "saved scores cannot be reused across rounds",
+               "drop prune.scores when prune.rounds > 1 (importance is re-estimated every round)")
     if p.scores is not None:
         _check(Path(os.path.expanduser(p.scores)).is_file(), "prune.scores", p.scores, "no such file",
                "point it at the prune_scores.pt an earlier prune run wrote, or drop it")
     if cmd == "prune":
         _check(any(v is not None for v in p.target.values()), "prune.target", None, "no target shape given",
                "set e.g. prune.target.intermediate_size=N or prune.target.num_hidden_layers=N")
-        _check(p.target.params is None, "prune.target.params", p.target.params,
-               "parameter-budget search is not implemented yet", "give the HF fields explicitly")
     if cmd in ("distill", "prune"):
         _check(cfg.teacher.path is not None or cfg.teacher.tiny is not None, "teacher.path", None,
                f"{cmd} needs a teacher", "pass teacher.path=<HF checkpoint dir or hub id>")

@@ -192,7 +192,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     evals: dict[str, dict[str, float]] = {}
     pruned = "prune" in cfg.hooks.pre
     if pruned:
-        student = prune_teacher(cfg, teacher, data, device, out, metrics)
+        outcome = prune_teacher(cfg, teacher, data, device, out, metrics, tokenizer=tokenizer)
+        student, kd_cfg = outcome.student, outcome.fit_cfg  # prune.rounds > 1 spent part of the KD steps
         student_cfg = student.config
         evals["student (pruned, before KD)"] = evaluate_lm(student, data.val, micro_batch_size=cfg.eval.micro_batch_size,
                                                            max_batches=cfg.eval.batches, device=device)
@@ -203,10 +204,11 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         check_shape("student.config", student_cfg)
         check_vocab(teacher_cfg, student_cfg)
         student = build_model(cfg.student, student_cfg, device, seed=cfg.seed + 1)
+        kd_cfg = cfg
     kd_name = "student (pruned + distilled)" if pruned else "student (distilled)"
     sm = MetricsLogger(out / "distill", cfg.logger, OmegaConf.to_container(cfg, resolve=True), prefix="distill/")
     try:
-        fit(cfg, student=student, teacher=teacher, tokenizer=tokenizer, data=data, output_dir=out / "distill",
+        fit(kd_cfg, student=student, teacher=teacher, tokenizer=tokenizer, data=data, output_dir=out / "distill",
             metrics=sm, device=device, desc="distill")
     finally:
         sm.close()

@@ -29,18 +29,29 @@ from torch.autograd.function import once_differentiable
 from .chunk_torch import chunk_loss_scaled, forward_kl_fast_path
 from .kd_loss_reference import _validate
 
-__all__ = ["CHUNK_BUDGET_BYTES", "WORKSPACE_TEMPS", "default_chunk_size", "fused_linear_kd_loss"]
+__all__ = ["CHUNK_BUDGET_BYTES", "CUDA_CHUNK_BUDGET_BYTES", "WORKSPACE_TEMPS", "default_chunk_size", "fused_linear_kd_loss"]
 
 # chunk_size=None: the largest chunk whose float32 [chunk, V] temporaries fit in CHUNK_BUDGET_BYTES: the
 # three reused buffers of the CPU forward-KL path (WORKSPACE_TEMPS), or ~_LIVE_TEMPS fresh ones otherwise.
 CHUNK_BUDGET_BYTES: int = 256 * 2**20
 WORKSPACE_TEMPS: int = 3
 _LIVE_TEMPS: int = 8
+# On CUDA the chunk's temporaries are the 16-bit logits of both models and the float32 gradient (the Triton
+# kernel writes the loss and gradient in one pass), so budget ~4 float32-equivalents of 2 GiB in all: about
+# 1000 rows at V=128256, the chunk size GEMMs on an H100-class GPU want. Not yet measured on a GPU.
+CUDA_CHUNK_BUDGET_BYTES: int = 2 * 2**30
+_CUDA_LIVE_TEMPS: int = 4
 
 
-def default_chunk_size(vocab: int, n_rows: int, live_temps: int = _LIVE_TEMPS) -> int:
-    """``CHUNK_BUDGET_BYTES // (4 bytes * live_temps * V)`` rows, clamped to ``[1, n_rows]``."""
-    rows = CHUNK_BUDGET_BYTES // (4 * live_temps * max(vocab, 1))
+def default_chunk_size(vocab: int, n_rows: int, live_temps: int = _LIVE_TEMPS, *, cuda: bool = False) -> int:
+    """``budget // (4 bytes * live_temps * V)`` rows, clamped to ``[1, n_rows]``.
+
+    The budget is ``CHUNK_BUDGET_BYTES`` (CPU) or ``CUDA_CHUNK_BUDGET_BYTES`` with ``_CUDA_LIVE_TEMPS``.
+    """
+    budget = CUDA_CHUNK_BUDGET_BYTES if cuda else CHUNK_BUDGET_BYTES
+    if cuda:
+        live_temps = _CUDA_LIVE_TEMPS
+    rows = budget // (4 * live_temps * max(vocab, 1))
     return max(1, min(rows, n_rows))
 
 
@@ -305,7 +316,7 @@ def fused_linear_kd_loss(
     )
     if not plan.chunk_size:
         temps = WORKSPACE_TEMPS if _uses_workspace(plan, student_hidden) else _LIVE_TEMPS
-        plan.chunk_size = default_chunk_size(vocab, n_valid, temps)
+        plan.chunk_size = default_chunk_size(vocab, n_valid, temps, cuda=student_hidden.is_cuda)
     params = (student_hidden, student_weight, student_bias)
     if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
         loss, kd, ce = _FusedLinearKD.apply(student_hidden, student_weight, student_bias, plan)

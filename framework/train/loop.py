@@ -46,8 +46,12 @@ def fit(
     metrics: MetricsLogger,
     device: torch.device,
     desc: str = "train",
+    save_model: bool = True,
 ) -> TrainResult:
-    """Train `student` for `cfg.trainer.max_steps` optimizer steps (KD when `teacher` is given, else CE)."""
+    """Train `student` for `cfg.trainer.max_steps` optimizer steps (KD when `teacher` is given, else CE).
+
+    `save_model=False` skips the final HF checkpoint (short throwaway runs, e.g. ranking prune candidates).
+    """
     t = cfg.trainer
     output_dir = Path(output_dir)
     ckpt_root = output_dir / "checkpoints"
@@ -124,7 +128,7 @@ def fit(
     bar.close()
 
     last_val = validate(t.max_steps)
-    model_dir = save_hf_checkpoint(student, tokenizer, output_dir / "model")
+    model_dir = save_hf_checkpoint(student, tokenizer, output_dir / "model") if save_model else None
     wall = time.perf_counter() - t0
     metrics.log({"event": "done", "step": t.max_steps, "tokens": tokens_seen, "wall_s": wall,
                  "val_loss": last_val["loss"], "val_ppl": last_val["ppl"]})

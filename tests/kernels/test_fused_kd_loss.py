@@ -596,6 +596,7 @@ def test_never_materialises_n_by_v(form):
 def test_default_chunk_size():
     assert default_chunk_size(32000, 10_000) == 262  # 256 MiB / (8 fp32 temporaries * V)
     assert default_chunk_size(32000, 10_000, live_temps=3) == 699
+    assert default_chunk_size(128256, 10_000, cuda=True) == 1046  # 2 GiB / (4 fp32-equivalents * V)
     assert default_chunk_size(32000, 5) == 5
     assert default_chunk_size(10**9, 5) == 1
     assert default_chunk_size(97, 0) == 1

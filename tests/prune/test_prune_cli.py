@@ -64,3 +64,39 @@ def test_distill_with_prune_prehook(cli, tmp_path, teacher_dir, text_files):
     assert (cfg.intermediate_size, cfg.num_hidden_layers) == (64, 1)
     events = [json.loads(x)["event"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert events.index("prune") < events.index("start") < events.index("train")
+
+
+def test_prune_to_a_parameter_budget(cli, tmp_path, teacher_dir, text_files):
+    from sapling.models import count_parameters
+
+    teacher_params = count_parameters(AutoModelForCausalLM.from_pretrained(teacher_dir))
+    budget = int(0.6 * teacher_params)
+    out = tmp_path / "budget"
+    files = "[" + ",".join(str(p) for p in text_files) + "]"
+    res = cli("prune", f"teacher.path={teacher_dir}", f"data.files={files}", "data.seq_len=32",
+              f"prune.target.params={budget}", "prune.calibration.samples=8", "prune.calibration.batch_size=4",
+              "prune.search.eval_batches=2", "prune.search.max_candidates=4", "logger=none", f"hydra.run.dir={out}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    model, info = AutoModelForCausalLM.from_pretrained(out / "model", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert abs(count_parameters(model) - budget) <= 0.01 * budget
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    ranked = [r for r in rows if r["event"] == "prune_search"]
+    assert 1 < len(ranked) <= 4 and [r["rank"] for r in ranked] == list(range(1, len(ranked) + 1))
+    losses = [r["loss_pruned"] for r in ranked]
+    assert losses == sorted(losses)
+    best = ranked[0]
+    assert (model.config.hidden_size, model.config.intermediate_size, model.config.num_hidden_layers) == \
+        (best["hidden_size"], best["intermediate_size"], best["num_hidden_layers"])
+    assert "Parameter-budget search" in (out / "report.md").read_text()
+    assert (out / "prune_search.md").read_text().count("\n") >= len(ranked) + 2
+
+
+def test_impossible_budget_is_one_line(cli, teacher_dir, text_files):
+    res = cli("prune", f"teacher.path={teacher_dir}", f"data.files=[{text_files[0]}]", "prune.target.params=10")
+    assert res.returncode == 2
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "prune.target.params=10" in lines[0] and "fix:" in lines[0]
+    res = cli("prune", f"teacher.path={teacher_dir}", f"data.files=[{text_files[0]}]", "prune.target.params=1000",
+              "prune.target.hidden_size=32")
+    assert res.returncode == 2 and "not both" in res.stderr

@@ -115,8 +115,12 @@ def test_pruned_model_saves_and_reloads(family: str, tmp_path) -> None:
 
     out = logits(student, ids)
     student.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    reloaded.eval()
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     assert type(reloaded) is type(model)
+    gen = reloaded.generate(ids[:1, :4], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert gen.shape == (1, 10) and torch.equal(gen[:, :4], ids[:1, :4])
     assert torch.equal(logits(reloaded, ids), out)
     assert (reloaded.lm_head.weight is reloaded.model.embed_tokens.weight) == tied
     assert_same_state(snapshot(reloaded), snapshot(student))
