@@ -21,7 +21,8 @@ import torch
 from omegaconf import OmegaConf
 
 from sapling.models import count_parameters
-from sapling.prune.importance import ImportanceScores, estimate_importance
+from sapling.prune.distributed import rank_and_world_size
+from sapling.prune.importance import ImportanceScores, distributed_importance
 from sapling.prune.select import TARGET_FIELDS, plan_from_scores, resolve_target
 from sapling.prune.slicing import slice_model
 from sapling.train.hooks import HookContext, register_hook
@@ -68,9 +69,16 @@ def importance_for(cfg: Any, model: torch.nn.Module, data: Any, device: torch.de
         from sapling.prune.baselines import random_importance
 
         return random_importance(model, seed=cfg.seed)
-    batches = calibration_batches(data.train, p.calibration.samples, p.calibration.batch_size, device, seed=cfg.seed)
-    return estimate_importance(model, batches, aggregation=p.calibration.aggregation,
-                               layer_loss=p.depth_metric == "layer_loss")
+    # every rank calibrates on its share of the sample; the sums are all-reduced (same scores on all ranks)
+    return distributed_importance(model, data.train, samples=p.calibration.samples,
+                                  batch_size=p.calibration.batch_size, device=device, seed=cfg.seed,
+                                  aggregation=p.calibration.aggregation, layer_loss=p.depth_metric == "layer_loss")
+
+
+def _save_scores(scores: ImportanceScores, path: Path) -> None:
+    """Rank 0 writes (every rank holds the same all-reduced scores)."""
+    if rank_and_world_size()[0] == 0:
+        scores.save(path)
 
 
 def heldout_batches(blocks: Any, cfg: Any, device: torch.device) -> list[dict[str, torch.Tensor]]:
@@ -171,7 +179,7 @@ def prune_teacher(cfg: Any, teacher: torch.nn.Module, data: Any, device: torch.d
         log.info("prune: importance scores loaded from %s", p.scores)
     else:
         scores = importance_for(cfg, teacher, data, device)
-        scores.save(output_dir / "prune_scores.pt")
+        _save_scores(scores, output_dir / "prune_scores.pt")
 
     search_rows = None
     if p.target.params is not None:
@@ -223,7 +231,7 @@ def prune_teacher(cfg: Any, teacher: torch.nn.Module, data: Any, device: torch.d
         round_dir = output_dir / "prune_rounds" / f"round{r}"
         if r > 1:
             model_scores = importance_for(cfg, model, data, device)
-            model_scores.save(round_dir / "prune_scores.pt")
+            _save_scores(model_scores, round_dir / "prune_scores.pt")
         done_dir = round_dir / "model"
         if (done_dir / "config.json").is_file():
             from transformers import AutoModelForCausalLM
@@ -247,7 +255,7 @@ def prune_teacher(cfg: Any, teacher: torch.nn.Module, data: Any, device: torch.d
                          "val_loss": res.final_val["loss"], "val_ppl": res.final_val["ppl"]})
         model = student
     final_scores = importance_for(cfg, model, data, device)
-    final_scores.save(output_dir / "prune_rounds" / f"round{p.rounds}" / "prune_scores.pt")
+    _save_scores(final_scores, output_dir / "prune_rounds" / f"round{p.rounds}" / "prune_scores.pt")
     student = slice_student(model, final_scores, shape, p.depth_metric)
     _log_prune(metrics, model, student, final_scores, val_loss(student), round=p.rounds, rounds=p.rounds)
     fit_cfg = _sub_cfg(cfg, max_steps=cfg.trainer.max_steps - sum(int(x) for x in steps))

@@ -10,6 +10,9 @@ Forward hooks on a Llama/Mistral/Qwen2/Qwen3 model collect per-channel statistic
 
 Statistics are kept as sums and counts only (never means), so summing the accumulators of several
 data-parallel ranks (the `reduce` argument) gives exactly the scores of one rank that saw all the data.
+`distributed_importance` does that over the ranks of torch.distributed. A ZeRO-3 partitioned model works
+too (see `sapling.prune.distributed`): nothing here reads a weight or a parameter's shape, and every rank
+runs as many forward passes as the busiest one, since each pass gathers parameters collectively.
 """
 
 from __future__ import annotations
@@ -26,6 +29,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from sapling.prune.distributed import (
+    all_reduce_sum,
+    gathered_forward,
+    is_zero3_partitioned,
+    max_across_ranks,
+    rank_and_world_size,
+)
 
 AGGREGATIONS = ("mean_l2", "mean", "variance")
 # Which accumulators each aggregation keeps per structure kind (besides the shared token/sample counts).
@@ -123,6 +134,17 @@ def _eval_no_grad(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def _num_passes(model: nn.Module, num_batches: int) -> int:
+    """Forward passes to run: the local batch count, or under ZeRO-3 (where each pass is a collective)
+    the largest count over all ranks."""
+    return max_across_ranks(num_batches, _device(model)) if is_zero3_partitioned(model) else num_batches
+
+
+def _padding_batch(model: nn.Module) -> dict[str, Tensor]:
+    """A one-token batch for forward passes that only keep a rank in step with the others."""
+    return {"input_ids": torch.zeros((1, 1), dtype=torch.long, device=_device(model))}
+
+
 def _apply_reduce(t: Tensor, reduce: Reduce | None) -> Tensor:
     """`reduce(t)` on a copy; a reduce that works in place (like `dist.all_reduce`) may return None."""
     if reduce is None:
@@ -176,7 +198,11 @@ class ImportanceAccumulator:
     # -- statistics
 
     def _add(self, kind: str, row: int, x: Tensor) -> None:
-        """Add the statistics of activations x [B, T, C] to row `row` of the `kind` accumulators."""
+        """Add the statistics of activations x [B, T, C] to row `row` of the `kind` accumulators.
+
+        Sums over tokens stay within a sample; samples are summed in float64, so how the samples are
+        split into batches (and over ranks) changes the result only by float64 rounding.
+        """
         x = x.float()
         w = self._weights
         if self.aggregation == "mean_l2":
@@ -188,11 +214,11 @@ class ImportanceAccumulator:
             self._acc[f"{kind}.a2"][row] += per_sample.double().pow(2).sum(dim=0)
         elif self.aggregation == "mean":
             a = x.abs() if w is None else x.abs() * w[..., None]
-            self._acc[f"{kind}.abs"][row] += a.sum(dim=(0, 1)).double()
+            self._acc[f"{kind}.abs"][row] += a.sum(dim=1).double().sum(dim=0)
         else:
             xw = x if w is None else x * w[..., None]
-            self._acc[f"{kind}.x"][row] += xw.sum(dim=(0, 1)).double()
-            self._acc[f"{kind}.x2"][row] += (xw * x).sum(dim=(0, 1)).double()
+            self._acc[f"{kind}.x"][row] += xw.sum(dim=1).double().sum(dim=0)
+            self._acc[f"{kind}.x2"][row] += (xw * x).sum(dim=1).double().sum(dim=0)
 
     def _hooks(self) -> list[Any]:
         handles = []
@@ -228,7 +254,7 @@ class ImportanceAccumulator:
                 d = 1.0 - F.cosine_similarity(h_in.float(), h_out.float(), dim=-1, eps=1e-8)  # [B, T]
                 if self._weights is not None:
                     d = d * self._weights
-                self._acc["block_influence.sum"][i] += d.sum().double()
+                self._acc["block_influence.sum"][i] += d.sum(dim=1).double().sum()
             return hook
 
         for i, layer in enumerate(layers):
@@ -336,18 +362,53 @@ def estimate_importance(
 
     `reduce` is applied to every accumulator before the scores are computed (pass an all-reduce SUM
     across data-parallel ranks); `layer_loss=True` also measures the loss increase of dropping each layer.
+    With a reduce, every rank must call this, with its own batches (their number may differ, even be 0).
     """
     acc = ImportanceAccumulator(model, aggregation)
     batches = itertools.islice(batches, max_batches)
-    if layer_loss:
+    zero3 = is_zero3_partitioned(model)
+    if layer_loss or zero3:
         batches = list(batches)
-    with acc:
-        for batch in batches:
-            acc.update(batch)
+    # Agreed before any forward pass: under ZeRO-3 each pass is a collective.
+    padding = _num_passes(model, len(batches)) - len(batches) if zero3 else 0
+    with gathered_forward(model):
+        with acc:
+            for batch in batches:
+                acc.update(batch)
+        with _eval_no_grad(model):  # keep in step with ranks that have more batches; these add nothing
+            for _ in range(padding):
+                model.model(**_padding_batch(model), use_cache=False)
     scores = acc.finalize(reduce)
     if layer_loss:
         scores.layer_loss = layer_drop_loss(model, batches, block=1, reduce=reduce)
     return scores
+
+
+def distributed_importance(
+    model: nn.Module,
+    blocks: Any,
+    *,
+    samples: int,
+    batch_size: int,
+    device: torch.device | str,
+    seed: int = 0,
+    aggregation: str = "mean_l2",
+    layer_loss: bool = False,
+) -> ImportanceScores:
+    """`estimate_importance` on `samples` calibration blocks shared out over all ranks, accumulators summed.
+
+    Every rank must call it (each draws its own share of the same seeded order, see `calibration_batches`)
+    and every rank gets the same scores: those of one process calibrating on all the samples, up to float
+    rounding. On one process it is exactly `estimate_importance(model, calibration_batches(...))`.
+    `model` may be ZeRO-3 partitioned (pass a DeepSpeed engine's `.module`).
+    """
+    from sapling.prune.hook import calibration_batches  # imported here: hook.py imports this module
+
+    rank, world_size = rank_and_world_size()
+    batches = calibration_batches(blocks, samples, batch_size, device, seed=seed, rank=rank,
+                                  world_size=world_size)
+    return estimate_importance(model, batches, aggregation=aggregation, layer_loss=layer_loss,
+                               reduce=all_reduce_sum if world_size > 1 else None)
 
 
 # ------------------------------------------------------------------------------------------- depth
@@ -373,8 +434,12 @@ def skip_layers(model: nn.Module, drop: Iterable[int]) -> Iterator[list[int]]:
             model.config.layer_types = layer_types
 
 
-def _loss_sums(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
-    """(sum of next-token CE, number of predicted tokens) over the batches, as float64 tensors."""
+def _loss_sums(model: nn.Module, batches: list[dict[str, Tensor]], passes: int = 0) -> tuple[Tensor, Tensor]:
+    """(sum of next-token CE, number of predicted tokens) over the batches, as float64 tensors.
+
+    When `passes` exceeds the number of batches, the remaining forward passes run on a padding batch and
+    count for nothing (ZeRO-3 ranks must run the same passes).
+    """
     dev = _device(model)
     total = torch.zeros((), dtype=torch.float64, device=dev)
     count = torch.zeros((), dtype=torch.float64, device=dev)
@@ -387,9 +452,11 @@ def _loss_sums(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> tuple[
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         target = labels[:, 1:]
         ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=-100,
-                             reduction="sum")
-        total += ce.double()
+                             reduction="none")
+        total += ce.double().sum()
         count += (target != -100).sum().double()
+    for _ in range(passes - len(batches)):
+        model(**_padding_batch(model), use_cache=False)
     return total, count
 
 
@@ -400,19 +467,23 @@ def layer_drop_loss(
     block: int = 1,
     reduce: Reduce | None = None,
 ) -> Tensor:
-    """[L - block + 1] increase of the LM loss (nats/token) when layers [i, i + block) are dropped."""
+    """[L - block + 1] increase of the LM loss (nats/token) when layers [i, i + block) are dropped.
+
+    With a reduce, every rank must call this, with its own batches (their number may differ, even be 0).
+    """
     batches = list(batches)
     n = len(decoder_layers(model))
     if not 1 <= block <= n:
         raise ValueError(f"block={block} must be between 1 and the number of layers ({n})")
+    passes = _num_passes(model, len(batches))
 
     def loss() -> float:
-        total, count = (_apply_reduce(t, reduce) for t in _loss_sums(model, batches))
+        total, count = (_apply_reduce(t, reduce) for t in _loss_sums(model, batches, passes))
         if float(count) <= 0:
             raise ValueError("no tokens to compute the LM loss on")
         return float(total / count)
 
-    with _eval_no_grad(model):
+    with _eval_no_grad(model), gathered_forward(model):
         full = loss()
         out = []
         for i in range(n - block + 1):

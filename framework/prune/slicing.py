@@ -9,16 +9,21 @@ Shapes stay uniform across layers (one global config), head_dim and RoPE are nev
 Index order is kept as given (any order is exact, as long as it is applied consistently), except that
 query heads are regrouped by their new KV group so HF's GQA mapping (query head j reads KV head
 j // (H_q / H_kv)) still pairs each kept query head with its own KV head.
+
+A ZeRO-3 partitioned teacher is read one decoder layer (or one embedding / norm / head) at a time, each
+gathered only while it is sliced; the student is an ordinary, unpartitioned model either way.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
+
+from sapling.prune.distributed import gather_units, gathered_parameters, is_zero3_partitioned
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # Config fields holding one entry per decoder layer; subset with the kept layers.
@@ -210,8 +215,35 @@ _HEAD_RULES: dict[str, tuple[str | None, ...]] = {
 }
 
 
-def _sliced_state(model: PreTrainedModel, r: _Resolved) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The student's state dict (fresh tensors) and a map student name -> teacher name."""
+def _teacher_state(model: PreTrainedModel) -> Iterator[tuple[str, torch.Tensor, tuple]]:
+    """(name, tensor, identity) for every entry of the teacher's state dict; equal identities mark one tensor
+    reachable under several names (tied embeddings).
+
+    A ZeRO-3 partitioned teacher is read one gather unit at a time: each unit's parameters are gathered
+    while its entries are consumed and partitioned again before the next unit (every rank must iterate).
+    """
+    if not is_zero3_partitioned(model):
+        for name, t in model.state_dict().items():
+            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+            yield name, t, ident
+        return
+    expected = set(model.state_dict(keep_vars=True))
+    seen: set[str] = set()
+    for prefix, unit in gather_units(model):
+        with gathered_parameters(unit.parameters()):
+            for name, t in unit.state_dict(prefix=prefix, keep_vars=True).items():
+                seen.add(name)
+                # Gathered storage is freed and reused between units: identify parameters by their ZeRO id.
+                ident = ("ds_id", t.ds_id) if hasattr(t, "ds_id") else ("buffer", name)
+                yield name, t.detach(), ident
+    if seen != expected:
+        raise RuntimeError(f"slicing: the gather units of {type(model).__name__} miss {sorted(expected - seen)}")
+
+
+def _sliced_state(model: PreTrainedModel, r: _Resolved,
+                  device: torch.device | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The student's state dict (fresh tensors, on `device` or else the teacher's) and a map student name ->
+    teacher name."""
     base = model.base_model_prefix
     new_index = {old: new for new, old in enumerate(r.layers)}
     hidden_rows = {"hidden": r.hidden}
@@ -223,7 +255,7 @@ def _sliced_state(model: PreTrainedModel, r: _Resolved) -> tuple[dict[str, torch
     names: dict[str, str] = {}
     done: dict[tuple, torch.Tensor] = {}  # tied tensors (embeddings / lm_head) are sliced once
     layer_prefix = f"{base}.layers."
-    for name, tensor in model.state_dict().items():
+    for name, tensor, ident in _teacher_state(model):
         if name.startswith(layer_prefix):
             idx_str, _, rest = name[len(layer_prefix):].partition(".")
             old = int(idx_str)
@@ -239,13 +271,14 @@ def _sliced_state(model: PreTrainedModel, r: _Resolved) -> tuple[dict[str, torch
         if rule is None or len(rule) != tensor.dim():
             raise ValueError(f"slicing: don't know how to slice {name} (shape {tuple(tensor.shape)}) of "
                              f"{type(model).__name__}")
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-               tuple(tensor.stride()), rule, new_name if name.startswith(layer_prefix) else "")
+        key = (ident, rule, new_name if name.startswith(layer_prefix) else "")
         if key not in done:
             out = tensor
             for dim, kind in enumerate(rule):
                 if kind is not None:
                     out = out.index_select(dim, index[kind].to(out.device))
+            if device is not None:
+                out = out.to(device)
             done[key] = out.clone() if out is tensor else out
         state[new_name] = done[key]
         names[new_name] = name
@@ -261,15 +294,21 @@ def _teacher_name(name: str, base: str, layers: list[int]) -> str:
     return f"{prefix}{layers[int(idx)]}.{rest}"
 
 
-def slice_model(model: PreTrainedModel, plan: KeepPlan) -> PreTrainedModel:
+def slice_model(model: PreTrainedModel, plan: KeepPlan, *,
+                device: torch.device | str | None = None) -> PreTrainedModel:
     """A new, smaller model of the same class holding the kept structures of `model` (left unchanged).
 
-    Device, dtype, attention implementation, train/eval mode, requires_grad flags and the generation
-    config are carried over; tied embeddings stay tied.
+    Dtype, attention implementation, train/eval mode, requires_grad flags and the generation config are
+    carried over; tied embeddings stay tied. The student lives on `device`: by default the teacher's, or
+    the CPU for a ZeRO-3 partitioned teacher, which is gathered one layer at a time (every rank must call
+    this, and every rank gets the whole, unpartitioned student).
     """
     r = _resolve(model.config, plan)
     config = _config_for(model.config, r)
-    state, names = _sliced_state(model, r)
+    if device is None and is_zero3_partitioned(model):
+        device = "cpu"
+    device = None if device is None else torch.device(device)
+    state, names = _sliced_state(model, r, device)
     with torch.device("meta"):
         student = type(model)(config)
     student.load_state_dict(state, strict=True, assign=True)
@@ -283,7 +322,8 @@ def slice_model(model: PreTrainedModel, plan: KeepPlan) -> PreTrainedModel:
         if src is None or src.shape != buf.shape:
             raise ValueError(f"slicing: buffer {name} has no counterpart of shape {tuple(buf.shape)} in the teacher")
         owner, _, attr = name.rpartition(".")
-        student.get_submodule(owner)._buffers[attr] = src.clone()
+        buf_copy = src.clone() if device is None else src.to(device, copy=True)
+        student.get_submodule(owner)._buffers[attr] = buf_copy
     if getattr(config, "tie_word_embeddings", False):
         student.tie_weights()
         if student.get_output_embeddings().weight is not student.get_input_embeddings().weight:
