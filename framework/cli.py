@@ -24,19 +24,23 @@ commands:
   distill    distil teacher.path into a student (student.path, student.config overrides, or hooks.pre=[prune])
   prune      prune teacher.path to prune.target.<hf_field>=N (Minitron-style importance); writes model/
   eval       perplexity of model.path (and teacher.path) on data.files; writes report.md
+  export     checkpoint=<dir> [output=<dir>]: an HF model from a training checkpoint (DeepSpeed ZeRO or not)
 
 examples:
   sapling pipeline experiment=demo
   sapling distill teacher.path=T student.config.num_hidden_layers=8 data.files=[a.jsonl] trainer.max_steps=1000
   sapling prune teacher.path=T prune.target.intermediate_size=1024 prune.target.num_hidden_layers=6 data.files=[a.txt]
   sapling eval model.path=outputs/distill/.../model data.files=[held_out.txt]
+  torchrun --nproc-per-node 8 -m sapling distill deepspeed=zero3 teacher.path=T student.path=S data.files=[a.jsonl]
+  sapling export checkpoint=outputs/distill/.../checkpoints output=student_step1000
   sapling distill --cfg job          # print the composed config
-(valid commands: {", ".join(COMMANDS)})"""
+(valid commands: {", ".join((*COMMANDS, "export"))})"""
 
 log = logging.getLogger("sapling")
 
 
 def _dispatch(cfg: DictConfig) -> None:
+    result = None
     try:
         validate(cfg)
         if cfg.command == "pipeline":
@@ -46,11 +50,11 @@ def _dispatch(cfg: DictConfig) -> None:
         elif cfg.command == "train":
             from sapling.commands import run_train
 
-            run_train(cfg)
+            result = run_train(cfg)
         elif cfg.command == "distill":
             from sapling.commands import run_distill
 
-            run_distill(cfg)
+            result = run_distill(cfg)
         elif cfg.command == "prune":
             from sapling.commands import run_prune
 
@@ -69,7 +73,44 @@ def _dispatch(cfg: DictConfig) -> None:
             raise
         print(f"sapling: error: {err} (set SAPLING_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(1)
+    finally:
+        from sapling.train.distributed import shutdown_distributed
+
+        shutdown_distributed()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if getattr(result, "stopped", False):
+        print(f"sapling {cfg.command}: stopped by a signal after step {result.steps}; checkpoint saved in "
+              f"{cfg.output_dir}/checkpoints; rerun the same command to resume", file=sys.stderr)
+        return
     print(f"sapling {cfg.command}: outputs in {cfg.output_dir}", file=sys.stderr)
+
+
+def _export(args: list[str]) -> int:
+    """`sapling export checkpoint=<dir> [output=<dir>]` (no Hydra: two paths, no config tree)."""
+    keys = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in ("checkpoint", "output"):
+            print(f"sapling: config error: {key}={value or None!r}: export takes no such argument; fix: pass "
+                  "checkpoint=<dir> [output=<dir>]", file=sys.stderr)
+            return 2
+        keys[key] = value
+    if "checkpoint" not in keys:
+        print("sapling: config error: checkpoint=None: export needs a checkpoint; fix: pass checkpoint=<output_dir, "
+              "its checkpoints/ folder or a global_step folder>", file=sys.stderr)
+        return 2
+    from sapling.train.export import export_checkpoint
+
+    try:
+        out = export_checkpoint(keys["checkpoint"], keys.get("output"))
+    except (FileNotFoundError, ValueError) as err:
+        if os.environ.get("SAPLING_DEBUG"):
+            raise
+        print(f"sapling: error: {err} (set SAPLING_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+    print(f"sapling export: model in {out}", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     command, rest = args[0], args[1:]
+    if command == "export":
+        sys.exit(_export(rest))
     if command not in COMMANDS:
         print(f"sapling: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +15,22 @@ from sapling.config import ConfigError, check_shape, check_vocab
 from sapling.data import PackedData, build_packed_data
 from sapling.eval.perplexity import PERPLEXITY_COLUMNS, evaluate_lm, perplexity_rows
 from sapling.eval.report import write_report
-from sapling.models import build_model, count_parameters, load_tokenizer, save_hf_checkpoint, source_config
+from sapling.models import (
+    build_model,
+    count_parameters,
+    load_tokenizer,
+    resolve_dtype,
+    save_hf_checkpoint,
+    source_config,
+)
 from sapling.prune.hook import prune_teacher
 from sapling.prune.select import TARGET_FIELDS, resolve_target
+from sapling.train.checkpoint import latest_tag, read_state
+from sapling.train.distributed import barrier, init_distributed, is_main, rank_world
+from sapling.train.ds_config import student_ds_config, teacher_ds_config
 from sapling.train.hooks import HookContext, run_hooks
 from sapling.train.loop import TrainResult, fit
-from sapling.train.metrics import MetricsLogger
+from sapling.train.metrics import MetricsLogger, NullMetrics
 
 log = logging.getLogger("sapling")
 
@@ -35,8 +47,36 @@ def select_device(cfg: DictConfig) -> torch.device:
 def prepare_output(cfg: DictConfig) -> Path:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if is_main():
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return out
+
+
+def setup_distributed(cfg: DictConfig) -> torch.device:
+    """This process's device; with `deepspeed=zero*` also joins the process group (torchrun/Slurm env)."""
+    device = select_device(cfg)
+    if cfg.deepspeed.name == "none":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("deepspeed", "none", f"launched as {os.environ['WORLD_SIZE']} processes, but "
+                              "deepspeed=none trains in one", "add deepspeed=zero1|zero2|zero3 (or launch one process)")
+        return device
+    return init_distributed(device.type).device
+
+
+def engine_ds_config(cfg: DictConfig, role: str, src: Any, device: torch.device) -> dict | None:
+    """The DeepSpeed config of the engine a model will run in ("teacher" or "student"), or None without one."""
+    if cfg.deepspeed.name == "none":
+        return None
+    world = rank_world()[1]
+    dtype = resolve_dtype(src.dtype, device)
+    return teacher_ds_config(cfg, world, dtype) if role == "teacher" else student_ds_config(cfg, world, dtype)
+
+
+def load_data_once(cfg: DictConfig, tokenizer: Any) -> PackedData:
+    """`load_data` on rank 0 first (it tokenizes and fills the cache), then on the other ranks from the cache."""
+    data = load_data(cfg, tokenizer) if is_main() else None
+    barrier()
+    return data if data is not None else load_data(cfg, tokenizer)
 
 
 def tokenizer_path(cfg: DictConfig, *fallback_keys: str) -> str:
@@ -79,10 +119,20 @@ def check_prune_target(cfg: DictConfig, teacher_cfg: Any) -> None:
 def train_with_hooks(cfg: DictConfig, command: str, *, teacher: torch.nn.Module | None,
                      student: torch.nn.Module | None,
                      tokenizer: Any, data: PackedData, out: Path, device: torch.device) -> TrainResult:
-    """Pre-hooks, the training loop, post-hooks; metrics to `out/metrics.jsonl` (and wandb)."""
-    metrics = MetricsLogger(out, cfg.logger, OmegaConf.to_container(cfg, resolve=True))
-    ctx = HookContext(cfg=cfg, teacher=teacher, student=student, tokenizer=tokenizer, data=data, output_dir=out,
-                      metrics=metrics, device=device)
+    """Pre-hooks, the training loop, post-hooks; metrics to `out/metrics.jsonl` (and wandb).
+
+    In a distributed run every rank runs all of it (hooks may run ZeRO-3 forwards, which need every rank),
+    but only rank 0 writes into `out`: the other ranks log nowhere and give hooks a scratch directory.
+    """
+    main = is_main()
+    if main:
+        metrics = MetricsLogger(out, cfg.logger, OmegaConf.to_container(cfg, resolve=True),
+                                run_id=resumed_wandb_run_id(cfg, out))
+    else:
+        metrics = NullMetrics()
+    scratch = None if main else tempfile.TemporaryDirectory(prefix="sapling-rank-")
+    ctx = HookContext(cfg=cfg, teacher=teacher, student=student, tokenizer=tokenizer, data=data,
+                      output_dir=out if scratch is None else Path(scratch.name), metrics=metrics, device=device)
     try:
         run_hooks("pre", cfg.hooks.pre, ctx)
         if ctx.student is None:
@@ -93,10 +143,24 @@ def train_with_hooks(cfg: DictConfig, command: str, *, teacher: torch.nn.Module 
         fit_cfg = ctx.extras.get("fit_cfg", cfg)  # a pre-hook may have spent part of the step budget
         ctx.result = fit(fit_cfg, student=ctx.student, teacher=teacher, tokenizer=tokenizer, data=data, output_dir=out,
                          metrics=metrics, device=device, desc=command)
-        run_hooks("post", cfg.hooks.post, ctx)
+        if not ctx.result.stopped:  # a preempted run resumes later; post-hooks run when it finishes
+            run_hooks("post", cfg.hooks.post, ctx)
     finally:
         metrics.close()
+        if scratch is not None:
+            scratch.cleanup()
     return ctx.result
+
+
+def resumed_wandb_run_id(cfg: DictConfig, out: Path) -> str | None:
+    """The wandb run id stored in the checkpoint this run will resume from, so wandb continues that run."""
+    if not cfg.trainer.resume:
+        return None
+    try:
+        tag = latest_tag(out / "checkpoints")
+        return read_state(tag).get("wandb_run_id") if tag is not None else None
+    except (OSError, ValueError, RuntimeError):
+        return None  # the loop reports an unreadable checkpoint itself
 
 
 def run_distill(cfg: DictConfig) -> TrainResult:
@@ -112,11 +176,14 @@ def run_distill(cfg: DictConfig) -> TrainResult:
         check_vocab(teacher_cfg, student_cfg)
     tokenizer = load_tokenizer(tokenizer_path(cfg, "teacher", "student"))
     check_tokenizer_fits(tokenizer, teacher_cfg, "teacher.config")
-    device = select_device(cfg)
+    device = setup_distributed(cfg)
     out = prepare_output(cfg)
-    data = load_data(cfg, tokenizer)
-    teacher = build_model(cfg.teacher, teacher_cfg, device, seed=cfg.seed)
-    student = None if pruning else build_model(cfg.student, student_cfg, device, seed=cfg.seed + 1)
+    data = load_data_once(cfg, tokenizer)
+    # Each model is built for its own engine (under ZeRO-3: partitioned while it loads).
+    teacher = build_model(cfg.teacher, teacher_cfg, device, seed=cfg.seed,
+                          ds_config=engine_ds_config(cfg, "teacher", cfg.teacher, device))
+    student = None if pruning else build_model(cfg.student, student_cfg, device, seed=cfg.seed + 1,
+                                               ds_config=engine_ds_config(cfg, "student", cfg.student, device))
     return train_with_hooks(cfg, "distill", teacher=teacher, student=student, tokenizer=tokenizer, data=data,
                             out=out, device=device)
 
@@ -159,10 +226,11 @@ def run_train(cfg: DictConfig) -> TrainResult:
     check_shape("model.config", model_cfg)
     tokenizer = load_tokenizer(tokenizer_path(cfg, "model"))
     check_tokenizer_fits(tokenizer, model_cfg, "model.config")
-    device = select_device(cfg)
+    device = setup_distributed(cfg)
     out = prepare_output(cfg)
-    data = load_data(cfg, tokenizer)
-    model = build_model(cfg.model, model_cfg, device, seed=cfg.seed)
+    data = load_data_once(cfg, tokenizer)
+    model = build_model(cfg.model, model_cfg, device, seed=cfg.seed,
+                        ds_config=engine_ds_config(cfg, "student", cfg.model, device))
     return train_with_hooks(cfg, "train", teacher=None, student=model, tokenizer=tokenizer, data=data, out=out,
                             device=device)
 

@@ -8,6 +8,7 @@ names the key and the fix.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 COMMANDS = ("pipeline", "train", "distill", "prune", "eval")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+FEATURE_LOSSES = ("cosine", "mse")
 DATA_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -73,6 +75,21 @@ class DataConfig:
 
 
 @dataclass
+class FeatureDistillConfig:
+    """Intermediate-layer (feature) distillation, added to the logit loss as `weight * feature_loss`.
+
+    `layers`: [[student_layer, teacher_layer], ...] (decoder-layer outputs, 0-based, negatives count from the
+    end); null maps every student layer to the teacher layer at the nearest relative depth (last to last).
+    `normalize`: layer-normalise both sides per token (no affine) before the loss; recommended with mse.
+    """
+
+    weight: float = 0.0  # 0 = off
+    loss: str = "cosine"  # cosine (1 - cos per token) | mse (mean over teacher channels)
+    layers: list[list[int]] | None = None
+    normalize: bool = False
+
+
+@dataclass
 class DistillConfig:
     divergence: str = "forward_kl"
     beta: float = 0.5
@@ -80,6 +97,7 @@ class DistillConfig:
     kd_weight: float = 1.0
     ce_weight: float = 0.0
     chunk_size: int | None = None  # tokens per loss chunk; None = let the kernel choose
+    features: FeatureDistillConfig = field(default_factory=FeatureDistillConfig)
 
 
 @dataclass
@@ -131,10 +149,21 @@ class QuantConfig:
 
 @dataclass
 class DeepSpeedConfig:
+    """`deepspeed=zero1|zero2|zero3|zero3_offload` (conf/deepspeed/): the student's ZeRO engine and the teacher's.
+
+    `none` trains in one process with a plain optimizer. Otherwise the student is a DeepSpeed engine at
+    ZeRO `stage` (1: optimizer states partitioned, 2: + gradients, 3: + weights) and the frozen teacher a
+    DeepSpeed engine without optimizer at `teacher_stage` (0: replicated, 3: partitioned).
+    """
+
     name: str = "none"  # none | zero1 | zero2 | zero3 | zero3_offload
     stage: int = 0
-    offload_optimizer: bool = False
-    offload_param: bool = False
+    offload_optimizer: bool = False  # student optimizer states (and fp32 master weights) in CPU memory
+    offload_param: bool = False  # student weights in CPU memory between uses (stage 3)
+    teacher_stage: int = 0  # 0 (replicated) | 3 (partitioned)
+    teacher_offload_param: bool = False  # teacher weights in CPU memory between uses (teacher_stage 3)
+    param_persistence_threshold: int = 100_000  # ZeRO-3: tensors with fewer elements stay whole on every rank
+    extra: dict[str, Any] = field(default_factory=dict)  # merged into the student engine's DeepSpeed config
 
 
 @dataclass
@@ -158,6 +187,7 @@ class TrainerConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True
+    activation_checkpointing: bool = False  # recompute decoder layers in backward (less memory, ~1/3 more compute)
 
 
 @dataclass
@@ -293,6 +323,49 @@ def check_vocab(teacher_cfg: Any, student_cfg: Any) -> None:
            "distributions over one vocabulary)", f"use a student with the teacher's tokenizer (vocab_size={vt})")
 
 
+def check_features(f: Any) -> None:
+    """`distill.features` values that need no model (layer ranges: sapling.distill.features.resolve_layer_map)."""
+    _check(f.weight >= 0 and math.isfinite(f.weight), "distill.features.weight", f.weight, "must be a finite number >= 0",
+           "set distill.features.weight=0 (off) or e.g. 1.0")
+    _check(f.loss in FEATURE_LOSSES, "distill.features.loss", f.loss, "unknown feature loss",
+           f"use one of {', '.join(FEATURE_LOSSES)}")
+    if f.layers is None:
+        return
+    pairs = list(f.layers)
+    _check(len(pairs) > 0, "distill.features.layers", pairs, "empty list of layer pairs",
+           "give [[student_layer, teacher_layer], ...] or null for the default evenly spaced map")
+    for i, pair in enumerate(pairs):
+        _check(len(pair) == 2, f"distill.features.layers[{i}]", list(pair), "not a [student_layer, teacher_layer] pair",
+               "write each entry as two layer indices, e.g. distill.features.layers=[[0,1],[1,3]]")
+
+
+DEEPSPEED_COMMANDS = ("train", "distill")
+
+
+def check_deepspeed(cfg: DictConfig) -> None:
+    """`deepspeed=...`: a known preset, a consistent stage/offload combination, a command that supports it."""
+    ds = cfg.deepspeed
+    _check(ds.name in ("none", "zero1", "zero2", "zero3", "zero3_offload"), "deepspeed", ds.name, "unknown preset",
+           "use deepspeed=none, zero1, zero2, zero3 or zero3_offload")
+    if ds.name == "none":
+        _check(ds.stage == 0, "deepspeed.stage", ds.stage, "a stage needs a DeepSpeed preset",
+               "choose deepspeed=zero1|zero2|zero3 instead of setting deepspeed.stage")
+        return
+    _check(cfg.command in DEEPSPEED_COMMANDS, "deepspeed", ds.name, f"`sapling {cfg.command}` runs in one process",
+           f"drop deepspeed= (DeepSpeed engines drive {' and '.join(DEEPSPEED_COMMANDS)})")
+    _check(ds.stage in (1, 2, 3), "deepspeed.stage", ds.stage, "ZeRO stage must be 1, 2 or 3", "e.g. deepspeed.stage=3")
+    _check(not ds.offload_param or ds.stage == 3, "deepspeed.offload_param", ds.offload_param,
+           "parameter offload needs ZeRO stage 3", "use deepspeed=zero3_offload")
+    _check(ds.teacher_stage in (0, 3), "deepspeed.teacher_stage", ds.teacher_stage,
+           "the teacher is replicated (0) or partitioned (3)", "use deepspeed.teacher_stage=3 for large teachers")
+    _check(not ds.teacher_offload_param or ds.teacher_stage == 3, "deepspeed.teacher_offload_param",
+           ds.teacher_offload_param, "parameter offload needs teacher_stage=3", "set deepspeed.teacher_stage=3")
+    _check(ds.param_persistence_threshold >= 0, "deepspeed.param_persistence_threshold",
+           ds.param_persistence_threshold, "must be >= 0", "e.g. 100000 (0 partitions every tensor)")
+    _check(cfg.prune.rounds == 1, "prune.rounds", cfg.prune.rounds, "iterative pruning runs in one process",
+           "prune in rounds with deepspeed=none, then distil the result with deepspeed=...")
+
+
 def validate(cfg: DictConfig) -> None:
     """Value checks that need no model weights. Raises ConfigError (one line) on the first problem."""
     cmd = cfg.command
@@ -304,6 +377,7 @@ def validate(cfg: DictConfig) -> None:
     _check(0.0 <= d.beta <= 1.0, "distill.beta", d.beta, "must be in [0, 1]", "set distill.beta=0.5")
     _check(d.kd_weight >= 0, "distill.kd_weight", d.kd_weight, "must be >= 0", "set distill.kd_weight=1.0")
     _check(d.ce_weight >= 0, "distill.ce_weight", d.ce_weight, "must be >= 0", "set distill.ce_weight=0.0")
+    check_features(d.features)
     if cmd in ("distill", "pipeline"):
         _check(d.kd_weight + d.ce_weight > 0, "distill.kd_weight", d.kd_weight, "kd_weight and ce_weight are both 0",
                "set distill.kd_weight=1.0")
@@ -324,8 +398,7 @@ def validate(cfg: DictConfig) -> None:
     _check(t.device in ("auto", "cpu", "cuda"), "trainer.device", t.device, "unknown device",
            "use auto, cpu or cuda")
     _check(cfg.logger.name in ("wandb", "none"), "logger", cfg.logger.name, "unknown logger", "use logger=wandb or logger=none")
-    _check(cfg.deepspeed.name == "none", "deepspeed", cfg.deepspeed.name,
-           "DeepSpeed engines are not wired into the trainer yet", "use deepspeed=none (single process)")
+    check_deepspeed(cfg)
     for key in ("teacher", "student", "model"):
         src = cfg[key]
         _check(src.init in ("auto", "pretrained", "random"), f"{key}.init", src.init, "unknown init",

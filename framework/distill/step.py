@@ -13,6 +13,7 @@ import torch
 
 from sapling.distill.head import install_kd_head
 from sapling.models import decoder_and_head
+from sapling.train.distributed import gathered
 
 IGNORE_INDEX = -100
 
@@ -62,11 +63,16 @@ def loss_on_batch(
         chunk_size=getattr(distill_cfg, "chunk_size", None),
         return_parts=True,
     )
+    teacher_head: list[torch.nn.Parameter] = []
     if kd_weight > 0:
         _, t_head = decoder_and_head(teacher)
         with torch.no_grad():
             ht = final_hidden(teacher, input_ids)
-        kd.update(teacher_hidden=ht, teacher_weight=t_head.weight, teacher_bias=t_head.bias)
-    # Through the head's forward, so ZeRO-3 gathers the lm_head weight and reduce-scatters its gradient.
-    loss, parts = head(hs, kd=kd)
+        teacher_head = list(t_head.parameters())
+    # A ZeRO-3 teacher's lm_head is gathered on its own for the loss (the loss reads its weight directly);
+    # the student's goes through the head's forward, so ZeRO-3 gathers it and reduce-scatters its gradient.
+    with gathered(teacher_head):
+        if kd_weight > 0:
+            kd.update(teacher_hidden=ht, teacher_weight=t_head.weight, teacher_bias=t_head.bias)
+        loss, parts = head(hs, kd=kd)
     return loss, {"kd": float(parts["kd"]), "ce": float(parts["ce"])}

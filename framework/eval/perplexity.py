@@ -7,9 +7,8 @@ from typing import Any
 
 import torch
 
+from sapling.distill.head import install_kd_head
 from sapling.distill.step import IGNORE_INDEX, final_hidden, shifted_targets
-from sapling.kernels import fused_linear_kd_loss
-from sapling.models import decoder_and_head
 
 
 @torch.no_grad()
@@ -24,7 +23,7 @@ def evaluate_lm(
     """Mean next-token NLL (nats) over the first `max_batches` batches of `blocks` (all when None)."""
     was_training = model.training
     model.eval()
-    _, head = decoder_and_head(model)
+    head = install_kd_head(model)  # the loss runs in the head's forward, so a ZeRO-3 head is gathered for it
     total_nll, total_tokens = 0.0, 0
     n = len(blocks)
     batches = math.ceil(n / micro_batch_size)
@@ -35,8 +34,8 @@ def evaluate_lm(
         ids = ids.to(device)
         hidden = final_hidden(model, ids)
         targets = shifted_targets(ids)
-        nll_sum = fused_linear_kd_loss(hidden, head.weight, labels=targets, kd_weight=0.0, ce_weight=1.0,
-                                       ignore_index=IGNORE_INDEX, student_bias=head.bias, num_valid_tokens=1)
+        nll_sum = head(hidden, kd=dict(labels=targets, kd_weight=0.0, ce_weight=1.0, ignore_index=IGNORE_INDEX,
+                                       num_valid_tokens=1))
         total_nll += float(nll_sum)
         total_tokens += int((targets != IGNORE_INDEX).sum())
     model.train(was_training)

@@ -71,33 +71,53 @@ def source_config(src: Any, base: PretrainedConfig | None = None) -> PretrainedC
     return apply_overrides(config, src.config)
 
 
+def resolve_attn_implementation(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """`auto`: flash_attention_2 on CUDA in bf16/fp16 when flash-attn is installed, else sdpa."""
+    if name != "auto":
+        return name
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+    return "sdpa"
+
+
 def build_model(
     src: Any,
     config: PretrainedConfig,
     device: torch.device,
     *,
     seed: int = 0,
+    ds_config: dict | None = None,
 ) -> torch.nn.Module:
     """Load pretrained weights from `src.path`, or initialise `config` randomly (seeded) when there are none.
 
     `src.init`: `auto` loads weights when a path is given (and the shape was not overridden),
     `random` always initialises from `config`, `pretrained` requires a path.
+    `ds_config`: the DeepSpeed config of the engine this model will run in; with ZeRO-3 the model is
+    built partitioned (`deepspeed.zero.Init`: weights go straight into each rank's shard) and left where
+    DeepSpeed put it.
     """
+    from sapling.train.ds_config import model_init_scope
+
     dtype = resolve_dtype(src.dtype, device)
+    attn = resolve_attn_implementation(src.attn_implementation, device, dtype)
     pretrained = src.init == "pretrained" or (src.init == "auto" and src.path is not None and not _plain(src.config))
-    if pretrained:
-        if src.path is None:
-            raise ValueError("init=pretrained needs a path")
-        model = AutoModelForCausalLM.from_pretrained(
-            os.path.expanduser(src.path), config=config, dtype=dtype, attn_implementation=src.attn_implementation
-        )
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            config = copy.deepcopy(config)
-            config._attn_implementation = src.attn_implementation
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.to(device)
+    with model_init_scope(ds_config) as partitioned:
+        if pretrained:
+            if src.path is None:
+                raise ValueError("init=pretrained needs a path")
+            model = AutoModelForCausalLM.from_pretrained(
+                os.path.expanduser(src.path), config=config, dtype=dtype, attn_implementation=attn
+            )
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                config = copy.deepcopy(config)
+                config._attn_implementation = attn
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model if partitioned else model.to(device)
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -108,14 +128,19 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 
 def save_hf_checkpoint(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | os.PathLike
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | os.PathLike,
+    *, state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write config.json, *.safetensors and tokenizer files atomically: temp dir, then rename."""
+    """Write config.json, *.safetensors and tokenizer files atomically: temp dir, then rename.
+
+    `state_dict` replaces the model's own weights (e.g. consolidated from ZeRO-3 shards; `model` then
+    only supplies the config and the names of tied weights).
+    """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if out.exists():
@@ -132,8 +157,8 @@ def save_hf_checkpoint(
 
 
 def count_parameters(model: torch.nn.Module) -> int:
-    """Unique parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    """Unique parameters (tied embeddings counted once; ZeRO-3 partitioned ones by their full size)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in {id(p): p for p in model.parameters()}.values())
 
 
 def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear]:

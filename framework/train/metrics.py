@@ -20,14 +20,19 @@ class MetricsLogger:
     """Appends one JSON object per record to `output_dir/metrics.jsonl`; mirrors it to wandb when enabled."""
 
     def __init__(self, output_dir: str | os.PathLike, logger_cfg: Any = None, run_config: dict | None = None,
-                 *, prefix: str = "") -> None:
+                 *, prefix: str = "", run_id: str | None = None) -> None:
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
         self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - kept open for the run
         self._wandb = None
         if logger_cfg is not None and logger_cfg.name == "wandb":
-            self._wandb = _init_wandb(Path(output_dir), logger_cfg, run_config or {})
+            self._wandb = _init_wandb(Path(output_dir), logger_cfg, run_config or {}, run_id)
+
+    @property
+    def run_id(self) -> str | None:
+        """The wandb run's id (stored in checkpoints, so a resumed run continues the same wandb run)."""
+        return None if self._wandb is None else self._wandb.id
 
     def log(self, record: dict[str, Any]) -> None:
         record = {"time": round(time.time(), 3), **{k: _clean(v) for k, v in record.items()}}
@@ -45,12 +50,25 @@ class MetricsLogger:
             self._wandb = None
 
 
-def _init_wandb(output_dir: Path, cfg: Any, run_config: dict):
+class NullMetrics:
+    """The metrics sink of ranks other than 0 in a distributed run: records go nowhere."""
+
+    path = None
+    run_id = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _init_wandb(output_dir: Path, cfg: Any, run_config: dict, run_id: str | None = None):
     import wandb
 
     mode = cfg.mode or os.environ.get("WANDB_MODE") or "offline"
     return wandb.init(project=cfg.project, name=cfg.run_name, mode=mode, dir=str(output_dir), config=run_config,
-                      reinit="finish_previous")
+                      reinit="finish_previous", id=run_id, resume="allow" if run_id else None)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -9,11 +9,15 @@ import torch
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     """Weight decay on >=2-D weights (matmuls, embeddings); none on norms and biases."""
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+
+
+def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
+    """[decayed >=2-D weights, undecayed rest]; a ZeRO-3 partitioned parameter counts by its full shape."""
     params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def lr_factor(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:

@@ -1,0 +1,43 @@
+"""Feature distillation with a ZeRO-3 teacher (never gathered by us) and a ZeRO-3 student on 2 CPU ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+WORKER = Path(__file__).with_name("features_zero3_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_feature_distillation_zero3_two_ranks_matches_single_process(tmp_path):
+    out = tmp_path / "result.json"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), str(WORKER), str(out)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    r = json.loads(out.read_text())
+    assert r["world"] == 2 and r["teacher_layers"] == [1, 2]
+    # the partitioned teacher's captured layer outputs equal the plain copy's, and it stays partitioned
+    assert r["teacher_partitioned"]
+    assert r["teacher_feature_err"] < 1e-6, r["teacher_feature_err"]
+    # so does the loss, and the 2-rank loss over the global token count equals one process on the whole batch
+    assert abs(r["loss"] - r["loss_plain_teacher"]) <= 1e-6 * abs(r["loss"])
+    assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"]), (r["loss"], r["ref_loss"])
+    assert abs(r["feat"] * 0.7 - r["loss"]) <= 1e-6 * abs(r["loss"]) and r["loss"] > 0
+    # gradients (student layers and the projection) equal the single-process ones; the projection is a
+    # ZeRO-3 parameter of the student engine, gathered only inside the distiller's forward, and it trains
+    assert "features.proj" in r["grad_rel_err"] and len(r["grad_rel_err"]) > 10
+    worst = max(r["grad_rel_err"].items(), key=lambda kv: kv[1])
+    assert worst[1] < 1e-5, worst
+    assert r["unexpected_grads"] == []
+    assert r["proj_partitioned"] and r["proj_moved"]
