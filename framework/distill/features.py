@@ -255,3 +255,11 @@ class StudentWithFeatures(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
+
+
+def student_weights(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The HF student's weights from a training state dict, which holds a `StudentWithFeatures` when
+    feature distillation is on (keys `model.*` and `features.*`); returned unchanged otherwise."""
+    if not any(k.startswith("features.") for k in state_dict):
+        return state_dict
+    return {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from sapling.distill.features import FeatureDistiller, capture_layer_outputs, feature_positions
 from sapling.distill.head import install_kd_head
 from sapling.models import decoder_and_head
 from sapling.train.distributed import gathered
@@ -41,14 +42,20 @@ def loss_on_batch(
     distill_cfg: Any,
     *,
     num_valid_tokens: int | None = None,
+    features: FeatureDistiller | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """kd_weight * T^2 * D(teacher || student) + ce_weight * CE, summed over valid tokens / num_valid_tokens.
 
-    With `teacher=None` only the CE term is computed (training from scratch or fine-tuning).
+    With `teacher=None` only the CE term is computed (training from scratch or fine-tuning). `features`
+    adds `distill.features.weight` x the intermediate-layer loss (normalised by the same token count).
     """
     input_ids, labels = batch["input_ids"], batch["labels"]
     head = install_kd_head(student)
-    hs = final_hidden(student, input_ids)
+    if teacher is None:
+        features = None
+    s_layers = features.student_layers if features is not None else []
+    with capture_layer_outputs(student, s_layers) as s_feats:
+        hs = final_hidden(student, input_ids)
     kd_weight = distill_cfg.kd_weight if teacher is not None else 0.0
     ce_weight = distill_cfg.ce_weight if teacher is not None else 1.0
     kd: dict[str, Any] = dict(
@@ -64,15 +71,23 @@ def loss_on_batch(
         return_parts=True,
     )
     teacher_head: list[torch.nn.Parameter] = []
-    if kd_weight > 0:
+    t_feats: list[torch.Tensor] = []
+    if kd_weight > 0 or features is not None:
         _, t_head = decoder_and_head(teacher)
-        with torch.no_grad():
+        t_layers = features.teacher_layers if features is not None else []
+        with torch.no_grad(), capture_layer_outputs(teacher, t_layers) as t_feats:
             ht = final_hidden(teacher, input_ids)
-        teacher_head = list(t_head.parameters())
+        if kd_weight > 0:
+            teacher_head = list(t_head.parameters())
     # A ZeRO-3 teacher's lm_head is gathered on its own for the loss (the loss reads its weight directly);
     # the student's goes through the head's forward, so ZeRO-3 gathers it and reduce-scatters its gradient.
     with gathered(teacher_head):
         if kd_weight > 0:
             kd.update(teacher_hidden=ht, teacher_weight=t_head.weight, teacher_bias=t_head.bias)
         loss, parts = head(hs, kd=kd)
-    return loss, {"kd": float(parts["kd"]), "ce": float(parts["ce"])}
+    out = {"kd": float(parts["kd"]), "ce": float(parts["ce"])}
+    if features is not None:  # through the module's call, so ZeRO-3 gathers the projection
+        f_loss, f_parts = features(s_feats, t_feats, feature_positions(labels), num_valid_tokens=num_valid_tokens)
+        loss = loss + f_loss
+        out["feat"] = float(f_parts["feat"])
+    return loss, out

@@ -46,6 +46,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike |
     """Write an HF checkpoint of the student in `checkpoint` to `output` (default: <output_dir>/export/<tag>)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from sapling.distill.features import student_weights
     from sapling.models import save_hf_checkpoint
 
     tag_dir = resolve_tag_dir(checkpoint)
@@ -53,7 +54,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike |
     if not (hf_dir / "config.json").exists():
         raise FileNotFoundError(f"{hf_dir}/config.json is missing: the checkpoint does not record its model config")
     config = AutoConfig.from_pretrained(hf_dir)
-    weights = consolidated_state_dict(tag_dir)
+    weights = student_weights(consolidated_state_dict(tag_dir))  # without feature-distillation projections
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sapling.data import PackedData, ResumableLoader
+from sapling.distill.features import FeatureDistiller, StudentWithFeatures, student_weights
 from sapling.distill.step import count_valid, loss_on_batch
 from sapling.eval.perplexity import evaluate_lm
 from sapling.models import save_hf_checkpoint
@@ -116,8 +117,14 @@ def fit(
                          f"now {data.fingerprint[:12]}); use a new output_dir or trainer.resume=false")
     kind = "local" if cfg.deepspeed.name == "none" else "deepspeed"
     universal = state is not None and needs_universal(state, kind, int(cfg.deepspeed.stage))
-    engine = build_engine(student, cfg, world, load_universal=universal)
-    model = engine.module
+    features = None
+    if teacher is not None and cfg.distill.features.weight > 0:
+        teacher_config = getattr(teacher, "module", teacher).config
+        features = FeatureDistiller.from_config(cfg.distill.features, student.config, teacher_config, seed=t.seed)
+    trained = StudentWithFeatures(student, features) if features is not None else student
+    engine = build_engine(trained, cfg, world, load_universal=universal)
+    # `model` is the HF student (validated and exported); the projections live beside it in the engine
+    model, features = (engine.module.model, engine.module.features) if features is not None else (engine.module, None)
     loader = ResumableLoader(data.train, t.micro_batch_size, rank=rank, world_size=world, seed=t.seed)
     tokens_per_step = t.micro_batch_size * t.grad_accum * data.train[0].numel() * world
 
@@ -155,14 +162,17 @@ def fit(
             micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(t.grad_accum)]
             valid = [count_valid(mb["labels"]) for mb in micro]
             num_valid = int(sum_across_ranks([sum(valid)], device)[0])  # the whole global batch's valid tokens
-            step_loss, step_kd, step_ce = 0.0, 0.0, 0.0
+            step_loss, step_kd, step_ce, step_feat = 0.0, 0.0, 0.0, 0.0
             for mb in micro:
-                loss, parts = loss_on_batch(model, teacher, mb, cfg.distill, num_valid_tokens=num_valid)
+                loss, parts = loss_on_batch(model, teacher, mb, cfg.distill, num_valid_tokens=num_valid,
+                                            features=features)
                 engine.backward(loss)
                 step_loss += float(loss.detach())  # each part is already normalised by num_valid
                 step_kd += parts["kd"]
                 step_ce += parts["ce"]
-            step_loss, step_kd, step_ce = sum_across_ranks([step_loss, step_kd, step_ce], device)
+                step_feat += parts.get("feat", 0.0)
+            step_loss, step_kd, step_ce, step_feat = sum_across_ranks([step_loss, step_kd, step_ce, step_feat],
+                                                                      device)
             if not math.isfinite(step_loss):
                 raise FloatingPointError(f"loss is {step_loss} at step {step + 1}; lower trainer.lr or check the data")
             lr = engine.lr
@@ -176,8 +186,11 @@ def fit(
             if done % t.log_every == 0 or done == t.max_steps:
                 now = time.perf_counter()
                 tok_s = window_tokens / max(1e-9, now - window_t0)
-                metrics.log({"event": "train", "step": done, "tokens": tokens_seen, "loss": step_loss, "kd": step_kd,
-                             "ce": step_ce, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s})
+                record = {"event": "train", "step": done, "tokens": tokens_seen, "loss": step_loss, "kd": step_kd,
+                          "ce": step_ce, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s}
+                if features is not None:
+                    record["feat"] = step_feat
+                metrics.log(record)
                 window_t0, window_tokens = now, 0
                 bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
             if t.eval_every and done % t.eval_every == 0 and done != t.max_steps:
@@ -206,7 +219,7 @@ def fit(
         if engine.kind == "local":
             save_hf_checkpoint(model, tokenizer, model_dir)
         else:
-            weights = engine.full_state_dict()  # collective: every rank takes part, rank 0 gets the weights
+            weights = student_weights(engine.full_state_dict())  # collective; rank 0 gets the weights
             if main:
                 save_hf_checkpoint(model, tokenizer, model_dir, state_dict=weights)
             barrier()
