@@ -55,7 +55,7 @@ class ModelSourceConfig:
     config: dict[str, Any] = field(default_factory=_shape_overrides)
     init: str = "auto"  # auto | pretrained | random
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"
 
 
 @dataclass
@@ -405,6 +405,9 @@ def validate(cfg: DictConfig) -> None:
                "use auto, pretrained or random")
         _check(src.dtype in ("auto", "float32", "bfloat16", "float16"), f"{key}.dtype", src.dtype, "unknown dtype",
                "use auto, float32, bfloat16 or float16")
+        _check(src.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2"),
+               f"{key}.attn_implementation", src.attn_implementation, "unknown attention implementation",
+               "use auto, sdpa, eager or flash_attention_2")
         check_model_path(f"{key}.path", src.path)
         if src.tiny is not None:
             from sapling.models.tiny import TINY_CONFIGS
