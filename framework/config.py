@@ -188,6 +188,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True
     activation_checkpointing: bool = False  # recompute decoder layers in backward (less memory, ~1/3 more compute)
+    peak_flops: float | None = None  # one device's peak FLOP/s for MFU; None: datasheet table (A100/H100/H200)
 
 
 @dataclass

@@ -26,7 +26,9 @@ over the vocabulary (s = student tile read, t = teacher tile read, g = gradient 
 - no teacher (cross-entropy only): 2 sweeps -- (s); (s, g).
 
 Rows whose label is ``ignore_index`` only write a zero gradient row. No host synchronisation: ``scale``
-may be a 0-d tensor (read by the kernel). Without Triton the module still imports
+may be a 0-d tensor (read by the kernel). The top-1 agreement count (``return_parts``) is not computed
+here: ``fused_kd_loss`` takes it with two torch argmax passes over the chunk's logits before calling the
+kernel (which only reads them). Without Triton the module still imports
 (``TRITON_AVAILABLE = False``) and the function raises. CPU tensors need Triton's interpreter:
 ``TRITON_INTERPRET=1`` set before this module is first imported (Triton decides at decoration time).
 """

@@ -13,6 +13,10 @@ For a dense teacher with forward KL in float32 on CPU (the common training case)
 them and the chunk function overwrites them in place (its few-pass path, ``chunk_torch._forward_kl_dense``),
 and the gradient's scalar factor is folded into the gradient matmuls (``alpha=``). On CUDA, with Triton importable and a dense teacher, the chunk function is the Triton kernel
 ``chunk_triton.kd_chunk_loss_and_grad_triton``; otherwise the torch one.
+
+With ``return_parts=True`` and a teacher, ``parts["top1_agree"]`` counts the valid rows where the student's
+and the teacher's argmax agree: two read-only argmax passes per chunk (``chunk_torch.top1_matches``), taken
+before the chunk function (which may overwrite the logits); nothing is computed for it otherwise.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .chunk_torch import chunk_loss_scaled, forward_kl_fast_path
+from .chunk_torch import chunk_loss_scaled, forward_kl_fast_path, top1_matches
 from .kd_loss_reference import _validate
 
 __all__ = ["CHUNK_BUDGET_BYTES", "CUDA_CHUNK_BUDGET_BYTES", "WORKSPACE_TEMPS", "default_chunk_size", "fused_linear_kd_loss"]
@@ -104,12 +108,18 @@ class _Plan:
     denom: Tensor | float
     chunk_size: int
     kwargs: dict  # divergence, beta, temperature, kd_weight, ce_weight, ignore_index, scale
+    want_top1: bool = False  # count student/teacher argmax agreement (return_parts with a teacher)
 
 
 def _run(
     h: Tensor, w: Tensor, b: Tensor | None, plan: _Plan, needs: tuple[bool, bool, bool]
-) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
-    """Loop over chunks: (loss, kd part, ce part, (grad_hidden, grad_weight, grad_bias) or Nones)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
+    """Loop over chunks: (loss, kd part, ce part, top-1 matches, (grad_h, grad_w, grad_b) or Nones).
+
+    The top-1 count (0 unless ``plan.want_top1``) is taken on each chunk's logits before the chunk function,
+    which may overwrite them (CPU forward-KL path); on CUDA the Triton kernel leaves them intact, the count is
+    two torch argmax passes over the 16-bit logits all the same.
+    """
     need_h, need_w, need_b = needs
     need_grad = need_h or need_w or need_b
     n_loop = plan.n_valid if plan.want_kd or plan.want_ce else 0
@@ -125,6 +135,7 @@ def _run(
         grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device)
     kd_sum = torch.zeros((), dtype=torch.float32, device=h.device)
     ce_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+    top1 = torch.zeros((), dtype=torch.int64, device=h.device)
     kw = plan.kwargs
 
     triton_fn = _triton_chunk_fn() if h.is_cuda and plan.form != "topk" else None
@@ -156,6 +167,8 @@ def _run(
             z_t = rows["z_t"]
         topk = (rows["lp_t"], rows["idx"]) if plan.form == "topk" and plan.want_kd else None
         labels = rows.get("labels")
+        if plan.want_top1:  # before the chunk function overwrites the logits
+            top1 += top1_matches(z_s, z_t, topk)
         coef = 1.0  # the chunk's gradient is coef * g
         if triton_fn is not None:
             kd_r, ce_r, g = triton_fn(z_s, z_t, labels, **kw)  # reports CE rows whenever labels are given
@@ -194,7 +207,7 @@ def _run(
         grad_w = grad_w.to(w.dtype)
     if grad_b is not None:
         grad_b = grad_b.to(b.dtype)
-    return loss, kd_sum / plan.denom, ce_sum / plan.denom, (grad_h, grad_w, grad_b)
+    return loss, kd_sum / plan.denom, ce_sum / plan.denom, top1, (grad_h, grad_w, grad_b)
 
 
 class _FusedLinearKD(torch.autograd.Function):
@@ -203,14 +216,14 @@ class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, w: Tensor, b: Tensor | None, plan: _Plan):  # type: ignore[override]
         needs = tuple(bool(x) for x in ctx.needs_input_grad[:3])
-        loss, kd, ce, grads = _run(h, w, b, plan, needs)  # type: ignore[arg-type]
+        loss, kd, ce, top1, grads = _run(h, w, b, plan, needs)  # type: ignore[arg-type]
         ctx.save_for_backward(*grads)
-        ctx.mark_non_differentiable(kd, ce)
-        return loss, kd, ce
+        ctx.mark_non_differentiable(kd, ce, top1)
+        return loss, kd, ce, top1
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss: Tensor, _grad_kd: Tensor, _grad_ce: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_loss: Tensor, *_grad_parts: Tensor):  # type: ignore[override]
         grads = [None if g is None else g * grad_loss for g in ctx.saved_tensors]
         return grads[0], grads[1], grads[2], None
 
@@ -313,16 +326,22 @@ def fused_linear_kd_loss(
             ignore_index=ignore_index,
             scale=scale,
         ),
+        want_top1=return_parts and want_kd,
     )
     if not plan.chunk_size:
         temps = WORKSPACE_TEMPS if _uses_workspace(plan, student_hidden) else _LIVE_TEMPS
         plan.chunk_size = default_chunk_size(vocab, n_valid, temps, cuda=student_hidden.is_cuda)
     params = (student_hidden, student_weight, student_bias)
     if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
-        loss, kd, ce = _FusedLinearKD.apply(student_hidden, student_weight, student_bias, plan)
+        loss, kd, ce, top1 = _FusedLinearKD.apply(student_hidden, student_weight, student_bias, plan)
     else:
         with torch.no_grad():
-            loss, kd, ce, _ = _run(student_hidden, student_weight, student_bias, plan, (False, False, False))
+            loss, kd, ce, top1, _ = _run(
+                student_hidden, student_weight, student_bias, plan, (False, False, False)
+            )
     if not return_parts:
         return loss
-    return loss, {"kd": kd, "ce": ce, "num_valid": n_valid}
+    parts: dict[str, Tensor | int] = {"kd": kd, "ce": ce, "num_valid": n_valid}
+    if plan.want_top1:
+        parts["top1_agree"] = top1
+    return loss, parts

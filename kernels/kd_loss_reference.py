@@ -314,6 +314,9 @@ def kd_loss_reference(
     ``sum T**2 * D / n`` and ``parts["ce"]`` is ``sum CE / n`` (detached, same normaliser ``n`` as the
     loss, so ``loss == kd_weight * kd + ce_weight * ce``) and ``parts["num_valid"]`` the local count of
     valid tokens. ``parts["kd"]`` is computed whenever a teacher is given, even with ``kd_weight=0``.
+    With a teacher, ``parts["top1_agree"]`` (0-d int64 tensor) is the number of valid rows where
+    ``argmax(z_s) == argmax(z_t)`` (for a top-k teacher ``idx[argmax(lp_t)]``, i.e. ``idx[:, 0]`` when the
+    top-k is sorted); ``top1_agree / num_valid`` is the top-1 agreement rate.
     """
     form = _validate(
         student_hidden,
@@ -361,10 +364,13 @@ def kd_loss_reference(
     t_weight = teacher_weight.detach() if form == "dense" else None
     t_bias = teacher_bias.detach() if teacher_bias is not None else None
 
-    def chunk_sums(rows: dict[str, Tensor], weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    def chunk_sums(
+        rows: dict[str, Tensor], weight: Tensor, bias: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         z_s = F.linear(rows["h_s"], weight, bias).float()
         zero = z_s.new_zeros(())
         kd_sum = ce_sum = zero
+        top1 = torch.zeros((), dtype=torch.int64, device=z_s.device)
         if want_kd:
             ctx = contextlib.nullcontext() if kd_weight != 0 else torch.no_grad()
             with ctx:
@@ -374,16 +380,25 @@ def kd_loss_reference(
                     z_t = rows["z_t"] if form == "logits" else F.linear(rows["h_t"], t_weight, t_bias)
                     lp_s, lp_t = _dense_log_probs(z_s, z_t, temperature)
                 kd_sum = _divergence(lp_s, lp_t, divergence, beta).sum()
+            if return_parts:
+                with torch.no_grad():
+                    if form == "topk":
+                        best = rows["lp_t"].argmax(dim=1, keepdim=True)
+                        top_t = rows["idx"].gather(1, best).squeeze(1)
+                    else:
+                        top_t = z_t.argmax(dim=-1)
+                    top1 = (z_s.argmax(dim=-1) == top_t).sum()
         if want_ce:
             ctx = contextlib.nullcontext() if ce_weight != 0 else torch.no_grad()
             with ctx:
                 ce_sum = F.cross_entropy(z_s, rows["labels"], reduction="sum")
-        return kd_sum, ce_sum
+        return kd_sum, ce_sum, top1
 
     step = n_valid if chunk_size is None else chunk_size
     use_ckpt = chunk_size is not None and torch.is_grad_enabled()
     kd_total: Tensor | None = None
     ce_total: Tensor | None = None
+    top1_total = torch.zeros((), dtype=torch.int64, device=student_hidden.device)
     for start in range(0, n_valid, max(step, 1)):
         stop = min(start + step, n_valid)
         if valid_idx is None:
@@ -392,9 +407,12 @@ def kd_loss_reference(
             sel = valid_idx[start:stop]
             rows = {k: v.index_select(0, sel) for k, v in row_inputs.items()}
         if use_ckpt:
-            kd_c, ce_c = checkpoint(chunk_sums, rows, student_weight, student_bias, use_reentrant=False)
+            kd_c, ce_c, top1_c = checkpoint(
+                chunk_sums, rows, student_weight, student_bias, use_reentrant=False
+            )
         else:
-            kd_c, ce_c = chunk_sums(rows, student_weight, student_bias)
+            kd_c, ce_c, top1_c = chunk_sums(rows, student_weight, student_bias)
+        top1_total = top1_total + top1_c
         kd_total = kd_c if kd_total is None else kd_total + kd_c
         ce_total = ce_c if ce_total is None else ce_total + ce_c
 
@@ -426,4 +444,6 @@ def kd_loss_reference(
         "ce": (ce_total / denom).detach(),
         "num_valid": n_valid,
     }
+    if form is not None:
+        parts["top1_agree"] = top1_total
     return loss, parts

@@ -86,6 +86,8 @@ def loss_on_batch(
             kd.update(teacher_hidden=ht, teacher_weight=t_head.weight, teacher_bias=t_head.bias)
         loss, parts = head(hs, kd=kd)
     out = {"kd": float(parts["kd"]), "ce": float(parts["ce"])}
+    if "top1_agree" in parts:  # rows where the student's and the teacher's argmax agree
+        out["top1_agree"] = float(parts["top1_agree"])
     if features is not None:  # through the module's call, so ZeRO-3 gathers the projection
         f_loss, f_parts = features(s_feats, t_feats, feature_positions(labels), num_valid_tokens=num_valid_tokens)
         loss = loss + f_loss

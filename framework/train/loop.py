@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import signal
 import sys
 import threading
@@ -34,6 +35,7 @@ from sapling.models import save_hf_checkpoint
 from sapling.train.checkpoint import latest_tag, load_checkpoint, needs_universal, read_state, save_checkpoint
 from sapling.train.distributed import any_across_ranks, barrier, rank_world, sum_across_ranks
 from sapling.train.engine import build_engine, prepare_teacher
+from sapling.train.flops import distill_step_flops, kd_head_flops_per_row, peak_flops
 from sapling.train.metrics import MetricsLogger
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -71,6 +73,32 @@ class StopRequest:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _step_flops(cfg: Any, model: torch.nn.Module, teacher: torch.nn.Module | None, seq_len: int,
+                world: int) -> tuple[float, float]:
+    """(student FLOPs, whole-step FLOPs incl. the teacher) of one optimizer step on all ranks (model FLOPs)."""
+    t = cfg.trainer
+    teacher_config = None if teacher is None else getattr(teacher, "module", teacher).config
+    f = distill_step_flops(model.config, teacher_config, batch_size=t.micro_batch_size, seq_len=seq_len)
+    micro = t.grad_accum * world
+    v = model.config.vocab_size
+    student_head = (f.head / kd_head_flops_per_row(model.config, teacher_config)) * 6 * model.config.hidden_size * v
+    return (f.student + student_head) * micro, f.total * micro
+
+
+def _speed_record(step_flops: tuple[float, float], steps_per_s: float, world: int, peak: float | None,
+                  device: torch.device) -> dict[str, float]:
+    """Achieved TFLOP/s per device, MFU (student alone and whole step) when the peak is known, peak memory."""
+    per_device = [f * steps_per_s / world for f in step_flops]
+    out = {"tflops_per_device": per_device[1] / 1e12}
+    if peak:
+        out["mfu_student"], out["mfu_step"] = per_device[0] / peak, per_device[1] / peak
+    if device.type == "cuda":
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return out
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
@@ -150,6 +178,9 @@ def fit(
         save_checkpoint(ckpt_root, step, engine, client, t.keep_last, model=model, tokenizer=tokenizer)
         metrics.log({"event": "checkpoint", "step": step, "tokens": tokens_seen})
 
+    step_flops = _step_flops(cfg, model, teacher, data.train[0].numel(), world)
+    peak = peak_flops(device, next(model.parameters()).dtype, t.peak_flops)
+
     batches = iter(loader)
     bar = tqdm(total=t.max_steps, initial=start_step, desc=desc, disable=not (t.progress and main),
                dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
@@ -162,7 +193,7 @@ def fit(
             micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(t.grad_accum)]
             valid = [count_valid(mb["labels"]) for mb in micro]
             num_valid = int(sum_across_ranks([sum(valid)], device)[0])  # the whole global batch's valid tokens
-            step_loss, step_kd, step_ce, step_feat = 0.0, 0.0, 0.0, 0.0
+            step_loss, step_kd, step_ce, step_feat, step_top1 = 0.0, 0.0, 0.0, 0.0, 0.0
             for mb in micro:
                 loss, parts = loss_on_batch(model, teacher, mb, cfg.distill, num_valid_tokens=num_valid,
                                             features=features)
@@ -171,8 +202,9 @@ def fit(
                 step_kd += parts["kd"]
                 step_ce += parts["ce"]
                 step_feat += parts.get("feat", 0.0)
-            step_loss, step_kd, step_ce, step_feat = sum_across_ranks([step_loss, step_kd, step_ce, step_feat],
-                                                                      device)
+                step_top1 += parts.get("top1_agree", 0.0)
+            step_loss, step_kd, step_ce, step_feat, step_top1 = sum_across_ranks(
+                [step_loss, step_kd, step_ce, step_feat, step_top1], device)
             if not math.isfinite(step_loss):
                 raise FloatingPointError(f"loss is {step_loss} at step {step + 1}; lower trainer.lr or check the data")
             lr = engine.lr
@@ -190,6 +222,9 @@ def fit(
                           "ce": step_ce, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s}
                 if features is not None:
                     record["feat"] = step_feat
+                if teacher is not None and cfg.distill.kd_weight > 0:
+                    record["top1_agreement"] = step_top1 / max(num_valid, 1)  # of this step's valid tokens
+                record.update(_speed_record(step_flops, tok_s / tokens_per_step, world, peak, device))
                 metrics.log(record)
                 window_t0, window_tokens = now, 0
                 bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)

@@ -235,8 +235,9 @@ def test_chunk_sizes_and_forms_match_reference(divergence, beta, form, chunk_siz
     teacher = teacher_kwargs(x, form, temperature=1.5)
     a, parts_a, ga = run(fused_linear_kd_loss, x, chunk_size=chunk_size, **teacher, **kw)
     b, parts_b, gb = run(kd_loss_reference, x, **teacher, **kw)
-    assert set(parts_a) == {"kd", "ce", "num_valid"}
+    assert set(parts_a) == {"kd", "ce", "num_valid", "top1_agree"}
     assert parts_a["num_valid"] == parts_b["num_valid"] == int((x["labels"] != IGNORE).sum())
+    assert int(parts_a["top1_agree"]) == int(parts_b["top1_agree"])
     assert not parts_a["kd"].requires_grad and parts_a["kd"].dtype == torch.float32
     for got, want in [(a, b), (parts_a["kd"], parts_b["kd"]), (parts_a["ce"], parts_b["ce"])]:
         assert_close(got, want, rtol=2e-6)

@@ -426,7 +426,7 @@ def test_return_parts(divergence):
     h_s, w_s = leaves(x["h_s"], x["w_s"])
     kw = dict(teacher_logits=teacher_logits32(x), labels=x["labels"], divergence=divergence, temperature=2.0)
     loss, parts = kd_loss_reference(h_s, w_s, kd_weight=0.6, ce_weight=0.4, return_parts=True, **kw)
-    assert set(parts) == {"kd", "ce", "num_valid"}
+    assert set(parts) == {"kd", "ce", "num_valid", "top1_agree"}
     assert not parts["kd"].requires_grad and not parts["ce"].requires_grad
     assert parts["kd"].dtype == parts["ce"].dtype == torch.float32
     assert parts["num_valid"] == int((x["labels"] != IGNORE).sum())
