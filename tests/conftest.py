@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Run Triton kernels under its CPU interpreter unless GPU tests were asked for (`-m gpu`).
+
+    Triton reads TRITON_INTERPRET when it is first imported, and some of our dependencies (DeepSpeed)
+    import it: setting it here, before any test module is collected, keeps the whole run consistent.
+    """
+    markexpr = config.getoption("markexpr") or ""
+    wants_gpu = re.search(r"(?<!not )\bgpu\b", markexpr) is not None
+    if not wants_gpu:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -257,9 +257,10 @@ class StudentWithFeatures(nn.Module):
         return self.model(*args, **kwargs)
 
 
-def student_weights(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+def student_weights(state_dict: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
     """The HF student's weights from a training state dict, which holds a `StudentWithFeatures` when
-    feature distillation is on (keys `model.*` and `features.*`); returned unchanged otherwise."""
-    if not any(k.startswith("features.") for k in state_dict):
+    feature distillation is on (keys `model.*` and `features.*`); returned unchanged otherwise (also None,
+    what ranks other than 0 get from a consolidating gather)."""
+    if state_dict is None or not any(k.startswith("features.") for k in state_dict):
         return state_dict
     return {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
