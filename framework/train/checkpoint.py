@@ -109,9 +109,11 @@ def read_state(tag_dir: str | os.PathLike) -> dict[str, Any]:
 
 def _stall_if_asked(step: int, tmp: Path) -> None:
     if os.environ.get(FAULT_STALL_ENV) == str(step):
+        parent = os.getppid()
         (tmp.parent / f".stalled-{step}-rank{rank_world()[0]}").touch()
-        while True:  # until killed
-            time.sleep(1.0)
+        while os.getppid() == parent:  # until killed; a rank orphaned by its killed launcher dies too
+            time.sleep(0.5)
+        os._exit(1)
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, engine: Any, client_state: dict, keep_last: int, *,
