@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 WORKER = Path(__file__).with_name("features_zero3_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_feature_distillation_zero3_two_ranks_matches_single_process(tmp_path):
-    out = tmp_path / "result.json"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), str(WORKER), str(out)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    r = json.loads(out.read_text())
+def test_feature_distillation_zero3_two_ranks_matches_single_process(run_two_ranks):
+    r = run_two_ranks(WORKER)
     assert r["world"] == 2 and r["teacher_layers"] == [1, 2]
     # the partitioned teacher's captured layer outputs equal the plain copy's, and it stays partitioned
     assert r["teacher_partitioned"]

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,12 +15,6 @@ from sapling.prune.importance import distributed_importance, estimate_importance
 
 WORKER = Path(__file__).with_name("prune_distributed_worker.py")
 TOLERANCE = 1e-6  # relative to each score tensor's largest magnitude: float64 sums in another order
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ids(blocks: torch.Tensor, samples: int, rank: int, world: int) -> list[list[int]]:
@@ -63,14 +52,8 @@ def test_single_process_helpers_are_no_ops():
     assert got.num_tokens == ref.num_tokens == 7 * 8
 
 
-def test_two_ranks_and_zero3_teacher_match_one_process(tmp_path):
-    out = tmp_path / "result.json"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), str(WORKER), str(out)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    result = json.loads(out.read_text())
+def test_two_ranks_and_zero3_teacher_match_one_process(run_two_ranks):
+    result = run_two_ranks(WORKER)
     assert result["world"] == 2
     assert result["shares"] == {"sizes": [7, 6], "union_is_global_order": True}
     cases = result["cases"]
