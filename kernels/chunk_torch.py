@@ -116,7 +116,7 @@ def kd_chunk_loss_and_grad(
     ``kd_rows = T**2 * D``, ``ce_rows = CE`` (0 on ignored rows) and
     ``grad = d(scale * sum(kd_weight * kd_rows + ce_weight * ce_rows)) / d student_logits``.
     """
-    kd_rows, ce_rows, grad = chunk_loss(
+    kd_rows, ce_rows, grad, coef = chunk_loss_scaled(
         student_logits,
         teacher_logits,
         labels,
@@ -131,42 +131,7 @@ def kd_chunk_loss_and_grad(
         need_grad=True,
     )
     assert grad is not None
-    return kd_rows, ce_rows, grad
-
-
-def chunk_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor | None,
-    labels: Tensor | None,
-    *,
-    divergence: str,
-    beta: float,
-    temperature: float,
-    kd_weight: float,
-    ce_weight: float,
-    ignore_index: int,
-    scale: float,
-    teacher_topk: tuple[Tensor, Tensor] | None = None,
-    need_grad: bool = True,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """:func:`kd_chunk_loss_and_grad`, skipping the gradient (returned as None) when ``need_grad`` is False."""
-    kd_rows, ce_rows, grad, coef = chunk_loss_scaled(
-        student_logits,
-        teacher_logits,
-        labels,
-        divergence=divergence,
-        beta=beta,
-        temperature=temperature,
-        kd_weight=kd_weight,
-        ce_weight=ce_weight,
-        ignore_index=ignore_index,
-        scale=scale,
-        teacher_topk=teacher_topk,
-        need_grad=need_grad,
-    )
-    if grad is not None and coef != 1.0:
-        grad.mul_(coef)
-    return kd_rows, ce_rows, grad
+    return kd_rows, ce_rows, grad.mul_(coef) if coef != 1.0 else grad
 
 
 def forward_kl_fast_path(
