@@ -25,6 +25,7 @@ commands:
   prune      prune teacher.path to prune.target.<hf_field>=N (Minitron-style importance); writes model/
   eval       perplexity of model.path (and teacher.path) on data.files; writes report.md
   export     checkpoint=<dir> [output=<dir>]: an HF model from a training checkpoint (DeepSpeed ZeRO or not)
+  cache-teacher  one teacher pass writing its top-k distributions to cache.dir (distill teacher.cache=<dir>)
 
 examples:
   sapling pipeline experiment=demo
@@ -33,6 +34,8 @@ examples:
   sapling eval model.path=outputs/distill/.../model data.files=[held_out.txt]
   torchrun --nproc-per-node 8 -m sapling distill deepspeed=zero3 teacher.path=T student.path=S data.files=[a.jsonl]
   sapling export checkpoint=outputs/distill/.../checkpoints output=student_step1000
+  sapling cache-teacher teacher.path=T data.files=[a.jsonl] cache.top_k=64 cache.dir=cache/T-k64
+  sapling distill teacher.cache=cache/T-k64 student.config.num_hidden_layers=8 trainer.max_steps=1000
   sapling distill --cfg job          # print the composed config
 (valid commands: {", ".join((*COMMANDS, "export"))})"""
 
@@ -63,6 +66,10 @@ def _dispatch(cfg: DictConfig) -> None:
             from sapling.commands import run_eval
 
             run_eval(cfg)
+        elif cfg.command == "cache-teacher":
+            from sapling.commands import run_cache_teacher
+
+            run_cache_teacher(cfg)
     except ConfigError as err:
         print(f"sapling: config error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +120,12 @@ def check_prune_target(cfg: DictConfig, teacher_cfg: Any) -> None:
 
 def train_with_hooks(cfg: DictConfig, command: str, *, teacher: torch.nn.Module | None,
                      student: torch.nn.Module | None,
-                     tokenizer: Any, data: PackedData, out: Path, device: torch.device) -> TrainResult:
+                     tokenizer: Any, data: PackedData, out: Path, device: torch.device,
+                     teacher_for_hooks_only: bool = False) -> TrainResult:
     """Pre-hooks, the training loop, post-hooks; metrics to `out/metrics.jsonl` (and wandb).
+
+    `teacher_for_hooks_only`: the teacher is there for the pre-hooks (pruning) and dropped before training
+    (the run distils from a teacher cache).
 
     In a distributed run every rank runs all of it (hooks may run ZeRO-3 forwards, which need every rank),
     but only rank 0 writes into `out`: the other ranks log nowhere and give hooks a scratch directory.
@@ -137,9 +143,14 @@ def train_with_hooks(cfg: DictConfig, command: str, *, teacher: torch.nn.Module 
         run_hooks("pre", cfg.hooks.pre, ctx)
         if ctx.student is None:
             raise ValueError("no student: give student.path / student.config, or hooks.pre=[prune]")
-        metrics.log({"event": "start", "command": command, "student_params": count_parameters(ctx.student),
-                     "teacher_params": count_parameters(teacher) if teacher is not None else 0,
-                     "train_tokens": data.train.num_tokens})
+        if teacher_for_hooks_only:
+            ctx.teacher = teacher = None
+        start = {"event": "start", "command": command, "student_params": count_parameters(ctx.student),
+                 "teacher_params": count_parameters(teacher) if teacher is not None else 0,
+                 "train_tokens": data.train.num_tokens}
+        if data.meta.get("teacher_cache"):
+            start.update({k: data.meta[k] for k in ("teacher_cache", "top_k", "temperature")})
+        metrics.log(start)
         fit_cfg = ctx.extras.get("fit_cfg", cfg)  # a pre-hook may have spent part of the step budget
         ctx.result = fit(fit_cfg, student=ctx.student, teacher=teacher, tokenizer=tokenizer, data=data, output_dir=out,
                          metrics=metrics, device=device, desc=command)
@@ -165,7 +176,10 @@ def resumed_wandb_run_id(cfg: DictConfig, out: Path) -> str | None:
 
 def run_distill(cfg: DictConfig) -> TrainResult:
     """Distil `teacher` into a student: `student.path`, the teacher's architecture with `student.config`
-    (random init), or the teacher pruned to `prune.target` by `hooks.pre=[prune]`."""
+    (random init), or the teacher pruned to `prune.target` by `hooks.pre=[prune]`. With `teacher.cache`
+    the teacher's top-k distributions (and the data) come from a `sapling cache-teacher` cache."""
+    if cfg.teacher.cache is not None:
+        return run_distill_from_cache(cfg)
     teacher_cfg = source_config(cfg.teacher)
     pruning = "prune" in cfg.hooks.pre
     if pruning:
@@ -186,6 +200,130 @@ def run_distill(cfg: DictConfig) -> TrainResult:
                                                ds_config=engine_ds_config(cfg, "student", cfg.student, device))
     return train_with_hooks(cfg, "distill", teacher=teacher, student=student, tokenizer=tokenizer, data=data,
                             out=out, device=device)
+
+
+def run_distill_from_cache(cfg: DictConfig) -> TrainResult:
+    """`sapling distill teacher.cache=C`: no teacher model (except to prune from, `hooks.pre=[prune]`); the
+    training blocks and the teacher's top-k come from the cache, each rank reading its share."""
+    from transformers import AutoConfig
+
+    from sapling.data.cache import tokenizer_hash
+    from sapling.distill.teacher_cache import TeacherCache, teacher_fingerprint
+
+    cache = TeacherCache(cfg.teacher.cache, verify=False)  # manifest and shard sizes; sha256 once ranks are up
+    m = cache.manifest
+    teacher_cfg = AutoConfig.from_pretrained(cache.teacher_config_dir)
+    if cfg.cache.top_k is not None and cfg.cache.top_k != cache.top_k:
+        raise ConfigError("cache.top_k", cfg.cache.top_k, f"teacher.cache={cfg.teacher.cache} holds top-{cache.top_k} "
+                          "distributions", f"drop cache.top_k (or set {cache.top_k}), or write a cache with "
+                          f"cache.top_k={cfg.cache.top_k}")
+    if not math.isclose(cfg.distill.temperature, cache.temperature, rel_tol=1e-9):
+        raise ConfigError("distill.temperature", cfg.distill.temperature, f"teacher.cache={cfg.teacher.cache} holds "
+                          f"the teacher's distributions at temperature {cache.temperature}",
+                          f"set distill.temperature={cache.temperature}, or write a cache with "
+                          f"cache.temperature={cfg.distill.temperature}")
+    tok_key, tok_dir = ("data.tokenizer", cfg.data.tokenizer) if cfg.data.tokenizer else (
+        ("student.path", cfg.student.path) if cfg.student.path and Path(cfg.student.path, "tokenizer_config.json").exists()
+        else ("teacher.cache", str(cache.tokenizer_dir)))
+    tokenizer = load_tokenizer(tok_dir)
+    if tokenizer_hash(tokenizer) != m["tokenizer_hash"]:
+        raise ConfigError(tok_key, tok_dir, f"its tokenizer is not the one teacher.cache={cfg.teacher.cache} was "
+                          f"written with (sha256 {tokenizer_hash(tokenizer)[:12]} vs {m['tokenizer_hash'][:12]})",
+                          f"use the cache's tokenizer ({cache.tokenizer_dir}) or write a cache with this tokenizer")
+    pruning = "prune" in cfg.hooks.pre
+    if pruning:
+        source_cfg = source_config(cfg.teacher)
+        if teacher_fingerprint(cfg.teacher, source_cfg, cfg.seed) != m["teacher_hash"]:
+            raise ConfigError("teacher.path", cfg.teacher.path or cfg.teacher.tiny, "not the teacher teacher.cache="
+                              f"{cfg.teacher.cache} was written from ({m['teacher_source']})",
+                              "prune the teacher the cache came from, or write a cache from this teacher")
+        check_prune_target(cfg, source_cfg)
+    else:
+        student_cfg = source_config(cfg.student, base=teacher_cfg if cfg.student.path is None else None)
+        check_shape("student.config", student_cfg)
+        check_vocab(teacher_cfg, student_cfg)
+    device = setup_distributed(cfg)
+    if cfg.cache.verify:
+        cache.verify()
+    if cfg.data.files or cfg.data.hub_name:
+        fp = load_data_once(cfg, tokenizer).fingerprint
+        if fp != m["data_fingerprint"]:
+            d = m.get("data_config", {})
+            raise ConfigError("data.files", list(cfg.data.files) or cfg.data.hub_name, "these data settings give "
+                              f"fingerprint {fp[:12]}, but teacher.cache={cfg.teacher.cache} was written for data "
+                              f"{m['data_fingerprint'][:12]} ({', '.join(f'{k}={v}' for k, v in d.items())})",
+                              "drop data.files (the cache holds the token ids) or pass the data the cache was written for")
+    out = prepare_output(cfg)
+    data = cache.packed_data()
+    teacher = None
+    if pruning:
+        teacher = build_model(cfg.teacher, source_cfg, device, seed=cfg.seed,
+                              ds_config=engine_ds_config(cfg, "teacher", cfg.teacher, device))
+    student = None if pruning else build_model(cfg.student, student_cfg, device, seed=cfg.seed + 1,
+                                               ds_config=engine_ds_config(cfg, "student", cfg.student, device))
+    return train_with_hooks(cfg, "distill", teacher=teacher, student=student, tokenizer=tokenizer, data=data,
+                            out=out, device=device, teacher_for_hooks_only=True)
+
+
+def run_cache_teacher(cfg: DictConfig) -> dict[str, Any]:
+    """`sapling cache-teacher`: one (distributed) teacher pass over the training blocks into `cache.dir`."""
+    from sapling.data.cache import tokenizer_hash
+    from sapling.distill.teacher_cache import (
+        DEFAULT_TOP_K,
+        CachePlan,
+        teacher_fingerprint,
+        write_teacher_cache,
+    )
+    from sapling.distill.topk_format import RecordLayout, naive_bytes_per_token
+    from sapling.train.engine import prepare_teacher
+
+    c = cfg.cache
+    teacher_cfg = source_config(cfg.teacher)
+    top_k = c.top_k or DEFAULT_TOP_K
+    if top_k > teacher_cfg.vocab_size:
+        raise ConfigError("cache.top_k", top_k, f"larger than the teacher's vocabulary ({teacher_cfg.vocab_size})",
+                          "choose a smaller k, e.g. cache.top_k=64")
+    tokenizer = load_tokenizer(tokenizer_path(cfg, "teacher"))
+    check_tokenizer_fits(tokenizer, teacher_cfg, "teacher.config")
+    device = setup_distributed(cfg)
+    out = prepare_output(cfg)
+    data = load_data_once(cfg, tokenizer)
+    world = rank_world()[1]
+    teacher = build_model(cfg.teacher, teacher_cfg, device, seed=cfg.seed,
+                          ds_config=engine_ds_config(cfg, "teacher", cfg.teacher, device))
+    teacher = prepare_teacher(teacher, cfg, world)
+    d = cfg.data
+    plan = CachePlan(
+        data_fingerprint=data.fingerprint, tokenizer_hash=tokenizer_hash(tokenizer),
+        teacher_hash=teacher_fingerprint(cfg.teacher, teacher_cfg, cfg.seed),
+        teacher_source=cfg.teacher.path or f"tiny:{cfg.teacher.tiny}", top_k=top_k,
+        temperature=float(c.temperature or cfg.distill.temperature),
+        layout=RecordLayout(top_k, teacher_cfg.vocab_size, c.value_bits), seq_len=data.train.seq_len,
+        num_sequences=len(data.train), num_val_sequences=len(data.val), shard_sequences=c.shard_sequences,
+        token_dtype=data.train.array.dtype.str,
+        data_config={"files": list(d.files), "hub_name": d.hub_name, "seq_len": d.seq_len,
+                     "val_fraction": d.val_fraction, "seed": d.seed, "max_tokens": d.max_tokens},
+    )
+    metrics = MetricsLogger(out, None) if is_main() else NullMetrics()
+    t0 = time.perf_counter()
+    try:
+        metrics.log({"event": "start", "command": "cache-teacher", "cache_dir": c.dir, **plan.to_dict()})
+        manifest = write_teacher_cache(
+            os.path.expanduser(c.dir), teacher=teacher, data=data, tokenizer=tokenizer, plan=plan,
+            micro_batch_size=c.micro_batch_size or cfg.trainer.micro_batch_size, device=device,
+            lockstep=world > 1 and cfg.deepspeed.teacher_stage == 3, metrics=metrics, progress=cfg.trainer.progress)
+        wall = time.perf_counter() - t0
+        tokens = plan.num_sequences * (plan.seq_len - 1)
+        summary = {"event": "done", "tokens": tokens, "wall_s": wall, "bytes": manifest["total_bytes"],
+                   "bytes_per_token": manifest["bytes_per_token"], "naive_bytes_per_token": naive_bytes_per_token(top_k)}
+        metrics.log(summary)
+    finally:
+        metrics.close()
+    if is_main():
+        log.info("teacher cache %s: %d shards, %.1f MB, %.1f bytes/token (fp32 + int64 top-%d: %d)", c.dir,
+                 len(manifest["shards"]), manifest["total_bytes"] / 1e6, manifest["bytes_per_token"], top_k,
+                 naive_bytes_per_token(top_k))
+    return manifest
 
 
 def run_prune(cfg: DictConfig) -> dict[str, Any]:

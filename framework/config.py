@@ -18,7 +18,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-COMMANDS = ("pipeline", "train", "distill", "prune", "eval")
+COMMANDS = ("pipeline", "train", "distill", "prune", "eval", "cache-teacher")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 FEATURE_LOSSES = ("cosine", "mse")
 DATA_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
@@ -56,6 +56,7 @@ class ModelSourceConfig:
     init: str = "auto"  # auto | pretrained | random
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     attn_implementation: str = "auto"
+    cache: str | None = None  # teacher only: a `sapling cache-teacher` output to distil from, no teacher model
 
 
 @dataclass
@@ -145,6 +146,19 @@ class PruneConfig:
 class QuantConfig:
     scheme: str = "w4a16"
     group_size: int = 128
+
+
+@dataclass
+class CacheConfig:
+    """`sapling cache-teacher`: one teacher pass writing its top-k distributions to `dir` (conf/cache/)."""
+
+    dir: str | None = None
+    top_k: int | None = None  # writing: None = 64; `distill teacher.cache=C`: None accepts the cache's k
+    temperature: float | None = None  # the distributions are stored at this T; None: distill.temperature
+    value_bits: int = 12  # bits per quantized -log p (benchmarks/cache.py measures the choice)
+    shard_sequences: int = 256  # sequences per shard file (the unit of resume and of the per-rank split)
+    micro_batch_size: int | None = None  # teacher forward batch; None: trainer.micro_batch_size
+    verify: bool = True  # sha256 every shard when a run opens the cache (split over the ranks)
 
 
 @dataclass
@@ -240,6 +254,7 @@ class SaplingConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -340,7 +355,41 @@ def check_features(f: Any) -> None:
                "write each entry as two layer indices, e.g. distill.features.layers=[[0,1],[1,3]]")
 
 
-DEEPSPEED_COMMANDS = ("train", "distill")
+def check_cache(cfg: DictConfig) -> None:
+    """`cache.*` for `sapling cache-teacher`, and `teacher.cache` for `sapling distill`."""
+    c, cmd = cfg.cache, cfg.command
+    _check(c.top_k is None or c.top_k >= 1, "cache.top_k", c.top_k, "must be >= 1", "e.g. cache.top_k=64")
+    _check(c.temperature is None or c.temperature > 0, "cache.temperature", c.temperature, "must be > 0",
+           "drop it (distill.temperature is used) or e.g. cache.temperature=1.0")
+    _check(2 <= c.value_bits <= 24, "cache.value_bits", c.value_bits, "must be in [2, 24]", "keep the default 12")
+    _check(c.shard_sequences >= 1, "cache.shard_sequences", c.shard_sequences, "must be >= 1", "e.g. 256")
+    _check(c.micro_batch_size is None or c.micro_batch_size >= 1, "cache.micro_batch_size", c.micro_batch_size,
+           "must be >= 1", "drop it (trainer.micro_batch_size is used) or e.g. 16")
+    if cmd == "cache-teacher":
+        _check(c.dir is not None, "cache.dir", None, "no output directory for the cache",
+               "pass cache.dir=<directory> (created if missing; a rerun resumes it)")
+        _check(cfg.teacher.cache is None, "teacher.cache", cfg.teacher.cache, "cache-teacher reads a teacher model",
+               "drop teacher.cache and pass teacher.path=<checkpoint>")
+    for key in ("student", "model"):
+        _check(cfg[key].cache is None, f"{key}.cache", cfg[key].cache, "only the teacher can come from a cache",
+               "use teacher.cache=<dir>")
+    t = cfg.teacher
+    if t.cache is None:
+        return
+    _check(cmd == "distill", "teacher.cache", t.cache, f"`sapling {cmd}` does not read teacher caches",
+           "use it with `sapling distill teacher.cache=<dir> ...`")
+    _check(Path(os.path.expanduser(t.cache)).is_dir(), "teacher.cache", t.cache, "no such directory",
+           "point it at a `sapling cache-teacher` cache.dir")
+    _check(cfg.distill.features.weight == 0, "distill.features.weight", cfg.distill.features.weight,
+           "feature distillation needs the teacher's hidden states, which a cache does not hold",
+           "set distill.features.weight=0, or distil from teacher.path without teacher.cache")
+    if "prune" in cfg.hooks.pre:
+        _check(t.path is not None or t.tiny is not None, "teacher.path", None,
+               "hooks.pre=[prune] prunes the teacher's weights, which a cache does not hold",
+               "also pass teacher.path=<the checkpoint the cache was written from> (used for pruning only)")
+
+
+DEEPSPEED_COMMANDS = ("train", "distill", "cache-teacher")
 
 
 def check_deepspeed(cfg: DictConfig) -> None:
@@ -462,9 +511,13 @@ def validate(cfg: DictConfig) -> None:
     if cmd == "prune":
         _check(any(v is not None for v in p.target.values()), "prune.target", None, "no target shape given",
                "set e.g. prune.target.intermediate_size=N or prune.target.num_hidden_layers=N")
-    if cmd in ("distill", "prune"):
-        _check(cfg.teacher.path is not None or cfg.teacher.tiny is not None, "teacher.path", None,
-               f"{cmd} needs a teacher", "pass teacher.path=<HF checkpoint dir or hub id>")
+    cached = cfg.teacher.cache is not None
+    if cmd in ("distill", "prune", "cache-teacher"):
+        _check(cfg.teacher.path is not None or cfg.teacher.tiny is not None or (cached and cmd == "distill"),
+               "teacher.path", None, f"{cmd} needs a teacher",
+               "pass teacher.path=<HF checkpoint dir or hub id>" + (" or teacher.cache=<cache dir>" if cmd == "distill"
+                                                                    else ""))
+    check_cache(cfg)
     if cmd in ("train", "eval"):
         _check(cfg.model.path is not None or cfg.model.tiny is not None, "model.path", None,
                f"{cmd} needs a model", "pass model.path=<HF checkpoint dir> (or model.tiny=<name> to train from scratch)")
@@ -474,7 +527,7 @@ def validate(cfg: DictConfig) -> None:
         for i, name in enumerate(cfg.hooks[stage]):
             _check(name in available(stage), f"hooks.{stage}[{i}]", name, f"no {stage}-hook of that name",
                    f"use one of {available(stage) or '(none yet)'}")
-    check_data(cfg.data, required=cmd in ("train", "distill", "prune", "eval"))
+    check_data(cfg.data, required=cmd in ("train", "prune", "eval", "cache-teacher") or (cmd == "distill" and not cached))
 
 
 def to_yaml(cfg: DictConfig) -> str:

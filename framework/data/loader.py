@@ -26,6 +26,7 @@ class ResumableLoader:
     """Yields ``{"input_ids", "labels"}`` LongTensors ``[micro_batch_size, seq_len]`` forever.
 
     ``labels`` equals ``input_ids`` (the model/loss shifts). See the module docstring for the order.
+    Blocks whose ``get_batch`` returns a dict (a teacher cache) add their other keys to each batch.
     """
 
     def __init__(
@@ -83,18 +84,20 @@ class ResumableLoader:
             filled += take
         return out
 
-    def _fetch(self, indices: np.ndarray) -> torch.Tensor:
+    def _fetch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        """``{"input_ids": ...}`` plus whatever else the blocks carry (a teacher cache: the teacher's top-k)."""
         if hasattr(self.blocks, "get_batch"):
-            return self.blocks.get_batch(indices)
-        return torch.stack([self.blocks[int(i)] for i in indices])
+            out = self.blocks.get_batch(indices)
+            return out if isinstance(out, dict) else {"input_ids": out}
+        return {"input_ids": torch.stack([self.blocks[int(i)] for i in indices])}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         batch, world = self.micro_batch_size, self.world_size
         while True:
             indices = self.sample_indices(self.consumed_samples + self.rank * batch, batch)
-            input_ids = self._fetch(indices)
+            fetched = self._fetch(indices)
             self.consumed_samples += batch * world
-            yield {"input_ids": input_ids, "labels": input_ids.clone()}
+            yield {**fetched, "labels": fetched["input_ids"].clone()}
 
     def state_dict(self) -> dict[str, Any]:
         """Resumable state; ``consumed_samples`` counts global samples and is world-size independent."""

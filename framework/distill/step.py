@@ -46,18 +46,22 @@ def loss_on_batch(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """kd_weight * T^2 * D(teacher || student) + ce_weight * CE, summed over valid tokens / num_valid_tokens.
 
-    With `teacher=None` only the CE term is computed (training from scratch or fine-tuning). `features`
-    adds `distill.features.weight` x the intermediate-layer loss (normalised by the same token count).
+    With `teacher=None` only the CE term is computed (training from scratch or fine-tuning), unless the
+    batch carries the teacher's cached top-k (`teacher_lp`, `teacher_idx` from a teacher cache): then the
+    fused loss's top-k path stands in for the teacher. `features` adds `distill.features.weight` x the
+    intermediate-layer loss (normalised by the same token count).
     """
     input_ids, labels = batch["input_ids"], batch["labels"]
     head = install_kd_head(student)
+    cached = "teacher_lp" in batch
     if teacher is None:
         features = None
     s_layers = features.student_layers if features is not None else []
     with capture_layer_outputs(student, s_layers) as s_feats:
         hs = final_hidden(student, input_ids)
-    kd_weight = distill_cfg.kd_weight if teacher is not None else 0.0
-    ce_weight = distill_cfg.ce_weight if teacher is not None else 1.0
+    has_teacher = teacher is not None or cached
+    kd_weight = distill_cfg.kd_weight if has_teacher else 0.0
+    ce_weight = distill_cfg.ce_weight if has_teacher else 1.0
     kd: dict[str, Any] = dict(
         labels=shifted_targets(labels),
         divergence=distill_cfg.divergence,
@@ -72,7 +76,9 @@ def loss_on_batch(
     )
     teacher_head: list[torch.nn.Parameter] = []
     t_feats: list[torch.Tensor] = []
-    if kd_weight > 0 or features is not None:
+    if cached and kd_weight > 0:
+        kd.update(teacher_topk=(batch["teacher_lp"], batch["teacher_idx"]))
+    elif kd_weight > 0 or features is not None:
         _, t_head = decoder_and_head(teacher)
         t_layers = features.teacher_layers if features is not None else []
         with torch.no_grad(), capture_layer_outputs(teacher, t_layers) as t_feats:
@@ -82,7 +88,7 @@ def loss_on_batch(
     # A ZeRO-3 teacher's lm_head is gathered on its own for the loss (the loss reads its weight directly);
     # the student's goes through the head's forward, so ZeRO-3 gathers it and reduce-scatters its gradient.
     with gathered(teacher_head):
-        if kd_weight > 0:
+        if kd_weight > 0 and not cached:
             kd.update(teacher_hidden=ht, teacher_weight=t_head.weight, teacher_bias=t_head.bias)
         loss, parts = head(hs, kd=kd)
     out = {"kd": float(parts["kd"]), "ce": float(parts["ce"])}

@@ -153,6 +153,7 @@ def fit(
     engine = build_engine(trained, cfg, world, load_universal=universal)
     # `model` is the HF student (validated and exported); the projections live beside it in the engine
     model, features = (engine.module.model, engine.module.features) if features is not None else (engine.module, None)
+    cached_teacher = getattr(data.train, "has_teacher", False)  # a teacher cache: top-k comes with the batches
     loader = ResumableLoader(data.train, t.micro_batch_size, rank=rank, world_size=world, seed=t.seed)
     tokens_per_step = t.micro_batch_size * t.grad_accum * data.train[0].numel() * world
 
@@ -222,7 +223,7 @@ def fit(
                           "ce": step_ce, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s}
                 if features is not None:
                     record["feat"] = step_feat
-                if teacher is not None and cfg.distill.kd_weight > 0:
+                if (teacher is not None or cached_teacher) and cfg.distill.kd_weight > 0:
                     record["top1_agreement"] = step_top1 / max(num_valid, 1)  # of this step's valid tokens
                 record.update(_speed_record(step_flops, tok_s / tokens_per_step, world, peak, device))
                 metrics.log(record)
