@@ -97,3 +97,20 @@ def cli(tmp_path, demo_cache):
                               capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+# A small teacher cache: 698 training blocks of 32 tokens in 7 shards of 100 (the last one short), top-16.
+TEACHER_CACHE_ARGS = ("data.seq_len=32", "data.max_tokens=12000", "cache.shard_sequences=100", "cache.top_k=16",
+                      "trainer.micro_batch_size=8", "logger=none", "trainer.progress=false")
+
+
+@pytest.fixture(scope="session")
+def teacher_cache(tmp_path_factory, teacher_dir, corpus_file, demo_cache) -> dict:
+    """`sapling cache-teacher` of the tiny teacher on the corpus (one process); {"dir", "args", "run"}."""
+    root = tmp_path_factory.mktemp("teacher_cache")
+    args = [f"teacher.path={teacher_dir}", f"data.files=[{corpus_file}]", *TEACHER_CACHE_ARGS]
+    env = {**os.environ, "SAPLING_CACHE": str(demo_cache), "PYTHONUNBUFFERED": "1"}
+    res = subprocess.run([sys.executable, "-m", "sapling", "cache-teacher", *args, f"cache.dir={root / 'cache'}",
+                          f"hydra.run.dir={root / 'run'}"], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return {"dir": root / "cache", "args": args, "run": root / "run"}

@@ -20,13 +20,14 @@ def _free_port() -> int:
 
 @pytest.fixture
 def run_two_ranks(tmp_path):
-    """`run(worker)`: run `worker <result.json>` on 2 ranks, assert it succeeded, return the parsed result."""
+    """`run(worker, *args)`: run `worker <result.json> *args` on 2 ranks, assert it succeeded, return the
+    parsed result."""
 
-    def run(worker: Path) -> dict:
+    def run(worker: Path, *args: str) -> dict:
         out = tmp_path / "result.json"
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-               "127.0.0.1", "--master-port", str(_free_port()), str(worker), str(out)]
+               "127.0.0.1", "--master-port", str(_free_port()), str(worker), str(out), *args]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
         return json.loads(out.read_text())
