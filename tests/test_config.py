@@ -93,3 +93,33 @@ def test_shape_checks():
     with pytest.raises(ConfigError, match=r"^student\.config\.vocab_size=100: .*teacher vocab 512"):
         check_vocab(base, tiny_config("llama-tiny", vocab_size=100))
     check_shape("student.config", apply_overrides(base, {"num_hidden_layers": 1, "hidden_size": 32}))
+
+
+@pytest.mark.parametrize(
+    ("command", "overrides", "key"),
+    [
+        ("cache-teacher", ["teacher.tiny=llama-tiny", "data.files=[{data}]"], "cache.dir"),
+        ("cache-teacher", ["teacher.tiny=llama-tiny", "data.files=[{data}]", "cache.dir=c", "cache.top_k=0"],
+         "cache.top_k"),
+        ("cache-teacher", ["teacher.tiny=llama-tiny", "data.files=[{data}]", "cache.dir=c", "cache.value_bits=30"],
+         "cache.value_bits"),
+        ("cache-teacher", ["teacher.tiny=llama-tiny", "cache.dir=c"], "data.files"),
+        ("distill", ["teacher.cache=/nonexistent/cache"], "teacher.cache"),
+        ("prune", ["teacher.cache={tmp}", "teacher.tiny=llama-tiny", "prune.target.num_hidden_layers=1",
+                   "data.files=[{data}]"], "teacher.cache"),
+        ("distill", ["teacher.cache={tmp}", "distill.features.weight=1"], "distill.features.weight"),
+        ("distill", ["teacher.cache={tmp}", "hooks.pre=[prune]", "prune.target.num_hidden_layers=1"], "teacher.path"),
+        ("distill", ["teacher.cache={tmp}", "student.cache={tmp}"], "student.cache"),
+    ],
+)
+def test_cache_keys_are_validated(command, overrides, key, tmp_path):
+    data = tmp_path / "a.txt"
+    data.write_text("hello")
+    cfg = composed(f"command={command}", *(o.format(tmp=tmp_path, data=data) for o in overrides))
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert str(err.value).startswith(f"{key}=") and "fix:" in str(err.value)
+
+
+def test_cached_distill_needs_no_teacher_path_or_data(tmp_path):
+    validate(composed("command=distill", f"teacher.cache={tmp_path}"))
