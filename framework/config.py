@@ -53,7 +53,7 @@ class ModelSourceConfig:
     path: str | None = None
     tiny: str | None = None
     config: dict[str, Any] = field(default_factory=_shape_overrides)
-    init: str = "auto"  # auto | pretrained | random
+    init: str = "auto"  # auto (path given: its weights; its config.* overrides must match) | pretrained | random
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     attn_implementation: str = "auto"
     cache: str | None = None  # teacher only: a `sapling cache-teacher` output to distil from, no teacher model

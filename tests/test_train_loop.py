@@ -161,3 +161,25 @@ def test_trainer_fused_loss_matches_reference_loss(tmp_path, tokenizer, packed, 
         losses[name] = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["event"] == "train"]
     assert len(losses["fused"]) == 5
     assert losses["fused"] == pytest.approx(losses["reference"], rel=1e-5)
+
+
+def test_path_with_shape_overrides_is_refused_unless_they_match(teacher_dir):
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM
+
+    from sapling.models import build_model, source_config
+
+    reference = AutoModelForCausalLM.from_pretrained(teacher_dir)
+
+    def src(init: str = "auto", **config):
+        return OmegaConf.create({"path": str(teacher_dir), "tiny": None, "config": config, "init": init,
+                                 "dtype": "float32", "attn_implementation": "sdpa"})
+
+    same = src(hidden_size=reference.config.hidden_size, num_hidden_layers=None)  # a preset's matching override
+    model = build_model(same, source_config(same), torch.device("cpu"))
+    assert torch.equal(model.model.embed_tokens.weight, reference.model.embed_tokens.weight)  # loaded, not random
+    other = src(num_hidden_layers=1)
+    with pytest.raises(ValueError, match=r"config.num_hidden_layers=1 \(checkpoint: 2\).*init=random"):
+        build_model(other, source_config(other), torch.device("cpu"))
+    random = src("random", num_hidden_layers=1)
+    assert build_model(random, source_config(random), torch.device("cpu")).config.num_hidden_layers == 1

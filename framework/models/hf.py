@@ -41,6 +41,20 @@ def _plain(overrides: Any) -> dict[str, Any]:
     return {k: v for k, v in dict(overrides or {}).items() if v is not None}
 
 
+def changed_fields(src: Any) -> dict[str, tuple[Any, Any]]:
+    """Config overrides of a model source that differ from its checkpoint's config: {field: (checkpoint, override)}.
+
+    With `init=auto` such overrides mean "this architecture at another shape, randomly initialised", which is
+    almost never what a `path` plus a leftover override (e.g. an experiment preset's shape) was meant to do:
+    `build_model` refuses that case instead of silently training from a random model.
+    """
+    given = _plain(src.config)
+    if src.path is None or not given:
+        return {}
+    base = AutoConfig.from_pretrained(os.path.expanduser(src.path))
+    return {k: (getattr(base, k, None), v) for k, v in given.items() if getattr(base, k, None) != v}
+
+
 def apply_overrides(config: PretrainedConfig, overrides: Any) -> PretrainedConfig:
     """A copy of `config` with HF config fields replaced (e.g. {"num_hidden_layers": 2})."""
     config = copy.deepcopy(config)
@@ -103,7 +117,13 @@ def build_model(
 
     dtype = resolve_dtype(src.dtype, device)
     attn = resolve_attn_implementation(src.attn_implementation, device, dtype)
-    pretrained = src.init == "pretrained" or (src.init == "auto" and src.path is not None and not _plain(src.config))
+    pretrained = src.init == "pretrained" or (src.init == "auto" and src.path is not None
+                                              and not changed_fields(src))
+    if src.init == "auto" and src.path is not None and not pretrained:
+        diff = ", ".join(f"config.{k}={v!r} (checkpoint: {c!r})" for k, (c, v) in changed_fields(src).items())
+        raise ValueError(f"{src.path}: {diff} change the checkpoint's shape, so init=auto would build a randomly "
+                         "initialised model; drop those overrides (set them to null) to load the checkpoint, or set "
+                         "init=random if a random model of that shape is what you want")
     with model_init_scope(ds_config) as partitioned:
         if pretrained:
             if src.path is None:
