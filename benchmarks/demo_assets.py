@@ -1,0 +1,185 @@
+"""Shared by the benchmarks that run on the demo teacher (`benchmarks/prune.py`, `benchmarks/cache.py`).
+
+The demo assets (corpus, tokenizer, trained teacher) come from the pipeline's cache, exactly as `sapling
+pipeline experiment=demo` builds them; `distill_overrides` gives the `sapling distill experiment=demo
+hooks.pre=[prune]` command line the benchmarks run through the Python API; `reference` builds the teacher
+as those runs do; the rest is bookkeeping for the results files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import subprocess
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from sapling.commands import load_data, select_device
+from sapling.config import register_configs, validate
+from sapling.eval.perplexity import evaluate_lm
+from sapling.models import apply_overrides, build_model, count_parameters, load_tokenizer, source_config
+from sapling.train.loop import fit
+from sapling.train.metrics import MetricsLogger
+
+REPO = Path(__file__).resolve().parents[1]
+
+TARGET_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+ALL_VAL = 1_000_000  # trainer.eval_batches: more than there are, i.e. the whole validation split
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+
+def compose_cfg(*overrides: str) -> DictConfig:
+    """The project's config tree composed with Hydra overrides, as `sapling <command> ...` would."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(files("sapling.conf")), version_base=None):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    validate(cfg)
+    return cfg
+
+
+@dataclass
+class DemoAssets:
+    corpus: Path
+    tokenizer_dir: Path
+    teacher_dir: Path
+    teacher_note: str
+    demo_teacher_fields: list[str]  # the demo's teacher.config shape overrides, cleared when loading the checkpoint
+
+
+def demo_assets(cache_dir: str | None, work: Path, teacher_steps: int | None = None) -> DemoAssets:
+    """The demo corpus, tokenizer and trained teacher, from the pipeline's cache (built there when missing).
+
+    Mirrors steps 1-2 of `sapling.pipeline.run_pipeline` (same cache keys), so a teacher trained by
+    `sapling pipeline experiment=demo` is reused and one trained here is reused by the pipeline.
+    `teacher_steps` overrides `pipeline.teacher_steps` (another cache key: the demo's teacher is not touched).
+    """
+    from sapling.pipeline import _atomic_dir, _sha, _stage_cfg, stdlib_corpus, train_bpe_tokenizer
+
+    overrides = ["command=pipeline", "experiment=demo", "logger=none", f"output_dir={work / 'teacher'}"]
+    if cache_dir:
+        overrides.append(f"cache_dir={cache_dir}")
+    if teacher_steps is not None:
+        overrides.append(f"pipeline.teacher_steps={teacher_steps}")
+    cfg = compose_cfg(*overrides)
+    cache = Path(cfg.cache_dir) / "demo"
+    corpus = stdlib_corpus(cache, cfg.pipeline.corpus.max_bytes)
+    tok_dir = train_bpe_tokenizer(corpus, cfg.pipeline.corpus.vocab_size, cache)
+    cfg = OmegaConf.merge(cfg, {"data": {"files": [str(corpus)]}})
+    tokenizer = load_tokenizer(str(tok_dir))
+    data = load_data(cfg, tokenizer)
+    device = select_device(cfg)
+    teacher_cfg = apply_overrides(source_config(cfg.teacher), {"vocab_size": len(tokenizer)})
+    tcfg = _stage_cfg(cfg, max_steps=cfg.pipeline.teacher_steps, lr=cfg.pipeline.teacher_lr, save_every=0)
+    key = _sha(data.fingerprint, teacher_cfg.to_dict(), OmegaConf.to_container(tcfg.trainer))[:12]
+    cached = cache / f"teacher-{key}"
+    if (cached / "config.json").exists():
+        note = f"cached: {cached}"
+    else:
+        print(f"training the demo teacher ({cfg.pipeline.teacher_steps} steps), to be cached at {cached}", flush=True)
+        note = f"trained by this run ({cfg.pipeline.teacher_steps} steps), cached at {cached}"
+        src = OmegaConf.create({"path": None, "tiny": None, "config": {}, "init": "random",
+                                "dtype": cfg.teacher.dtype, "attn_implementation": "sdpa"})
+        model = build_model(src, teacher_cfg, device, seed=cfg.seed)
+        out = work / "teacher"
+        metrics = MetricsLogger(out, None)
+        try:
+            res = fit(tcfg, student=model, teacher=None, tokenizer=tokenizer, data=data, output_dir=out,
+                      metrics=metrics, device=device, desc="teacher")
+        finally:
+            metrics.close()
+        _atomic_dir(cached, lambda tmp: shutil.copytree(res.model_dir, tmp, dirs_exist_ok=True))
+    return DemoAssets(corpus=corpus, tokenizer_dir=tok_dir, teacher_dir=cached, teacher_note=note,
+                      demo_teacher_fields=[k for k, v in cfg.teacher.config.items() if v is not None])
+
+
+@dataclass
+class Reference:
+    """The teacher as the runs build it, and the validation blocks they are scored on."""
+
+    teacher: torch.nn.Module
+    val: Any
+    device: torch.device
+    micro_batch_size: int
+    params: int
+    val_loss: float
+    val_tokens: int
+
+
+def reference(cfg: DictConfig) -> Reference:
+    """Build the teacher exactly as a run composed as `cfg` does and check it is the trained checkpoint (not a
+    random model of its shape) by its validation loss."""
+    device = select_device(cfg)
+    teacher = build_model(cfg.teacher, source_config(cfg.teacher), device, seed=cfg.seed).eval()
+    data = load_data(cfg, load_tokenizer(cfg.data.tokenizer))
+    val = evaluate_lm(teacher, data.val, micro_batch_size=cfg.trainer.micro_batch_size,
+                      max_batches=cfg.trainer.eval_batches, device=device)
+    uniform = math.log(teacher.config.vocab_size)
+    if val["loss"] > 0.9 * uniform:
+        raise RuntimeError(f"the runs' teacher has validation loss {val['loss']:.3f} (uniform: {uniform:.3f}): "
+                           f"it is not the trained checkpoint {cfg.teacher.path}")
+    return Reference(teacher, data.val, device, cfg.trainer.micro_batch_size, count_parameters(teacher),
+                     val["loss"], val["tokens"])
+
+
+def demo_overrides(assets: DemoAssets, command: str, out: Path) -> list[str]:
+    """`sapling <command> experiment=demo` on the cached teacher and the demo corpus, data and trainer seeds 0."""
+    return [
+        f"command={command}", "experiment=demo", "logger=none", f"output_dir={out}",
+        # The demo's teacher.config shape overrides would make `init=auto` build a random model of that shape
+        # (a Hydra override cannot empty a dict): clear them and insist on the checkpoint's weights.
+        f"teacher.path={assets.teacher_dir}", "teacher.tiny=null", "teacher.init=pretrained",
+        *(f"teacher.config.{k}=null" for k in assets.demo_teacher_fields),
+        f"data.files=[{assets.corpus}]", f"data.tokenizer={assets.tokenizer_dir}",
+        # `seed` (prune.importance=random draws its scores from it) also seeds the data split and the trainer
+        # through interpolation: pin those so every run sees the same data in the same order.
+        "data.seed=0", "trainer.seed=0", "trainer.progress=false",
+    ]
+
+
+def distill_overrides(assets: DemoAssets, out: Path, steps: int, target: dict[str, int], *extra: str) -> list[str]:
+    """`sapling distill experiment=demo hooks.pre=[prune]` on the cached teacher, evaluated on all of val."""
+    shape = {k: target.get(k) for k in TARGET_KEYS}  # unset fields: the teacher's (the demo sets all five)
+    return [
+        *demo_overrides(assets, "distill", out),
+        "hooks.pre=[prune]", f"trainer.max_steps={steps}", "trainer.eval_every=0", f"trainer.eval_batches={ALL_VAL}",
+        "trainer.resume=false",
+        *(f"prune.target.{k}={'null' if v is None else v}" for k, v in shape.items()),
+        *extra,
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------- bookkeeping
+
+
+def events(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
+        return sha + (" (+ uncommitted changes)" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
