@@ -255,10 +255,10 @@ def read_throughput(cache_dir: Path, batches: int, warmup: int, seed: int) -> di
     blocks = TeacherCache(cache_dir, verify=False).packed_data().train
     it = iter(ResumableLoader(blocks, READ_MICRO_BATCH, seed=seed))
     for _ in range(warmup):
-        next(it)
+        blocks.decode(next(it))
     tokens, t0 = 0, time.perf_counter()
     for _ in range(batches):
-        batch = next(it)
+        batch = blocks.decode(next(it))  # what the training loop does (on CPU here)
         tokens += batch["input_ids"].numel()
     wall = time.perf_counter() - t0
     return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "batches": batches}

@@ -52,6 +52,8 @@ def loss_on_batch(
     intermediate-layer loss (normalised by the same token count).
     """
     input_ids, labels = batch["input_ids"], batch["labels"]
+    if "teacher_records" in batch:
+        raise ValueError("the batch holds packed teacher records: decode it first (CachedTeacherBlocks.decode)")
     head = install_kd_head(student)
     cached = "teacher_lp" in batch
     if teacher is None:

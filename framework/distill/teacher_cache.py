@@ -526,13 +526,14 @@ class TeacherCache:
 
 
 class CachedTeacherBlocks:
-    """Training blocks read from a teacher cache: ``blocks[i]`` is a LongTensor [L] of token ids and
-    ``get_batch(indices)`` also returns the teacher's top-k for every position that predicts a next token
-    (``teacher_lp`` float32 and ``teacher_idx`` int64, [B*(L-1), k], row order of the flattened
-    ``labels[:, 1:]``), which the distillation step feeds to the fused loss's top-k path."""
+    """Training blocks read from a teacher cache: ``blocks[i]`` is a LongTensor [L] of token ids, and
+    ``get_batch(indices)`` also returns the packed top-k records of every position that predicts a next
+    token (``teacher_records`` uint8 [B*(L-1), R], row order of the flattened ``labels[:, 1:]``): a quarter
+    of the bytes of decoded fp32 + int64 top-k to copy to the device. ``decode(batch)``, called by the
+    training loop once the batch is on its device, turns them into ``teacher_lp`` (float32) and
+    ``teacher_idx`` (int64) [B*(L-1), k] for the fused loss's top-k path."""
 
     has_teacher = True
-
     def __init__(self, cache: TeacherCache) -> None:
         self.cache = cache
 
@@ -557,9 +558,14 @@ class CachedTeacherBlocks:
     def get_batch(self, indices: Any) -> dict[str, torch.Tensor]:
         read = [self.cache.read(int(i)) for i in np.asarray(indices, dtype=np.int64)]
         ids = torch.from_numpy(np.stack([t for t, _ in read]).astype(np.int64))
-        records = np.concatenate([r for _, r in read])
-        lp, idx = decode_records(records, self.cache.layout)
-        return {"input_ids": ids, "teacher_lp": lp, "teacher_idx": idx}
+        records = torch.from_numpy(np.concatenate([r for _, r in read]))
+        return {"input_ids": ids, "teacher_records": records}
+
+    def decode(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``batch`` with its packed records replaced by the decoded top-k, on the records' device."""
+        out = dict(batch)
+        out["teacher_lp"], out["teacher_idx"] = decode_records(out.pop("teacher_records"), self.cache.layout)
+        return out
 
     def __repr__(self) -> str:
         return f"CachedTeacherBlocks({self.cache.root}, num_blocks={len(self)}, seq_len={self.seq_len})"

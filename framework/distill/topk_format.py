@@ -142,21 +142,24 @@ def pack_fields(fields: np.ndarray, widths: list[int], record_bytes: int) -> np.
     return out[:, :record_bytes]
 
 
-def unpack_fields(records: np.ndarray, widths: list[int]) -> np.ndarray:
-    """Inverse of :func:`pack_fields`: [n, record_bytes] uint8 -> [n, F] uint64.
+def unpack_fields(records: np.ndarray | torch.Tensor, widths: list[int]) -> torch.Tensor:
+    """Inverse of :func:`pack_fields`: [n, record_bytes] uint8 -> [n, F] int64, on the records' device.
 
-    Each field is read as the little-endian 64-bit word starting at its first byte, shifted and masked
-    (one gather per field, no per-bit work); fields must be at most 57 bits wide.
+    Each field is read from the little-endian word that starts at its first byte (only as many bytes as
+    the widest field can span), shifted and masked: one gather per record, no per-bit work, so it runs
+    as well on the GPU the records were copied to. Fields must be at most 57 bits wide (int64 words).
     """
-    records = np.asarray(records, dtype=np.uint8)
+    if isinstance(records, np.ndarray):
+        records = torch.from_numpy(np.ascontiguousarray(records, dtype=np.uint8))
     n, nbytes = records.shape
     offsets = np.concatenate([[0], np.cumsum(widths)[:-1]]).astype(np.int64)
-    padded = np.zeros((n, nbytes + 8), dtype=np.uint8)
-    padded[:, :nbytes] = records
-    window = (offsets // 8)[:, None] + np.arange(8)  # [F, 8] byte positions of each field's word
-    words = np.ascontiguousarray(padded[:, window]).view("<u8")[..., 0]  # [n, F]
-    shifts = (offsets % 8).astype(np.uint64)
-    masks = np.array([(1 << w) - 1 for w in widths], dtype=np.uint64)
+    span = (7 + max(widths) + 7) // 8  # bytes a field can touch from its first byte
+    padded = torch.nn.functional.pad(records, (0, span))
+    window = torch.from_numpy((offsets // 8)[:, None] + np.arange(span)).to(records.device)  # [F, span]
+    byte_shift = torch.arange(0, 8 * span, 8, device=records.device)
+    words = (padded[:, window].long() << byte_shift).sum(dim=-1)  # [n, F]; disjoint bits, so sum == or
+    shifts = torch.from_numpy(offsets % 8).to(records.device)
+    masks = torch.tensor([(1 << w) - 1 for w in widths], dtype=torch.int64, device=records.device)
     return (words >> shifts) & masks
 
 
@@ -183,23 +186,30 @@ def encode_records(logp: np.ndarray | torch.Tensor, indices: np.ndarray | torch.
     return pack_fields(fields, field_widths(layout), layout.record_bytes)
 
 
-def decode_codes(records: np.ndarray, layout: RecordLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """records -> (value codes [n, k], indices [n, k], tail code [n]) exactly as packed."""
+def decode_codes(records: np.ndarray | torch.Tensor, layout: RecordLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """records -> (value codes [n, k], indices [n, k], tail code [n]) exactly as packed (numpy, uint64)."""
+    codes, idx, tail = _decode_fields(records, layout)
+    return (codes.cpu().numpy().astype(np.uint64), idx.cpu().numpy().astype(np.uint64),
+            tail.cpu().numpy().astype(np.uint64))
+
+
+def _decode_fields(records: np.ndarray | torch.Tensor, layout: RecordLayout
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     fields = unpack_fields(records, field_widths(layout))
     entries, tail = fields[:, :-1], fields[:, -1]
-    index_mask = np.uint64((1 << layout.index_bits) - 1)
-    return entries >> np.uint64(layout.index_bits), entries & index_mask, tail
+    return entries >> layout.index_bits, entries & ((1 << layout.index_bits) - 1), tail
 
 
-def decode_records(records: np.ndarray, layout: RecordLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """records -> (log-probs float32 [n, k], indices int64 [n, k]) for the fused loss's top-k path.
+def decode_records(records: np.ndarray | torch.Tensor, layout: RecordLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """records -> (log-probs float32 [n, k], indices int64 [n, k]) for the fused loss's top-k path, on the
+    records' device (the trainer copies the packed bytes to the GPU and decodes there).
 
     The log-probs are shifted by one constant per token so that sum(exp(logp)) = 1 - tail (see the
     module docstring); the indices are exact.
     """
-    codes, idx, tail = decode_codes(records, layout)
-    logp = torch.from_numpy(dequantize_nll(codes, layout))
-    log_tail = torch.from_numpy(dequantize_nll(tail, layout)).double()
+    codes, idx, tail = _decode_fields(records, layout)
+    logp = codes.float() * -layout.step
+    log_tail = tail.float() * -layout.step
     head_mass = (-torch.expm1(log_tail)).clamp(min=1e-30).log()  # log(1 - tail)
-    shift = head_mass - torch.logsumexp(logp.double(), dim=1)
-    return (logp.double() + shift[:, None]).float(), torch.from_numpy(idx.astype(np.int64))
+    shift = head_mass - torch.logsumexp(logp, dim=1)
+    return logp + shift[:, None], idx

@@ -192,6 +192,8 @@ def fit(
     with StopRequest() as stop:
         for step in range(start_step, t.max_steps):
             micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(t.grad_accum)]
+            if cached_teacher:  # packed top-k records were copied; decode them on the device
+                micro = [data.train.decode(mb) for mb in micro]
             valid = [count_valid(mb["labels"]) for mb in micro]
             num_valid = int(sum_across_ranks([sum(valid)], device)[0])  # the whole global batch's valid tokens
             step_loss, step_kd, step_ce, step_feat, step_top1 = 0.0, 0.0, 0.0, 0.0, 0.0

@@ -78,7 +78,7 @@ def test_cache_holds_the_tokens_and_the_teachers_topk(teacher_cache, packed, tea
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     blocks = cache.packed_data().train
     picks = [0, 99, 100, 345, cache.num_sequences - 1]
-    batch = blocks.get_batch(picks)
+    batch = blocks.decode(blocks.get_batch(picks))
     torch.testing.assert_close(batch["input_ids"], packed.train.get_batch(picks), rtol=0, atol=0)
     lp, idx, tail = teacher_topk(teacher, batch["input_ids"], 16, 1.0)
     _, records = zip(*(cache.read(i) for i in picks), strict=True)
@@ -183,7 +183,8 @@ def test_cached_step_is_the_fused_topk_loss(teacher_cache):
     torch.manual_seed(0)
     cfg = apply_overrides(AutoConfig.from_pretrained(cache.teacher_config_dir), {"num_hidden_layers": 1})
     student = AutoModelForCausalLM.from_config(cfg)
-    batch = cache.packed_data().train.get_batch([3, 90, 300])
+    blocks = cache.packed_data().train
+    batch = blocks.decode(blocks.get_batch([3, 90, 300]))
     batch["labels"] = batch["input_ids"].clone()
     distill = OmegaConf.create({"divergence": "forward_kl", "beta": 0.5, "temperature": 1.0, "kd_weight": 1.0,
                                 "ce_weight": 0.25})

@@ -30,7 +30,7 @@ def main(result: str, cache_dir: str) -> None:
     blocks = TeacherCache(cache_dir).packed_data().train
     loader = ResumableLoader(blocks, 1, rank=env.rank, world_size=env.world_size, seed=7)
     batches = iter(loader)
-    mine = [digest(next(batches)) for _ in range(len(blocks) // env.world_size)]
+    mine = [digest(blocks.decode(next(batches))) for _ in range(len(blocks) // env.world_size)]
     everyone: list = [None] * env.world_size
     dist.all_gather_object(everyone, mine)
     if env.rank == 0:
