@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import logging
 import math
 import os
 import platform
@@ -55,7 +54,6 @@ import shlex
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -70,15 +68,16 @@ from demo_assets import (  # noqa: E402  (benchmarks/ is not a package)
     TARGET_KEYS,
     DemoAssets,
     Reference,
+    add_demo_arguments,
     compose_cfg,
-    cpu_model,
-    demo_assets,
     demo_overrides,
     distill_overrides,
     events,
-    git_commit,
+    quick_defaults,
     reference,
+    start_benchmark,
 )
+from machine import cpu_model, git_commit  # noqa: E402
 
 from sapling.commands import run_cache_teacher, run_distill
 from sapling.data import ResumableLoader
@@ -479,14 +478,10 @@ def header(args: argparse.Namespace, assets: DemoAssets, ref: Reference, cfg: Di
 
 def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
-    work = Path(args.work or tempfile.mkdtemp(prefix="sapling-bench-cache-"))
-    work.mkdir(parents=True, exist_ok=True)
-    print(f"work dir: {work}", flush=True)
+    work, assets, extra = start_benchmark(args, "cache")
     rng = np.random.default_rng(0)
-    assets = demo_assets(args.cache_dir, work, args.teacher_steps)
     target = demo_target()
     cache_dir = work / "teacher-cache"
-    extra = [f"prune.calibration.samples={args.calibration_samples}"] if args.calibration_samples else []
     if args.max_tokens:
         extra.append(f"data.max_tokens={args.max_tokens}")
     # The cached runs' configs are composed once the cache exists (validation checks teacher.cache).
@@ -563,21 +558,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--read-warmup", type=int, default=10, help="untimed loader batches first")
     p.add_argument("--fidelity-batches", type=int, default=None, help="validation batches of table 2 (all: None)")
     p.add_argument("--max-tokens", type=int, default=None, help="data.max_tokens of every run (all of the corpus)")
-    p.add_argument("--calibration-samples", type=int, default=None, help="prune.calibration.samples (demo: 256)")
-    p.add_argument("--teacher-steps", type=int, default=None, help="pipeline.teacher_steps (demo: 400)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: a 20-step teacher (cached apart from the demo's), 10 steps, 200k tokens")
-    p.add_argument("--cache-dir", default=None, help="cache_dir (default: $SAPLING_CACHE or ~/.cache/sapling)")
-    p.add_argument("--work", default=None, help="where the runs and the teacher cache go (default: a new temp dir)")
     p.add_argument("--out", default=None, help="write the markdown here")
+    add_demo_arguments(p)
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.read_batches, args.read_warmup = 10, 30, 3
-        args.teacher_steps = args.teacher_steps or 20
         args.max_tokens = args.max_tokens or 200_000
-        args.calibration_samples = args.calibration_samples or 32
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        quick_defaults(args)
     return run(args)
 
 

@@ -8,11 +8,12 @@ as those runs do; the rest is bookkeeping for the results files.
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import math
-import platform
-import shutil
-import subprocess
+import os
+import tempfile
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -25,9 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from sapling.commands import load_data, select_device
 from sapling.config import register_configs, validate
 from sapling.eval.perplexity import evaluate_lm
-from sapling.models import apply_overrides, build_model, count_parameters, load_tokenizer, source_config
-from sapling.train.loop import fit
-from sapling.train.metrics import MetricsLogger
+from sapling.models import build_model, count_parameters, load_tokenizer, source_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,14 +55,40 @@ class DemoAssets:
     demo_teacher_fields: list[str]  # the demo's teacher.config shape overrides, cleared when loading the checkpoint
 
 
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every demo-teacher benchmark takes (see `start_benchmark`)."""
+    p.add_argument("--calibration-samples", type=int, default=None, help="prune.calibration.samples (demo: 256)")
+    p.add_argument("--teacher-steps", type=int, default=None, help="pipeline.teacher_steps (demo: 400)")
+    p.add_argument("--cache-dir", default=None, help="cache_dir (default: $SAPLING_CACHE or ~/.cache/sapling)")
+    p.add_argument("--work", default=None, help="where the runs write (default: a new temp dir)")
+
+
+def quick_defaults(args: argparse.Namespace) -> None:
+    """`--quick`: a 20-step teacher (cached apart from the demo's) and a small calibration sample."""
+    args.teacher_steps = args.teacher_steps or 20
+    args.calibration_samples = args.calibration_samples or 32
+
+
+def start_benchmark(args: argparse.Namespace, name: str) -> tuple[Path, DemoAssets, list[str]]:
+    """The work directory, the demo assets, and the overrides every run of the benchmark gets."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    work = Path(args.work or tempfile.mkdtemp(prefix=f"sapling-bench-{name}-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"work dir: {work}", flush=True)
+    assets = demo_assets(args.cache_dir, work, args.teacher_steps)
+    extra = [f"prune.calibration.samples={args.calibration_samples}"] if args.calibration_samples else []
+    return work, assets, extra
+
+
 def demo_assets(cache_dir: str | None, work: Path, teacher_steps: int | None = None) -> DemoAssets:
     """The demo corpus, tokenizer and trained teacher, from the pipeline's cache (built there when missing).
 
-    Mirrors steps 1-2 of `sapling.pipeline.run_pipeline` (same cache keys), so a teacher trained by
-    `sapling pipeline experiment=demo` is reused and one trained here is reused by the pipeline.
+    Steps 1-2 of `sapling.pipeline.run_pipeline` (the same functions, so the same cache keys): a teacher
+    trained by `sapling pipeline experiment=demo` is reused and one trained here is reused by the pipeline.
     `teacher_steps` overrides `pipeline.teacher_steps` (another cache key: the demo's teacher is not touched).
     """
-    from sapling.pipeline import _atomic_dir, _sha, _stage_cfg, stdlib_corpus, train_bpe_tokenizer
+    from sapling.pipeline import stdlib_corpus, train_bpe_tokenizer, trained_demo_teacher
 
     overrides = ["command=pipeline", "experiment=demo", "logger=none", f"output_dir={work / 'teacher'}"]
     if cache_dir:
@@ -76,28 +101,8 @@ def demo_assets(cache_dir: str | None, work: Path, teacher_steps: int | None = N
     tok_dir = train_bpe_tokenizer(corpus, cfg.pipeline.corpus.vocab_size, cache)
     cfg = OmegaConf.merge(cfg, {"data": {"files": [str(corpus)]}})
     tokenizer = load_tokenizer(str(tok_dir))
-    data = load_data(cfg, tokenizer)
-    device = select_device(cfg)
-    teacher_cfg = apply_overrides(source_config(cfg.teacher), {"vocab_size": len(tokenizer)})
-    tcfg = _stage_cfg(cfg, max_steps=cfg.pipeline.teacher_steps, lr=cfg.pipeline.teacher_lr, save_every=0)
-    key = _sha(data.fingerprint, teacher_cfg.to_dict(), OmegaConf.to_container(tcfg.trainer))[:12]
-    cached = cache / f"teacher-{key}"
-    if (cached / "config.json").exists():
-        note = f"cached: {cached}"
-    else:
-        print(f"training the demo teacher ({cfg.pipeline.teacher_steps} steps), to be cached at {cached}", flush=True)
-        note = f"trained by this run ({cfg.pipeline.teacher_steps} steps), cached at {cached}"
-        src = OmegaConf.create({"path": None, "tiny": None, "config": {}, "init": "random",
-                                "dtype": cfg.teacher.dtype, "attn_implementation": "sdpa"})
-        model = build_model(src, teacher_cfg, device, seed=cfg.seed)
-        out = work / "teacher"
-        metrics = MetricsLogger(out, None)
-        try:
-            res = fit(tcfg, student=model, teacher=None, tokenizer=tokenizer, data=data, output_dir=out,
-                      metrics=metrics, device=device, desc="teacher")
-        finally:
-            metrics.close()
-        _atomic_dir(cached, lambda tmp: shutil.copytree(res.model_dir, tmp, dirs_exist_ok=True))
+    cached, _, note = trained_demo_teacher(cfg, tokenizer, load_data(cfg, tokenizer), select_device(cfg),
+                                           work / "teacher")
     return DemoAssets(corpus=corpus, tokenizer_dir=tok_dir, teacher_dir=cached, teacher_note=note,
                       demo_teacher_fields=[k for k, v in cfg.teacher.config.items() if v is not None])
 
@@ -163,23 +168,3 @@ def distill_overrides(assets: DemoAssets, out: Path, steps: int, target: dict[st
 
 def events(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
-        return sha + (" (+ uncommitted changes)" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"

@@ -59,6 +59,8 @@ LABELS = {
 }
 REF_CHUNK = 256
 RESULT_TAG = "RESULT "
+from machine import cpu_model  # noqa: E402  (benchmarks/, the script's own folder)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -320,17 +322,6 @@ def _spawn(argv: list[str], env_extra: dict[str, str] | None = None, timeout: fl
     return {"error": f"failed: worker exit {proc.returncode}: {tail[0][:300]}"}
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _liger_version() -> str | None:
     try:
         from importlib.metadata import version
@@ -478,7 +469,7 @@ def render_goals(results: dict, variants: list[str]) -> str:
 
 
 def render_header(args, shapes: dict, peak: dict | None) -> str:
-    dev = _cpu_model() if args.device == "cpu" else (peak or {}).get("name", "cuda")
+    dev = cpu_model() if args.device == "cpu" else (peak or {}).get("name", "cuda")
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     lines = [
         "# Fused linear KD loss benchmark",

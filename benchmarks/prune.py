@@ -24,14 +24,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import logging
 import math
 import os
 import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,14 +43,15 @@ from demo_assets import (  # noqa: E402  (benchmarks/ is not a package)
     TARGET_KEYS,
     DemoAssets,
     Reference,
+    add_demo_arguments,
     compose_cfg,
-    cpu_model,
-    demo_assets,
     distill_overrides,
     events,
-    git_commit,
+    quick_defaults,
     reference,
+    start_benchmark,
 )
+from machine import cpu_model, git_commit  # noqa: E402
 
 from sapling.commands import run_distill
 from sapling.distill.step import final_hidden
@@ -249,11 +248,7 @@ def header(args: argparse.Namespace, assets: DemoAssets, ref: Reference, calibra
 
 def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
-    work = Path(args.work or tempfile.mkdtemp(prefix="sapling-bench-prune-"))
-    work.mkdir(parents=True, exist_ok=True)
-    print(f"work dir: {work}", flush=True)
-    assets = demo_assets(args.cache_dir, work, args.teacher_steps)
-    extra = [f"prune.calibration.samples={args.calibration_samples}"] if args.calibration_samples else []
+    work, assets, extra = start_benchmark(args, "prune")
 
     # Every config is composed before any run, so config files edited meanwhile cannot mix into the benchmark.
     cases: list[tuple[str, str, int, list[str], DictConfig]] = []  # (table, name, seed or rounds, overrides, cfg)
@@ -315,21 +310,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=150, help="distillation steps after pruning (table 1)")
     p.add_argument("--rounds-steps", type=int, default=300, help="total distillation steps (table 2)")
     p.add_argument("--random-seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--calibration-samples", type=int, default=None, help="prune.calibration.samples (demo: 256)")
     p.add_argument("--no-rounds", action="store_true", help="skip table 2")
-    p.add_argument("--teacher-steps", type=int, default=None, help="pipeline.teacher_steps (demo: 400)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: a 20-step teacher (cached apart from the demo's), few steps, one random seed")
-    p.add_argument("--cache-dir", default=None, help="cache_dir (default: $SAPLING_CACHE or ~/.cache/sapling)")
-    p.add_argument("--work", default=None, help="where the runs write (default: a new temp dir)")
     p.add_argument("--out", default=None, help="write the markdown (+ .json beside it) here")
+    add_demo_arguments(p)
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.rounds_steps, args.random_seeds = 4, 8, args.random_seeds[:1]
-        args.teacher_steps = args.teacher_steps or 20
-        args.calibration_samples = args.calibration_samples or 32
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        quick_defaults(args)
     return run(args)
 
 

@@ -45,7 +45,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -55,6 +54,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine import cpu_model, git_commit  # noqa: E402  (benchmarks/, the script's own folder)
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from sapling.config import DistillConfig
@@ -373,34 +373,10 @@ def _rate(flop_per_s: float) -> str:
     return f"{flop_per_s / 1e12:.1f} TFLOP/s" if flop_per_s >= 1e12 else f"{flop_per_s / 1e9:.1f} GFLOP/s"
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _git_commit() -> str:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
-        return sha + (" (+ uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def render_header(args, shapes: dict, teacher, student, peak: float | None) -> str:
     import transformers
 
-    dev = _cpu_model() if args.device == "cpu" else torch.cuda.get_device_name()
+    dev = cpu_model() if args.device == "cpu" else torch.cuda.get_device_name()
 
     def desc(m) -> str:
         c = m.config
@@ -415,7 +391,7 @@ def render_header(args, shapes: dict, teacher, student, peak: float | None) -> s
         "",
         f"- command: `{' '.join(shlex.quote(a) for a in ['python', *sys.argv])}`",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; "
-        f"git commit {_git_commit()}",
+        f"git commit {git_commit()}",
         f"- device: {args.device} ({dev}); torch threads: {torch.get_num_threads()}; os.cpu_count: "
         f"{os.cpu_count()}; load average at the start: {args.load_start}, at the end: {_load()}",
         f"- torch {torch.__version__}; transformers {transformers.__version__}; "

@@ -107,6 +107,14 @@ def check_tokenizer_fits(tokenizer: Any, model_cfg: Any, key: str) -> None:
                           "tokens", f"use the tokenizer the model was trained with, or set {key}.config.vocab_size")
 
 
+def student_config(cfg: DictConfig, teacher_cfg: Any) -> Any:
+    """The student's HF config: `student.path`'s, or the teacher's with `student.config` overrides; checked."""
+    student_cfg = source_config(cfg.student, base=teacher_cfg if cfg.student.path is None else None)
+    check_shape("student.config", student_cfg)
+    check_vocab(teacher_cfg, student_cfg)
+    return student_cfg
+
+
 def check_prune_target(cfg: DictConfig, teacher_cfg: Any) -> None:
     """Fail before any model loads when `prune.target` cannot be met (explicit fields or a budget)."""
     resolve_target(teacher_cfg, OmegaConf.to_container(cfg.prune.target))
@@ -185,9 +193,7 @@ def run_distill(cfg: DictConfig) -> TrainResult:
     if pruning:
         check_prune_target(cfg, teacher_cfg)
     else:
-        student_cfg = source_config(cfg.student, base=teacher_cfg if cfg.student.path is None else None)
-        check_shape("student.config", student_cfg)
-        check_vocab(teacher_cfg, student_cfg)
+        student_cfg = student_config(cfg, teacher_cfg)
     tokenizer = load_tokenizer(tokenizer_path(cfg, "teacher", "student"))
     check_tokenizer_fits(tokenizer, teacher_cfg, "teacher.config")
     device = setup_distributed(cfg)
@@ -239,9 +245,7 @@ def run_distill_from_cache(cfg: DictConfig) -> TrainResult:
                               "prune the teacher the cache came from, or write a cache from this teacher")
         check_prune_target(cfg, source_cfg)
     else:
-        student_cfg = source_config(cfg.student, base=teacher_cfg if cfg.student.path is None else None)
-        check_shape("student.config", student_cfg)
-        check_vocab(teacher_cfg, student_cfg)
+        student_cfg = student_config(cfg, teacher_cfg)
     device = setup_distributed(cfg)
     if cfg.cache.verify:
         cache.verify()

@@ -28,8 +28,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sapling.commands import load_data, prepare_output, select_device
-from sapling.config import check_shape, check_vocab
+from sapling.commands import load_data, prepare_output, select_device, student_config
+from sapling.config import check_shape
 from sapling.data import unigram_cross_entropy
 from sapling.eval.perplexity import evaluate_lm
 from sapling.eval.report import write_report
@@ -125,6 +125,32 @@ def _stage_cfg(cfg: DictConfig, **trainer: Any) -> DictConfig:
     return stage
 
 
+def trained_demo_teacher(cfg: DictConfig, tokenizer: Any, data: Any, device: Any, out: Path) -> tuple[Path, Any, str]:
+    """The `teacher.config`-shaped teacher trained with CE for `pipeline.teacher_steps` on `data`, cached in
+    `cache_dir/demo` per (data, shape, schedule): (checkpoint dir, its config, a note saying whether it was
+    trained now). The benchmarks on the demo teacher get it here too, so they and the pipeline share it."""
+    cache = Path(cfg.cache_dir) / "demo"
+    teacher_cfg = apply_overrides(source_config(cfg.teacher), {"vocab_size": len(tokenizer)})
+    check_shape("teacher.config", teacher_cfg)
+    tcfg = _stage_cfg(cfg, max_steps=cfg.pipeline.teacher_steps, lr=cfg.pipeline.teacher_lr, save_every=0)
+    key = _sha(data.fingerprint, teacher_cfg.to_dict(), OmegaConf.to_container(tcfg.trainer))[:12]
+    cached = cache / f"teacher-{key}"
+    if (cached / "config.json").exists():
+        return cached, teacher_cfg, f"cached: {cached}"
+    log.info("training the demo teacher (%d steps), to be cached at %s", cfg.pipeline.teacher_steps, cached)
+    src = OmegaConf.create({"path": None, "tiny": None, "config": {}, "init": "random", "dtype": cfg.teacher.dtype,
+                            "attn_implementation": "sdpa"})
+    model = build_model(src, teacher_cfg, device, seed=cfg.seed)
+    tm = MetricsLogger(out, cfg.logger, OmegaConf.to_container(tcfg), prefix="teacher/")
+    try:
+        res = fit(tcfg, student=model, teacher=None, tokenizer=tokenizer, data=data, output_dir=out, metrics=tm,
+                  device=device, desc="teacher")
+    finally:
+        tm.close()
+    _atomic_dir(cached, lambda tmp: shutil.copytree(res.model_dir, tmp, dirs_exist_ok=True))
+    return cached, teacher_cfg, f"trained now ({cfg.pipeline.teacher_steps} steps), cached at {cached}"
+
+
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     out = prepare_output(cfg)
@@ -162,26 +188,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         teacher = build_model(cfg.teacher, teacher_cfg, device)
         teacher_note = cfg.teacher.path
     else:
-        teacher_cfg = apply_overrides(source_config(cfg.teacher), {"vocab_size": len(tokenizer)})
-        check_shape("teacher.config", teacher_cfg)
-        tcfg = _stage_cfg(cfg, max_steps=cfg.pipeline.teacher_steps, lr=cfg.pipeline.teacher_lr, save_every=0)
-        key = _sha(data.fingerprint, teacher_cfg.to_dict(), OmegaConf.to_container(tcfg.trainer))[:12]
-        cached = cache / f"teacher-{key}"
-        if (cached / "config.json").exists():
-            teacher_note = f"cached: {cached}"
-        else:
-            teacher_note = f"trained now ({cfg.pipeline.teacher_steps} steps), cached at {cached}"
-            student_src = OmegaConf.create({"path": None, "tiny": None, "config": {}, "init": "random",
-                                            "dtype": cfg.teacher.dtype, "attn_implementation": "sdpa"})
-            model = build_model(student_src, teacher_cfg, device, seed=cfg.seed)
-            tm = MetricsLogger(out / "teacher", cfg.logger, OmegaConf.to_container(tcfg), prefix="teacher/")
-            try:
-                res = fit(tcfg, student=model, teacher=None, tokenizer=tokenizer, data=data,
-                          output_dir=out / "teacher", metrics=tm, device=device, desc="teacher")
-            finally:
-                tm.close()
-            _atomic_dir(cached, lambda tmp: shutil.copytree(res.model_dir, tmp, dirs_exist_ok=True))
-            del model
+        cached, teacher_cfg, teacher_note = trained_demo_teacher(cfg, tokenizer, data, device, out / "teacher")
         teacher = build_model(OmegaConf.create({**OmegaConf.to_container(cfg.teacher), "path": str(cached),
                                                 "config": {}, "tiny": None}), teacher_cfg, device)
     stage("teacher", t0)
@@ -200,9 +207,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         stage("prune", t0)
         t0 = time.perf_counter()
     else:
-        student_cfg = source_config(cfg.student, base=teacher_cfg if cfg.student.path is None else None)
-        check_shape("student.config", student_cfg)
-        check_vocab(teacher_cfg, student_cfg)
+        student_cfg = student_config(cfg, teacher_cfg)
         student = build_model(cfg.student, student_cfg, device, seed=cfg.seed + 1)
         kd_cfg = cfg
     kd_name = "student (pruned + distilled)" if pruned else "student (distilled)"

@@ -353,9 +353,13 @@ def write_teacher_cache(
         crcs = np.array([_sequence_crc(tokens[i], recs[i]) for i in range(len(seqs))], dtype="<u4")
         name = shard_name(shard)
         path = root / "shards" / f"{name}.bin"
-        _atomic_bytes(path, [tokens.data, recs.data, crcs.data])
+        sections = [tokens.data, recs.data, crcs.data]
+        digest = hashlib.sha256()
+        for section in sections:  # hashed from memory: no second read of the file just written
+            digest.update(section)
+        _atomic_bytes(path, sections)
         sidecar = {"shard": shard, "file": f"shards/{name}.bin", "first_sequence": seqs.start,
-                   "num_sequences": len(seqs), "bytes": path.stat().st_size, "sha256": _sha256_file(path),
+                   "num_sequences": len(seqs), "bytes": path.stat().st_size, "sha256": digest.hexdigest(),
                    "writer_rank": rank, "writer_world_size": world, "wall_s": round(time.perf_counter() - ts, 3)}
         _atomic_json(root / "shards" / f"{name}.json", sidecar)
         written += 1
@@ -534,6 +538,7 @@ class CachedTeacherBlocks:
     ``teacher_idx`` (int64) [B*(L-1), k] for the fused loss's top-k path."""
 
     has_teacher = True
+
     def __init__(self, cache: TeacherCache) -> None:
         self.cache = cache
 
