@@ -23,6 +23,8 @@ commands:
   train      train model.path (or model.tiny) with cross-entropy: from scratch or fine-tuning
   distill    distil teacher.path into a student (student.path, student.config overrides, or hooks.pre=[prune])
   prune      prune teacher.path to prune.target.<hf_field>=N (Minitron-style importance); writes model/
+  quantize   quantize model.path (GPTQ/RTN, int4 g128 or int8; quant.guided with teacher.path) into a
+             compressed-tensors checkpoint (output_dir/model) that vLLM/SGLang/transformers load
   eval       perplexity of model.path (and teacher.path) on data.files; writes report.md
   export     checkpoint=<dir> [output=<dir>]: an HF model from a training checkpoint (DeepSpeed ZeRO or not)
   cache-teacher  one teacher pass writing its top-k distributions to cache.dir (distill teacher.cache=<dir>)
@@ -32,6 +34,8 @@ examples:
   sapling distill teacher.path=T student.config.num_hidden_layers=8 data.files=[a.jsonl] trainer.max_steps=1000
   sapling prune teacher.path=T prune.target.intermediate_size=1024 prune.target.num_hidden_layers=6 data.files=[a.txt]
   sapling eval model.path=outputs/distill/.../model data.files=[held_out.txt]
+  sapling quantize model.path=outputs/distill/.../model data.files=[a.jsonl] quant.scheme=w4a16
+  sapling distill teacher.path=T student.path=S data.files=[a.jsonl] hooks.post=[quantize] quant.guided=true
   torchrun --nproc-per-node 8 -m sapling distill deepspeed=zero3 teacher.path=T student.path=S data.files=[a.jsonl]
   sapling export checkpoint=outputs/distill/.../checkpoints output=student_step1000
   sapling cache-teacher teacher.path=T data.files=[a.jsonl] cache.top_k=64 cache.dir=cache/T-k64
@@ -62,6 +66,10 @@ def _dispatch(cfg: DictConfig) -> None:
             from sapling.commands import run_prune
 
             run_prune(cfg)
+        elif cfg.command == "quantize":
+            from sapling.commands import run_quantize
+
+            run_quantize(cfg)
         elif cfg.command == "eval":
             from sapling.commands import run_eval
 

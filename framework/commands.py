@@ -153,6 +153,16 @@ def train_with_hooks(cfg: DictConfig, command: str, *, teacher: torch.nn.Module 
             raise ValueError("no student: give student.path / student.config, or hooks.pre=[prune]")
         if teacher_for_hooks_only:
             ctx.teacher = teacher = None
+        if cfg.quant.aware:  # train through the export's quantized weights (straight-through)
+            from sapling.quant.numerics import spec_from_config
+            from sapling.quant.qat import enable_quant_aware
+
+            names = enable_quant_aware(ctx.student, spec_from_config(cfg.quant), list(cfg.quant.ignore),
+                                       cfg.quant.skip_incompatible)
+            metrics.log({"event": "quant_aware", "linears": len(names), "format": spec_from_config(cfg.quant).label})
+            if "quantize" not in cfg.hooks.post:
+                log.warning("quant.aware=true without hooks.post=[quantize]: the run saves the latent weights "
+                            "only; export them with `sapling quantize model.path=%s/model quant.method=rtn`", out)
         start = {"event": "start", "command": command, "student_params": count_parameters(ctx.student),
                  "teacher_params": count_parameters(teacher) if teacher is not None else 0,
                  "train_tokens": data.train.num_tokens}
@@ -375,6 +385,36 @@ def run_train(cfg: DictConfig) -> TrainResult:
                         ds_config=engine_ds_config(cfg, "student", cfg.model, device))
     return train_with_hooks(cfg, "train", teacher=None, student=model, tokenizer=tokenizer, data=data, out=out,
                             device=device)
+
+
+def run_quantize(cfg: DictConfig) -> dict[str, Any]:
+    """`sapling quantize model.path=S`: post-training quantization of S into `output_dir/model`
+    (compressed-tensors), with a report of validation perplexity and size before and after."""
+    from sapling.quant.hook import SUMMARY_COLUMNS, quantize_student, summary_rows
+
+    model_cfg = source_config(cfg.model)
+    tokenizer = load_tokenizer(tokenizer_path(cfg, "model"))
+    device = select_device(cfg)
+    out = prepare_output(cfg)
+    data = load_data(cfg, tokenizer) if (cfg.data.files or cfg.data.hub_name) else None
+    src = OmegaConf.merge(cfg.model, {"dtype": "float32"})  # quantize from full-precision weights
+    model = build_model(src, model_cfg, device, seed=cfg.seed)
+    teacher = None
+    if cfg.quant.guided:
+        teacher = build_model(cfg.teacher, source_config(cfg.teacher), device, seed=cfg.seed)
+    metrics = MetricsLogger(out, None)
+    try:
+        summary = quantize_student(cfg, model, teacher=teacher, data=data, tokenizer=tokenizer, device=device,
+                                   out_dir=out / "model", metrics=metrics)
+    finally:
+        metrics.close()
+    write_report(out / "report.md", "Sapling quantization report", [
+        ("Validation perplexity and size", SUMMARY_COLUMNS, summary_rows(summary)),
+        ("Export", f"- {cfg.model.path} -> {out / 'model'} (compressed-tensors pack-quantized, "
+                   f"{summary['quantized_linears']} linears quantized, {len(summary['skipped'])} left 16-bit; "
+                   f"quantization took {summary['quantize_s']:.1f} s)"),
+    ])
+    return summary
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:

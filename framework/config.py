@@ -18,7 +18,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-COMMANDS = ("pipeline", "train", "distill", "prune", "eval", "cache-teacher")
+COMMANDS = ("pipeline", "train", "distill", "prune", "quantize", "eval", "cache-teacher")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 FEATURE_LOSSES = ("cosine", "mse")
 DATA_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
@@ -143,9 +143,31 @@ class PruneConfig:
 
 
 @dataclass
+class QuantCalibrationConfig:
+    samples: int = 128  # sequences from the training split (GPTQ's Hessians, guided saliency)
+    batch_size: int = 8
+
+
+@dataclass
 class QuantConfig:
-    scheme: str = "w4a16"
+    """Weight-only quantization (conf/quant/): `sapling quantize`, `hooks.post=[quantize]`, `quant.aware`."""
+
+    scheme: str = "w4a16"  # w4a16 (int4, groups of group_size) | w8a16 (int8, per output channel)
     group_size: int = 128
+    method: str = "auto"  # auto (gptq; rtn with quant.aware) | gptq | rtn
+    guided: bool = False  # weight GPTQ's Hessians by distillation-loss saliency (needs the teacher)
+    guided_groups: int = 4  # groups of output rows with their own saliency-weighted Hessian
+    aware: bool = False  # distill: train with fake-quantized weights (export numerics, straight-through)
+    act_order: bool = True  # GPTQ: columns by decreasing Hessian diagonal, static groups
+    block_size: int = 128  # GPTQ: columns per lazy-update block
+    damp: float = 0.01  # GPTQ: damping, a fraction of the mean Hessian diagonal
+    calibration: QuantCalibrationConfig = field(default_factory=QuantCalibrationConfig)
+    dtype: str = "bfloat16"  # export dtype of the scales and of everything left unquantized
+    ignore: list[str] = field(default_factory=lambda: ["lm_head"])  # names (or re:<regex>) kept 16-bit
+    skip_incompatible: bool = False  # leave linears whose input width group_size does not divide 16-bit
+    offload: bool = False  # keep the model in CPU memory; one decoder layer at a time on the device
+    eval: bool = True  # validation perplexity before and after, in the report
+    output: str | None = None  # post-hook export dir; null: <output_dir>/model-<scheme>
 
 
 @dataclass
@@ -239,6 +261,7 @@ class PipelineConfig:
     teacher_steps: int = 400
     teacher_lr: float = 2e-3
     scratch_baseline: bool = True  # also train the student shape from scratch with CE for the same steps
+    quantize: bool = True  # end with the distilled student quantized (quant.*) and exported
 
 
 @dataclass
@@ -389,6 +412,43 @@ def check_cache(cfg: DictConfig) -> None:
                "also pass teacher.path=<the checkpoint the cache was written from> (used for pruning only)")
 
 
+def check_quant(cfg: DictConfig) -> None:
+    """`quant.*`, for `sapling quantize`, `hooks.post=[quantize]` and `quant.aware`."""
+    q, cmd = cfg.quant, cfg.command
+    _check(q.scheme in ("w4a16", "w8a16"), "quant.scheme", q.scheme, "unknown scheme",
+           "use w4a16 (int4, groups of quant.group_size) or w8a16 (int8 per channel)")
+    _check(q.group_size >= 1 and q.group_size % 8 == 0, "quant.group_size", q.group_size,
+           "must be a positive multiple of 8", "use 128 (what serving kernels expect) or 64/32")
+    _check(q.method in ("auto", "gptq", "rtn"), "quant.method", q.method, "unknown method", "use auto, gptq or rtn")
+    _check(q.dtype in ("bfloat16", "float16", "float32"), "quant.dtype", q.dtype, "unknown export dtype",
+           "use bfloat16 (or float16)")
+    _check(q.guided_groups >= 1, "quant.guided_groups", q.guided_groups, "must be >= 1", "e.g. 4")
+    _check(q.block_size >= 1, "quant.block_size", q.block_size, "must be >= 1", "use 128")
+    _check(0 < q.damp < 1, "quant.damp", q.damp, "must be in (0, 1)", "use 0.01")
+    _check(q.calibration.samples >= 1 and q.calibration.batch_size >= 1, "quant.calibration.samples",
+           q.calibration.samples, "samples and batch_size must be >= 1", "e.g. quant.calibration.samples=128")
+    quantizing = cmd == "quantize" or "quantize" in cfg.hooks.post or (cmd == "pipeline" and cfg.pipeline.quantize)
+    if q.aware:
+        _check(cmd in ("distill", "train"), "quant.aware", q.aware, f"`sapling {cmd}` does not train",
+               "use quant.aware=true with `sapling distill` (then hooks.post=[quantize] exports it)")
+        _check(q.method in ("auto", "rtn") and not q.guided, "quant.method", q.method,
+               "quantization-aware training learns the round-to-nearest export; GPTQ/guided would change the weights",
+               "drop quant.method and quant.guided (auto exports with rtn after quant.aware)")
+    if quantizing and q.guided:
+        _check(cfg.teacher.path is not None or cfg.teacher.tiny is not None or cmd == "pipeline", "quant.guided",
+               q.guided, "distillation-guided GPTQ needs the teacher's distributions on the calibration data",
+               "pass teacher.path=<teacher checkpoint>, or drop quant.guided")
+        _check(q.method != "rtn", "quant.method", q.method, "guided saliency weights GPTQ's Hessians; rtn has none",
+               "use quant.method=gptq (or auto) with quant.guided=true")
+    if cmd == "quantize":
+        _check(cfg.model.path is not None, "model.path", None, "quantize needs a model",
+               "pass model.path=<HF checkpoint dir, e.g. a distill run's output_dir/model>")
+        gptq = q.method == "gptq" or (q.method == "auto" and not q.aware)
+        _check(not (gptq or q.eval) or bool(cfg.data.files) or cfg.data.hub_name is not None, "data.files", None,
+               "GPTQ calibration and the perplexity report need data", "pass data.files=[...] (or quant.method=rtn "
+               "quant.eval=false to quantize without data)")
+
+
 DEEPSPEED_COMMANDS = ("train", "distill", "cache-teacher")
 
 
@@ -518,6 +578,7 @@ def validate(cfg: DictConfig) -> None:
                "pass teacher.path=<HF checkpoint dir or hub id>" + (" or teacher.cache=<cache dir>" if cmd == "distill"
                                                                     else ""))
     check_cache(cfg)
+    check_quant(cfg)
     if cmd in ("train", "eval"):
         _check(cfg.model.path is not None or cfg.model.tiny is not None, "model.path", None,
                f"{cmd} needs a model", "pass model.path=<HF checkpoint dir> (or model.tiny=<name> to train from scratch)")

@@ -53,6 +53,7 @@ def register_hook(name: str, stage: str) -> Callable[[Callable[[HookContext], No
 def _load_builtin_hooks() -> None:
     """Hooks that live beside the code they drive register themselves on import."""
     import sapling.prune.hook  # noqa: F401
+    import sapling.quant.hook  # noqa: F401
 
 
 def available(stage: str) -> list[str]:

@@ -1,0 +1,238 @@
+"""Quantize a trained student and export it: `hooks.post=[quantize]`, `sapling quantize`, the pipeline.
+
+`quantize_student` is the one recipe all three run: check every linear can be stored (before any work),
+take calibration batches from the training split, optionally the distillation-guided saliency from the
+teacher, quantize layer by layer (GPTQ) or round to nearest, write the compressed-tensors checkpoint,
+then load that checkpoint back with transformers and measure its validation perplexity (the number
+reported is the served model's, not a simulation's).
+
+Under torchrun with ZeRO the post-hook quantizes on rank 0 from the consolidated checkpoint the
+training loop saved (`output_dir/model`); the other ranks wait on a barrier without a deadline (GPTQ
+of a large model takes longer than a collective's timeout) and re-raise rank 0's error if it failed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sapling.quant.export import checkpoint_bytes, export_compressed
+from sapling.quant.layerwise import plan_targets, quantize_model
+from sapling.quant.numerics import QuantSpec, spec_from_config
+from sapling.train.hooks import HookContext, register_hook
+
+log = logging.getLogger("sapling")
+
+
+def resolve_method(quant_cfg: Any) -> str:
+    """`auto` is GPTQ, except after quantization-aware training, whose export is RTN (what was trained)."""
+    if quant_cfg.method != "auto":
+        return quant_cfg.method
+    return "rtn" if quant_cfg.aware else "gptq"
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast parameters and persistent buffers to `dtype` in place, as a checkpoint saved in `dtype` loads.
+
+    `model.to(dtype)` would also cast non-persistent buffers such as rotary `inv_freq`, which a loaded
+    checkpoint recomputes in float32; the logits would then differ from the served model's.
+    """
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.is_floating_point() and name not in module._non_persistent_buffers_set:
+                module._buffers[name] = buf.to(dtype)
+    return model
+
+
+def load_quantized(model_dir: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A compressed-tensors export loaded by transformers with its weights decompressed (for evaluation)."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    with warnings.catch_warnings():  # "the checkpoint's own quantization_config is used": that is intended
+        warnings.filterwarnings("ignore", message=".*quantization_config.*")
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), quantization_config=CompressedTensorsConfig(
+            dequantize=True))
+    return model.to(device)
+
+
+def sixteen_bit_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's weights stored in 16 bits (tied weights once): the unquantized baseline's size."""
+    return 2 * sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def quantize_student(cfg: DictConfig, model: torch.nn.Module, *, teacher: torch.nn.Module | None, data: Any,
+                     tokenizer: Any, device: torch.device, out_dir: str | Path, metrics: Any) -> dict[str, Any]:
+    """Quantize `model` in place per `cfg.quant` and export it to `out_dir`; returns the summary row.
+
+    `data`: PackedData (train split for calibration, val split for the perplexities) or None (RTN only).
+    `teacher`: needed with `quant.guided`.
+    """
+    from sapling.eval.perplexity import evaluate_lm
+    from sapling.prune.hook import calibration_batches
+
+    q = cfg.quant
+    spec: QuantSpec = spec_from_config(q)
+    method = resolve_method(q)
+    targets, skipped, ignored = plan_targets(model, spec, list(q.ignore), q.skip_incompatible)  # fails early
+    if skipped:
+        log.warning("quantize: %d linear(s) left 16-bit (input width not a multiple of %s): %s", len(skipped),
+                    spec.group_size, ", ".join(skipped[:4]) + (" ..." if len(skipped) > 4 else ""))
+    t0 = time.perf_counter()
+    ev = cfg.eval
+    evaluate = q.eval and data is not None and len(data.val) > 0
+
+    def val(m: torch.nn.Module) -> dict[str, float]:
+        return evaluate_lm(m, data.val, micro_batch_size=ev.micro_batch_size, max_batches=ev.batches, device=device)
+
+    summary: dict[str, Any] = {"scheme": q.scheme, "dtype": q.dtype, "format": spec.label, "method": method, "guided": bool(q.guided),
+                               "act_order": bool(q.act_order) if method == "gptq" else None,
+                               "quantized_linears": len(targets), "skipped": skipped,
+                               "bytes_16bit": sixteen_bit_bytes(model)}
+    if evaluate:
+        import copy
+
+        summary["val_16bit"] = val(cast_parameters(copy.deepcopy(model), spec.scale_dtype))
+    batches: list[torch.Tensor] = []
+    if method == "gptq":
+        if data is None or len(data.train) == 0:
+            raise ValueError("GPTQ needs calibration data: pass data.files=[...] (or use quant.method=rtn)")
+        c = q.calibration
+        batches = [b["input_ids"] for b in calibration_batches(data.train, c.samples, c.batch_size,
+                                                                torch.device("cpu"), seed=cfg.seed)]
+    saliency = None
+    if q.guided:
+        from sapling.quant.guided import distillation_saliency
+
+        if teacher is None:
+            raise ValueError("quant.guided=true needs the teacher (teacher.path) for the distillation saliency")
+        saliency = distillation_saliency(model, teacher, batches, targets, groups=q.guided_groups,
+                                         divergence=cfg.distill.divergence, temperature=cfg.distill.temperature,
+                                         device=device, progress=cfg.trainer.progress)
+        summary["saliency_s"] = time.perf_counter() - t0
+
+    def on_layer(index: int, seconds: float) -> None:
+        metrics.log({"event": "quantize_layer", "layer": index, "wall_s": seconds})
+
+    result = quantize_model(model, spec, method=method, batches=batches, device=device, ignore=list(q.ignore),
+                            skip_incompatible=q.skip_incompatible, block_size=q.block_size, damp=q.damp,
+                            act_order=q.act_order, saliency=saliency, offload=q.offload,
+                            progress=cfg.trainer.progress, on_layer=on_layer)
+    out = export_compressed(model, result, out_dir, tokenizer)
+    summary.update({"quantize_s": time.perf_counter() - t0, "bytes": checkpoint_bytes(out), "model_dir": str(out)})
+    if evaluate:
+        served = load_quantized(out, device)
+        summary["val_quantized"] = val(served)
+        del served
+    metrics.log({"event": "quantize", **{k: v for k, v in summary.items() if k != "skipped"},
+                 "skipped": len(skipped)})
+    return summary
+
+
+def summary_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """Report rows (16-bit, quantized) for a quantize summary."""
+
+    def ppl(key: str) -> tuple[str, str]:
+        v = summary.get(key)
+        return (f"{v['loss']:.4f}", f"{v['ppl']:.2f}") if v else ("-", "-")
+
+    method = summary["method"] + (" + guided" if summary["guided"] else "")
+    return [
+        [f"16-bit ({summary['dtype']})", "-", *ppl("val_16bit"),
+         f"{summary['bytes_16bit'] / 1e6:.2f} (computed)"],
+        [f"{summary['format']} {method}", summary["scheme"], *ppl("val_quantized"), f"{summary['bytes'] / 1e6:.2f}"],
+    ]
+
+
+SUMMARY_COLUMNS = ["model", "scheme", "val loss (nats/token)", "val perplexity", "weights on disk (MB)"]
+
+
+def _long_barrier() -> Any:
+    """A gloo group whose collectives wait (almost) indefinitely: the ranks idle while rank 0 quantizes."""
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
+
+
+@register_hook("quantize", "post")
+def quantize_hook(ctx: HookContext) -> None:
+    """Quantize the trained student (`output_dir/model`) into `quant.output` (default `model-<scheme>`)."""
+    import torch.distributed as dist
+
+    from sapling.train.distributed import rank_world
+
+    cfg = ctx.cfg
+    rank, world = rank_world()
+    model_dir = ctx.result.model_dir if ctx.result is not None else None
+    out_dir = Path(cfg.quant.output) if cfg.quant.output else Path(cfg.output_dir) / f"model-{cfg.quant.scheme}"
+    group = _long_barrier() if world > 1 else None
+    error = None
+    if rank == 0:
+        try:
+            if model_dir is None:
+                raise ValueError("hooks.post=[quantize] needs the trained student's checkpoint (output_dir/model)")
+            summary = _quantize_saved(cfg, Path(model_dir), ctx, out_dir)
+            ctx.extras["quantize"] = summary
+            from sapling.eval.report import write_report
+
+            write_report(Path(cfg.output_dir) / "quantize_report.md", "Sapling quantization", [
+                ("Validation perplexity and size", SUMMARY_COLUMNS, summary_rows(summary)),
+                ("Export", f"- compressed-tensors pack-quantized checkpoint: {summary['model_dir']}\n"
+                           f"- load: `AutoModelForCausalLM.from_pretrained(\"{summary['model_dir']}\")` "
+                           "(transformers), or serve it with vLLM / SGLang"),
+            ])
+        except BaseException as e:  # the other ranks must learn of it instead of waiting forever
+            error = f"{type(e).__name__}: {e}"
+            if world == 1:
+                raise
+            status = [error]
+            dist.broadcast_object_list(status, src=0, group=group)
+            raise
+    if world > 1:
+        status = [error]
+        dist.broadcast_object_list(status, src=0, group=group)
+        if status[0] is not None:
+            raise RuntimeError(f"quantization on rank 0 failed: {status[0]}")
+
+
+def _quantize_saved(cfg: DictConfig, model_dir: Path, ctx: HookContext, out_dir: Path) -> dict[str, Any]:
+    """Rank 0: the saved student (consolidated weights) on this rank's device, quantized and exported."""
+    from transformers import AutoModelForCausalLM
+
+    device = ctx.device
+    student = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device)
+    teacher = None
+    if cfg.quant.guided:
+        teacher = _plain_teacher(cfg, ctx, device)
+    return quantize_student(cfg, student, teacher=teacher, data=ctx.data, tokenizer=ctx.tokenizer, device=device,
+                            out_dir=out_dir, metrics=ctx.metrics)
+
+
+def _plain_teacher(cfg: DictConfig, ctx: HookContext, device: torch.device) -> torch.nn.Module:
+    """The teacher as an ordinary module on this process: the one in memory, or loaded from teacher.*."""
+    from sapling.models import build_model, source_config
+
+    teacher = ctx.teacher
+    if teacher is not None and not any(hasattr(p, "ds_id") for p in teacher.parameters()):
+        return teacher
+    if cfg.teacher.path is None and cfg.teacher.tiny is None:
+        raise ValueError("quant.guided=true needs the teacher: pass teacher.path")
+    plain = OmegaConf.merge(cfg.teacher, {"cache": None})
+    return build_model(plain, source_config(plain), device, seed=cfg.seed)
+
+
+def quantized_ppl_note(summary: dict[str, Any]) -> str:
+    """`ppl 16-bit -> quantized (+x%)` for logs."""
+    a, b = summary.get("val_16bit"), summary.get("val_quantized")
+    if not a or not b:
+        return "no validation data"
+    return f"perplexity {a['ppl']:.2f} -> {b['ppl']:.2f} ({(b['ppl'] / a['ppl'] - 1) * 100:+.1f}%)"
