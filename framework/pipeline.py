@@ -8,7 +8,9 @@ Python standard library's own source files:
 3. a smaller student, pruned from the teacher (`hooks.pre=[prune]`, Minitron-style importance) or the
    teacher's architecture at the `student.config` shape with random weights, distilled from it;
 4. the same student shape from random weights trained with CE for the same steps, as the baseline;
-5. perplexities of all of them and of a unigram model on held-out files -> `report.md`.
+5. the distilled student quantized (GPTQ int4 by default, `quant.*`) and exported as a compressed-tensors
+   checkpoint (`model-w4a16/`), its perplexity measured on the export as transformers loads it;
+6. perplexities of all of them and of a unigram model on held-out files -> `report.md`.
 """
 
 from __future__ import annotations
@@ -151,6 +153,20 @@ def trained_demo_teacher(cfg: DictConfig, tokenizer: Any, data: Any, device: Any
     return cached, teacher_cfg, f"trained now ({cfg.pipeline.teacher_steps} steps), cached at {cached}"
 
 
+def quantize_sections(summary: dict[str, Any] | None, out: Path) -> list[tuple]:
+    """The report's quantization section: the student in 16 bits vs quantized, perplexity and size."""
+    if summary is None:
+        return []
+    from sapling.quant.hook import SUMMARY_COLUMNS, summary_rows
+
+    where = Path(summary["model_dir"]).relative_to(out) if Path(summary["model_dir"]).is_relative_to(out) else \
+        summary["model_dir"]
+    return [("Quantized student (validation perplexity and size)", SUMMARY_COLUMNS, summary_rows(summary)),
+            ("Export", f"- `{where}`: compressed-tensors pack-quantized, {summary['quantized_linears']} linears "
+                       f"quantized in {summary['quantize_s']:.1f} s; lm_head and embeddings stay 16-bit; load it with "
+                       "`AutoModelForCausalLM.from_pretrained` or serve it with vLLM / SGLang")]
+
+
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     out = prepare_output(cfg)
@@ -234,7 +250,23 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
             bm.close()
         stage("scratch", t0)
 
-    # 5. evaluation on the whole held-out split + report
+    # 5. the distilled student quantized (quant.*) and exported as compressed-tensors; its perplexity is the
+    #    exported checkpoint's, loaded by transformers
+    quantized = None
+    if cfg.pipeline.quantize:
+        from sapling.quant.hook import quantize_student
+
+        t0 = time.perf_counter()
+        fresh = build_model(OmegaConf.create({"path": str(out / "distill" / "model"), "tiny": None, "config": {},
+                                              "init": "pretrained", "dtype": "float32",
+                                              "attn_implementation": cfg.student.attn_implementation}),
+                            student.config, device)
+        quantized = quantize_student(cfg, fresh, teacher=teacher, data=data, tokenizer=tokenizer, device=device,
+                                     out_dir=out / f"model-{cfg.quant.scheme}", metrics=metrics)
+        del fresh
+        stage("quantize", t0)
+
+    # 6. evaluation on the whole held-out split + report
     t0 = time.perf_counter()
     models = {"teacher": teacher, kd_name: student}
     if scratch is not None:
@@ -266,6 +298,12 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     for name in [n for n in models if n != "teacher"]:
         rows.append([name, f"{count_parameters(models[name]):,}", f"{evals[name]['loss']:.4f}",
                      f"{evals[name]['ppl']:.2f}", str(cfg.trainer.max_steps)])
+        if name == kd_name and quantized is not None and "val_quantized" in quantized:
+            q = quantized["val_quantized"]
+            qname = f"{kd_name[:-1]}, {quantized['format']} {quantized['method']}" + \
+                (" + guided" if quantized["guided"] else "") + ")"
+            rows.append([qname, f"{count_parameters(models[name]):,}", f"{q['loss']:.4f}", f"{q['ppl']:.2f}",
+                         str(cfg.trainer.max_steps)])
     shape_keys = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                   "num_key_value_heads", "vocab_size")
     shapes = [[k, getattr(teacher_cfg, k), getattr(student_cfg, k)] for k in shape_keys]
@@ -290,6 +328,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         ("Validation perplexity", ["model", "params", "loss (nats/token)", "perplexity", "train steps"], rows),
         ("Result", verdict),
         ("Shapes", ["field", "teacher", "student"], shapes),
+        *quantize_sections(quantized, out),
     ])
     print((out / "report.md").read_text())
-    return {"evals": evals, "unigram": unigram, "timings": timings, "output_dir": str(out)}
+    return {"evals": evals, "unigram": unigram, "timings": timings, "output_dir": str(out), "quantized": quantized}

@@ -11,7 +11,8 @@ TOY = [
     "prune.target.hidden_size=32", "prune.target.intermediate_size=64", "prune.target.num_hidden_layers=1",
     "prune.target.num_attention_heads=2", "prune.target.num_key_value_heads=1", "prune.calibration.samples=16",
     "data.seq_len=32", "trainer.max_steps=6", "trainer.micro_batch_size=4", "trainer.log_every=2",
-    "trainer.eval_every=3", "trainer.eval_batches=2", "eval.batches=4", "logger=none",
+    "trainer.eval_every=3", "trainer.eval_batches=2", "eval.batches=4", "logger=none", "quant.group_size=32",
+    "quant.calibration.samples=8",
 ]
 
 
@@ -36,6 +37,16 @@ def test_pipeline_end_to_end_and_teacher_cache(cli, tmp_path):
     for stage in ("teacher", "distill", "scratch"):
         recs = [json.loads(x) for x in (first / stage / "metrics.jsonl").read_text().splitlines()]
         assert any(r["event"] == "done" for r in recs), stage
+    # the demo ends quantized: GPTQ + guided int4 export, its perplexity and size in the report
+    quant = next(e for e in events if e["event"] == "quantize")
+    assert quant["method"] == "gptq" and quant["guided"] and quant["format"] == "w4g32"
+    export = first / "model-w4a16"
+    qcfg = json.loads((export / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == "compressed-tensors" and qcfg["format"] == "pack-quantized"
+    assert 0 < quant["bytes"] < quant["bytes_16bit"]
+    q_row = next(line for line in report.splitlines() if "w4g32 gptq + guided" in line and "pruned + distilled" in line)
+    assert f"{quant['val_quantized']['ppl']:.2f}" in q_row
+    assert "Quantized student" in report and f"{quant['bytes'] / 1e6:.2f}" in report
 
     second = tmp_path / "second"
     res = cli("pipeline", *TOY, f"hydra.run.dir={second}")

@@ -70,7 +70,9 @@ def export_compressed(model: nn.Module, result: QuantResult, out_dir: str | os.P
         if not hasattr(m, "weight_scale"):
             raise RuntimeError(f"compressed-tensors did not attach a scale to {name}")
         m.weight_scale.data = scale.to(dtype).reshape(m.weight_scale.shape).clone()
-        m.weight.data = dequantize(q, scale.to(dtype), dtype)
+        # compressed-tensors re-derives the integers as round(weight / scale) in the weight's dtype: hand it
+        # the exact float32 product (a bf16 q * scale is rounded, enough to flip int8 values near 127).
+        m.weight.data = dequantize(q, scale.to(dtype).float())
     compressor = ModelCompressor.from_pretrained_model(export, quantization_format="pack-quantized")
     compressor.compress_model(export)
 

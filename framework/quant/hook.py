@@ -13,9 +13,11 @@ of a large model takes longer than a collective's timeout) and re-raise rank 0's
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +158,24 @@ def summary_rows(summary: dict[str, Any]) -> list[list[str]]:
 SUMMARY_COLUMNS = ["model", "scheme", "val loss (nats/token)", "val perplexity", "weights on disk (MB)"]
 
 
+@contextlib.contextmanager
+def _alone() -> Iterator[None]:
+    """Rank 0 working by itself while the other ranks wait: hide the process group.
+
+    compressed-tensors (compression, and decompression when transformers loads the export) switches to
+    collective code paths (broadcasts from a source rank) whenever `torch.distributed` is initialised;
+    called on one rank only, those would wait forever for the others.
+    """
+    import torch.distributed as dist
+
+    original = dist.is_initialized
+    dist.is_initialized = lambda: False
+    try:
+        yield
+    finally:
+        dist.is_initialized = original
+
+
 def _long_barrier() -> Any:
     """A gloo group whose collectives wait (almost) indefinitely: the ranks idle while rank 0 quantizes."""
     import torch.distributed as dist
@@ -180,7 +200,8 @@ def quantize_hook(ctx: HookContext) -> None:
         try:
             if model_dir is None:
                 raise ValueError("hooks.post=[quantize] needs the trained student's checkpoint (output_dir/model)")
-            summary = _quantize_saved(cfg, Path(model_dir), ctx, out_dir)
+            with _alone():
+                summary = _quantize_saved(cfg, Path(model_dir), ctx, out_dir)
             ctx.extras["quantize"] = summary
             from sapling.eval.report import write_report
 

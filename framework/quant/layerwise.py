@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from sapling.models import decoder_and_head
 from sapling.quant.gptq import gptq
-from sapling.quant.numerics import QuantSpec, dequantize, rtn
+from sapling.quant.numerics import QuantSpec, dequantize, rtn_export
 
 log = logging.getLogger("sapling")
 
@@ -183,7 +183,7 @@ def quantize_model(
     if method == "rtn":
         for name in tqdm(targets, desc="quantize (rtn)", disable=not progress, leave=False):
             w = modules[name].weight
-            q, scale = rtn(w.data.to(spec.scale_dtype), spec)
+            q, scale = rtn_export(w.data, spec)
             w.data.copy_(dequantize(q, scale, w.dtype))
             result.weights[name] = (q.cpu(), scale.cpu())
         result.wall_s = time.perf_counter() - t0
@@ -253,7 +253,7 @@ def quantize_model(
     for name in targets:
         if name not in result.weights:
             w = modules[name].weight
-            q, scale = rtn(w.data.to(spec.scale_dtype), spec)
+            q, scale = rtn_export(w.data, spec)
             w.data.copy_(dequantize(q, scale, w.dtype))
             result.weights[name] = (q.cpu(), scale.cpu())
     result.wall_s = time.perf_counter() - t0

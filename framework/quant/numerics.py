@@ -109,14 +109,20 @@ def rtn(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_with_scales(w, expand_scales(scale, w.shape[1]), spec), scale
 
 
+def rtn_export(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """RTN of `w` as the export stores it: the weight first cast to the export (scale) dtype."""
+    return rtn(w.detach().to(spec.scale_dtype), spec)
+
+
 def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """RTN quantize-dequantize of `w`, returned in `w`'s dtype (the export numerics, no gradient)."""
-    q, scale = rtn(w, spec)
+    """`rtn_export` quantize-dequantize of `w`, returned in `w`'s dtype (the export numerics, no gradient)."""
+    q, scale = rtn_export(w, spec)
     return dequantize(q, scale, w.dtype)
 
 
 class _STEFakeQuant(torch.autograd.Function):
-    """Forward: the export's quantize-dequantize; backward: the identity (straight-through estimator)."""
+    """Forward: the export's quantize-dequantize; backward: the identity (straight-through estimator), in the
+    latent weight's own dtype (casting to the export dtype inside autograd would round the gradient too)."""
 
     @staticmethod
     def forward(ctx, w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:  # type: ignore[override]

@@ -28,8 +28,7 @@ class FakeQuantLinear(nn.Linear):
     quant_spec: QuantSpec
 
     def quantized_weight(self) -> torch.Tensor:
-        w = self.weight
-        return fake_quantize_ste(w.to(self.quant_spec.scale_dtype), self.quant_spec).to(w.dtype)
+        return fake_quantize_ste(self.weight, self.quant_spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return F.linear(x, self.quantized_weight(), self.bias)
