@@ -123,3 +123,40 @@ def test_cache_keys_are_validated(command, overrides, key, tmp_path):
 
 def test_cached_distill_needs_no_teacher_path_or_data(tmp_path):
     validate(composed("command=distill", f"teacher.cache={tmp_path}"))
+
+
+@pytest.mark.parametrize(
+    "command, overrides, key",
+    [
+        ("quantize", ["model.tiny=llama-tiny"], "model.path"),
+        ("quantize", ["model.path={tmp}", "quant.scheme=w3a16"], "quant.scheme"),
+        ("quantize", ["model.path={tmp}", "quant.group_size=100"], "quant.group_size"),
+        ("quantize", ["model.path={tmp}", "quant.method=awq"], "quant.method"),
+        ("quantize", ["model.path={tmp}", "quant.damp=0"], "quant.damp"),
+        ("quantize", ["model.path={tmp}"], "data.files"),  # GPTQ calibration needs data
+        ("quantize", ["model.path={tmp}", "data.files=[{data}]", "quant.guided=true"], "quant.guided"),
+        ("quantize", ["model.path={tmp}", "data.files=[{data}]", "quant.aware=true"], "quant.aware"),
+        ("distill", ["teacher.tiny=llama-tiny", "data.files=[{data}]", "quant.aware=true", "quant.method=gptq"],
+         "quant.method"),
+        ("distill", ["teacher.tiny=llama-tiny", "data.files=[{data}]", "hooks.post=[quantize]", "quant.guided=true",
+                     "quant.method=rtn"], "quant.method"),
+    ],
+)
+def test_quant_keys_are_validated(command, overrides, key, tmp_path):
+    data = tmp_path / "a.txt"
+    data.write_text("hello")
+    (tmp_path / "config.json").write_text("{}")
+    cfg = composed(f"command={command}", *(o.format(tmp=tmp_path, data=data) for o in overrides))
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert str(err.value).startswith(f"{key}=") and "fix:" in str(err.value)
+
+
+def test_quant_configs_that_are_fine(tmp_path):
+    data = tmp_path / "a.txt"
+    data.write_text("hello")
+    (tmp_path / "config.json").write_text("{}")
+    validate(composed("command=quantize", f"model.path={tmp_path}", "quant.method=rtn", "quant.eval=false"))
+    validate(composed("command=distill", "teacher.tiny=llama-tiny", f"data.files=[{data}]", "quant.aware=true",
+                      "hooks.post=[quantize]"))
+    validate(composed("command=pipeline", "experiment=demo"))  # the demo quantizes with quant.guided=true
