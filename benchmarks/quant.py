@@ -54,12 +54,12 @@ from sapling.commands import run_distill, run_quantize  # noqa: E402
 
 DEMO_TARGET = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4,
                "num_key_value_heads": 2}
-ROWS = [  # (name, quant overrides)
-    ("RTN w4g128", ["quant.method=rtn"]),
-    ("GPTQ w4g128 (act-order)", ["quant.method=gptq", "quant.act_order=true"]),
-    ("GPTQ w4g128 (no act-order)", ["quant.method=gptq", "quant.act_order=false"]),
+ROWS = [  # (name, quant overrides; every key the demo preset sets is given, so rows differ only as named)
+    ("RTN w4g128", ["quant.method=rtn", "quant.guided=false"]),
+    ("GPTQ w4g128 (act-order)", ["quant.method=gptq", "quant.act_order=true", "quant.guided=false"]),
+    ("GPTQ w4g128 (no act-order)", ["quant.method=gptq", "quant.act_order=false", "quant.guided=false"]),
     ("GPTQ w4g128 + guided", ["quant.method=gptq", "quant.act_order=true", "quant.guided=true"]),
-    ("w8 per-channel GPTQ", ["quant.scheme=w8a16", "quant.method=gptq"]),
+    ("w8 per-channel GPTQ", ["quant.scheme=w8a16", "quant.method=gptq", "quant.guided=false"]),
 ]
 
 
@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     qad_out = work / "qad"
     t0 = time.perf_counter()
     run_distill(compose_cfg(*distill_overrides(assets, qad_out, args.steps, DEMO_TARGET, *extra),
-                            "quant.aware=true", "hooks.post=[quantize]", "eval.batches=null"))
+                            "quant.aware=true", "quant.guided=false", "hooks.post=[quantize]",
+                            "eval.batches=null"))
     qad = [e for e in events(qad_out) if e.get("event") == "quantize"][-1]
     qad["wall_s"] = time.perf_counter() - t0
 

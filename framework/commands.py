@@ -398,7 +398,8 @@ def run_quantize(cfg: DictConfig) -> dict[str, Any]:
     out = prepare_output(cfg)
     data = load_data(cfg, tokenizer) if (cfg.data.files or cfg.data.hub_name) else None
     src = OmegaConf.merge(cfg.model, {"dtype": "float32"})  # quantize from full-precision weights
-    model = build_model(src, model_cfg, device, seed=cfg.seed)
+    # quant.offload: the model stays in CPU memory and one decoder layer at a time goes to the device
+    model = build_model(src, model_cfg, torch.device("cpu") if cfg.quant.offload else device, seed=cfg.seed)
     teacher = None
     if cfg.quant.guided:
         teacher = build_model(cfg.teacher, source_config(cfg.teacher), device, seed=cfg.seed)

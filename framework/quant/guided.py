@@ -35,7 +35,6 @@ def distillation_saliency(
     groups: int = 4,
     divergence: str = "forward_kl",
     temperature: float = 1.0,
-    device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> dict[str, list[torch.Tensor]]:
     """Per target linear, one `[B*L, G]` float32 tensor (on CPU) per batch: the mean squared gradient of the
@@ -43,9 +42,9 @@ def distillation_saliency(
 
     The loss is the fused KD loss between the student and the teacher (summed over the batch's tokens,
     so every token's gradient has the same scale whatever the batch). Parameter gradients are not
-    computed: only the linears' outputs are differentiated.
+    computed: only the linears' outputs are differentiated. Both models run whole on their own devices.
     """
-    device = torch.device(device)
+    device = next(student.parameters()).device  # the teacher may live elsewhere; its hidden states come here
     modules = dict(student.named_modules())
     outputs: dict[str, torch.Tensor] = {}
     handles = []
@@ -64,17 +63,19 @@ def distillation_saliency(
     _, s_head = decoder_and_head(student)
     _, t_head = decoder_and_head(teacher)
     try:
+        t_device = next(teacher.parameters()).device
+        t_weight = t_head.weight.detach().to(device)
+        t_bias = None if t_head.bias is None else t_head.bias.detach().to(device)
         for ids in tqdm(batches, desc="guided saliency", disable=not progress, leave=False):
-            ids = ids.to(device)
             outputs.clear()
             with torch.no_grad():
-                t_hidden = final_hidden(teacher, ids)
+                t_hidden = final_hidden(teacher, ids.to(t_device)).to(device)
             with torch.enable_grad():
-                s_hidden = final_hidden(student, ids)
+                s_hidden = final_hidden(student, ids.to(device))
                 loss = fused_linear_kd_loss(s_hidden, s_head.weight, teacher_hidden=t_hidden,
-                                            teacher_weight=t_head.weight, divergence=divergence,
+                                            teacher_weight=t_weight, divergence=divergence,
                                             temperature=temperature, num_valid_tokens=1,
-                                            student_bias=s_head.bias, teacher_bias=t_head.bias)
+                                            student_bias=s_head.bias, teacher_bias=t_bias)
                 names = [n for n in targets if n in outputs]
                 grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
             for name, grad in zip(names, grads):

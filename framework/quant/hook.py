@@ -77,7 +77,8 @@ def quantize_student(cfg: DictConfig, model: torch.nn.Module, *, teacher: torch.
     """Quantize `model` in place per `cfg.quant` and export it to `out_dir`; returns the summary row.
 
     `data`: PackedData (train split for calibration, val split for the perplexities) or None (RTN only).
-    `teacher`: needed with `quant.guided`.
+    `teacher`: needed with `quant.guided`. `device`: where the layers are quantized; with `quant.offload` the
+    model stays where it is (CPU memory) and each decoder layer visits `device` in turn.
     """
     from sapling.eval.perplexity import evaluate_lm
     from sapling.prune.hook import calibration_batches
@@ -92,9 +93,11 @@ def quantize_student(cfg: DictConfig, model: torch.nn.Module, *, teacher: torch.
     t0 = time.perf_counter()
     ev = cfg.eval
     evaluate = q.eval and data is not None and len(data.val) > 0
+    home = next(model.parameters()).device  # with quant.offload the model stays here (CPU) and so does evaluation
 
     def val(m: torch.nn.Module) -> dict[str, float]:
-        return evaluate_lm(m, data.val, micro_batch_size=ev.micro_batch_size, max_batches=ev.batches, device=device)
+        return evaluate_lm(m.to(home), data.val, micro_batch_size=ev.micro_batch_size, max_batches=ev.batches,
+                           device=home)
 
     summary: dict[str, Any] = {"scheme": q.scheme, "dtype": q.dtype, "format": spec.label, "method": method, "guided": bool(q.guided),
                                "act_order": bool(q.act_order) if method == "gptq" else None,
@@ -119,7 +122,7 @@ def quantize_student(cfg: DictConfig, model: torch.nn.Module, *, teacher: torch.
             raise ValueError("quant.guided=true needs the teacher (teacher.path) for the distillation saliency")
         saliency = distillation_saliency(model, teacher, batches, targets, groups=q.guided_groups,
                                          divergence=cfg.distill.divergence, temperature=cfg.distill.temperature,
-                                         device=device, progress=cfg.trainer.progress)
+                                         progress=cfg.trainer.progress)
         summary["saliency_s"] = time.perf_counter() - t0
 
     def on_layer(index: int, seconds: float) -> None:
@@ -132,7 +135,7 @@ def quantize_student(cfg: DictConfig, model: torch.nn.Module, *, teacher: torch.
     out = export_compressed(model, result, out_dir, tokenizer)
     summary.update({"quantize_s": time.perf_counter() - t0, "bytes": checkpoint_bytes(out), "model_dir": str(out)})
     if evaluate:
-        served = load_quantized(out, device)
+        served = load_quantized(out, home)
         summary["val_quantized"] = val(served)
         del served
     metrics.log({"event": "quantize", **{k: v for k, v in summary.items() if k != "skipped"},
@@ -230,7 +233,8 @@ def _quantize_saved(cfg: DictConfig, model_dir: Path, ctx: HookContext, out_dir:
     from transformers import AutoModelForCausalLM
 
     device = ctx.device
-    student = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device)
+    student = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    student = student.to("cpu" if cfg.quant.offload else device)
     teacher = None
     if cfg.quant.guided:
         teacher = _plain_teacher(cfg, ctx, device)
