@@ -140,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
         f"- student: demo shape (hidden 128, MLP 384, 2 layers, 4 heads / 2 KV), pruned + distilled {args.steps} "
         f"steps (fp32 val loss {kd_val['val_loss']:.4f}); calibration {args.calibration} training sequences of 128 "
         f"tokens; validation: the whole held-out split ({base.get('tokens', 0):,} tokens)",
-        "- quantized perplexities are measured on the exported checkpoints as transformers loads them",
+        "- quantized perplexities are measured on the exported checkpoints as transformers loads them; sizes are "
+        "the exports' *.safetensors bytes, the 16-bit row's is 2 bytes x parameters",
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "|".join("---" for _ in cols) + "|",
