@@ -6,6 +6,7 @@ import copy
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,13 +157,22 @@ def save_hf_checkpoint(
     `state_dict` replaces the model's own weights (e.g. consolidated from ZeRO-3 shards; `model` then
     only supplies the config and the names of tied weights).
     """
+    def build(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return write_dir_atomically(out_dir, build)
+
+
+def write_dir_atomically(out_dir: str | os.PathLike, build: Callable[[Path], None]) -> Path:
+    """`build(tmp)` fills a temp dir beside `out_dir`, which then replaces `out_dir` (an old one is removed
+    only after the rename); on any error the temp dir is removed and `out_dir` is left as it was."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        build(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)

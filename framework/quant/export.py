@@ -16,14 +16,13 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from sapling.models.hf import write_dir_atomically
 from sapling.quant.layerwise import QuantResult
 from sapling.quant.numerics import dequantize
 
@@ -76,26 +75,14 @@ def export_compressed(model: nn.Module, result: QuantResult, out_dir: str | os.P
     compressor = ModelCompressor.from_pretrained_model(export, quantization_format="pack-quantized")
     compressor.compress_model(export)
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    def build(tmp: Path) -> None:
         export.save_pretrained(tmp, safe_serialization=True)
         compressor.update_config(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         check_packed(tmp, result)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_dir_atomically(out_dir, build)
 
 
 def read_packed(model_dir: str | os.PathLike, bits: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -180,12 +180,15 @@ def quantize_model(
     targets, skipped, ignored = plan_targets(model, spec, ignore, skip_incompatible)
     result = QuantResult(spec=spec, method=method, skipped=skipped, ignored=ignored)
     modules = dict(model.named_modules())
+    def round_to_nearest(name: str) -> None:
+        w = modules[name].weight
+        q, scale = rtn_export(w.data, spec)
+        w.data.copy_(dequantize(q, scale, w.dtype))
+        result.weights[name] = (q.cpu(), scale.cpu())
+
     if method == "rtn":
         for name in tqdm(targets, desc="quantize (rtn)", disable=not progress, leave=False):
-            w = modules[name].weight
-            q, scale = rtn_export(w.data, spec)
-            w.data.copy_(dequantize(q, scale, w.dtype))
-            result.weights[name] = (q.cpu(), scale.cpu())
+            round_to_nearest(name)
         result.wall_s = time.perf_counter() - t0
         return result
     if method != "gptq":
@@ -252,10 +255,7 @@ def quantize_model(
     # Linears outside the decoder layers that are still targets (rare: e.g. an untied projection) get RTN.
     for name in targets:
         if name not in result.weights:
-            w = modules[name].weight
-            q, scale = rtn_export(w.data, spec)
-            w.data.copy_(dequantize(q, scale, w.dtype))
-            result.weights[name] = (q.cpu(), scale.cpu())
+            round_to_nearest(name)
     result.wall_s = time.perf_counter() - t0
     return result
 
