@@ -1,0 +1,55 @@
+"""`hooks.post=[quantize]` under torchrun with ZeRO-3 on 2 CPU ranks: rank 0 quantizes the consolidated student
+while rank 1 waits, and the export is exactly what a single-process `sapling quantize` makes of that student."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from sapling.quant.export import read_packed
+
+ARGS = ["data.seq_len=32", "data.max_tokens=8000", "logger=none", "trainer.progress=false", "quant.group_size=32",
+        "quant.calibration.samples=8", "eval.batches=2", "trainer.max_steps=3", "trainer.micro_batch_size=2",
+        "trainer.eval_every=0", "trainer.eval_batches=1", "quant.guided=true"]
+
+
+def _run(cmd: list[str], cwd: Path, demo_cache: Path) -> None:
+    # one thread per process: the two runs compared below then reduce in the same order
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "SAPLING_CACHE": str(demo_cache)}
+    res = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+
+
+def test_zero3_post_hook_quantizes_the_consolidated_student_on_rank_0(teacher_dir, corpus_file, demo_cache, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = [f"teacher.path={teacher_dir}", f"data.files=[{corpus_file}]", *ARGS]
+    out = tmp_path / "zero3"
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+          "--master-port", str(port), "-m", "sapling", "distill", *common, "student.config.num_hidden_layers=1",
+          "student.init=random", "deepspeed=zero3", "deepspeed.param_persistence_threshold=0",
+          "hooks.post=[quantize]", f"output_dir={out}"], tmp_path, demo_cache)
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    quantize = [e for e in events if e["event"] == "quantize"]
+    assert len(quantize) == 1 and quantize[0]["guided"] and quantize[0]["method"] == "gptq"
+    assert (out / "quantize_report.md").exists()
+    AutoModelForCausalLM.from_pretrained(out / "model-w4a16")
+
+    # the same recipe, one process, on the student the distributed run consolidated into output_dir/model
+    single = tmp_path / "single"
+    _run([sys.executable, "-m", "sapling", "quantize", f"model.path={out / 'model'}", *common, f"output_dir={single}"],
+         tmp_path, demo_cache)
+    got, ref = read_packed(out / "model-w4a16", 4), read_packed(single / "model", 4)
+    assert set(got) == set(ref) and len(got) == 7
+    for name in ref:
+        assert torch.equal(got[name][0], ref[name][0]), name
+        assert torch.equal(got[name][1], ref[name][1]), name
