@@ -53,3 +53,36 @@ def test_zero3_post_hook_quantizes_the_consolidated_student_on_rank_0(teacher_di
     for name in ref:
         assert torch.equal(got[name][0], ref[name][0]), name
         assert torch.equal(got[name][1], ref[name][1]), name
+
+
+def _losses(out: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if r["event"] == "train"]
+
+
+def test_quant_aware_distillation_under_zero3_matches_one_process(teacher_dir, corpus_file, demo_cache, tmp_path):
+    """QAD with a partitioned (ZeRO-3) student trains through the same fake-quantized weights as one process:
+    same losses on the same global batches (2 ranks x 2 sequences = 1 process x 2 x grad_accum 2), and those
+    losses are not the unquantized student's."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = [f"teacher.path={teacher_dir}", f"student.path={teacher_dir}", f"data.files=[{corpus_file}]",
+              *[a for a in ARGS if a != "quant.guided=true"], "trainer.log_every=1", "trainer.seed=0", "data.seed=0"]
+    zero3 = tmp_path / "zero3"
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+          "--master-port", str(port), "-m", "sapling", "distill", *common, "deepspeed=zero3", "quant.aware=true",
+          "hooks.post=[quantize]", f"output_dir={zero3}"], tmp_path, demo_cache)
+    single = tmp_path / "single"
+    _run([sys.executable, "-m", "sapling", "distill", *common, "trainer.grad_accum=2", "quant.aware=true",
+          f"output_dir={single}"], tmp_path, demo_cache)
+    plain = tmp_path / "plain"
+    _run([sys.executable, "-m", "sapling", "distill", *common, "trainer.grad_accum=2", "trainer.max_steps=1",
+          f"output_dir={plain}"], tmp_path, demo_cache)
+    got, ref = _losses(zero3), _losses(single)
+    assert len(got) == len(ref) == 3
+    for a, b in zip(got, ref):
+        assert abs(a - b) <= 1e-4 * abs(b), (got, ref)
+    assert abs(got[0] - _losses(plain)[0]) > 1e-3 * abs(got[0])  # the fake quantization is in the forward
+    q = next(r for r in map(json.loads, (zero3 / "metrics.jsonl").read_text().splitlines()) if r["event"] == "quantize")
+    assert q["method"] == "rtn" and (zero3 / "model-w4a16" / "config.json").exists()
