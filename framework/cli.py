@@ -89,16 +89,39 @@ def _dispatch(cfg: DictConfig) -> None:
         print(f"sapling: error: {err} (set SAPLING_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(1)
     finally:
-        from sapling.train.distributed import shutdown_distributed
+        from sapling.dist import shutdown_distributed
 
         shutdown_distributed()
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if getattr(result, "stopped", False):
+        _mark_stopped(cfg, result.steps)
         print(f"sapling {cfg.command}: stopped by a signal after step {result.steps}; checkpoint saved in "
               f"{cfg.output_dir}/checkpoints; rerun the same command to resume", file=sys.stderr)
         return
     print(f"sapling {cfg.command}: outputs in {cfg.output_dir}", file=sys.stderr)
+
+
+STOP_FILE_ENV = "SAPLING_STOP_FILE"
+
+
+def _mark_stopped(cfg: DictConfig, steps: int) -> None:
+    """Tell the launcher the run stopped early on a signal (checkpointed, unfinished) so it can requeue.
+
+    `launchers/slurm.sbatch` points SAPLING_STOP_FILE at a path on the shared file system and runs
+    `scontrol requeue` when the file exists after the step ends.
+    """
+    path = os.environ.get(STOP_FILE_ENV)
+    if not path:
+        return
+    import json
+    from pathlib import Path
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps({"command": cfg.command, "steps": steps, "output_dir": str(cfg.output_dir)}) + "\n")
+    tmp.replace(target)
 
 
 def _export(args: list[str]) -> int:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sapling.config import ConfigError, check_shape, check_vocab
 from sapling.data import PackedData, build_packed_data
+from sapling.dist import barrier, init_distributed, is_main, launch_env, rank_world
 from sapling.eval.perplexity import PERPLEXITY_COLUMNS, evaluate_lm, perplexity_rows
 from sapling.eval.report import write_report
 from sapling.models import (
@@ -28,7 +29,6 @@ from sapling.models import (
 from sapling.prune.hook import prune_teacher
 from sapling.prune.select import TARGET_FIELDS, resolve_target
 from sapling.train.checkpoint import latest_tag, read_state
-from sapling.train.distributed import barrier, init_distributed, is_main, rank_world
 from sapling.train.ds_config import student_ds_config, teacher_ds_config
 from sapling.train.hooks import HookContext, run_hooks
 from sapling.train.loop import TrainResult, fit
@@ -58,9 +58,10 @@ def setup_distributed(cfg: DictConfig) -> torch.device:
     """This process's device; with `deepspeed=zero*` also joins the process group (torchrun/Slurm env)."""
     device = select_device(cfg)
     if cfg.deepspeed.name == "none":
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError("deepspeed", "none", f"launched as {os.environ['WORLD_SIZE']} processes, but "
-                              "deepspeed=none trains in one", "add deepspeed=zero1|zero2|zero3 (or launch one process)")
+        launch = launch_env()
+        if launch.world_size > 1:
+            raise ConfigError("deepspeed", "none", f"launched as {launch.world_size} processes ({launch.source}), "
+                              "but deepspeed=none trains in one", "add deepspeed=zero1|zero2|zero3 (or launch one process)")
         return device
     return init_distributed(device.type).device
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
+from sapling.dist import gathered
 from sapling.distill.features import FeatureDistiller, capture_layer_outputs, feature_positions
 from sapling.distill.head import install_kd_head
 from sapling.models import decoder_and_head
-from sapling.train.distributed import gathered
 
 IGNORE_INDEX = -100
 

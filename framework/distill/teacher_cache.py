@@ -40,8 +40,8 @@ import torch
 import torch.distributed as dist
 
 from sapling.data.blocks import PackedBlocks, PackedData
+from sapling.dist import barrier, broadcast_object, gathered, rank_world
 from sapling.distill.topk_format import RecordLayout, decode_records, encode_records
-from sapling.train.distributed import barrier, broadcast_object, gathered, rank_world
 
 log = logging.getLogger("sapling")
 

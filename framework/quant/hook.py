@@ -191,7 +191,7 @@ def quantize_hook(ctx: HookContext) -> None:
     """Quantize the trained student (`output_dir/model`) into `quant.output` (default `model-<scheme>`)."""
     import torch.distributed as dist
 
-    from sapling.train.distributed import rank_world
+    from sapling.dist import rank_world
 
     cfg = ctx.cfg
     rank, world = rank_world()

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sapling.train.distributed import barrier, broadcast_object, rank_world
+from sapling.dist import barrier, broadcast_object, rank_world
 
 LATEST = "latest"
 STATE_FILE = "sapling_state.pt"

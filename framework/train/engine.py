@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sapling.train.distributed import gathered
+from sapling.dist import gathered
 from sapling.train.optim import build_optimizer, build_scheduler, param_groups
 
 ENGINE_FILE = "engine.pt"

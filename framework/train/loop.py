@@ -28,12 +28,12 @@ import torch
 from tqdm.auto import tqdm
 
 from sapling.data import PackedData, ResumableLoader
+from sapling.dist import any_across_ranks, barrier, rank_world, sum_across_ranks
 from sapling.distill.features import FeatureDistiller, StudentWithFeatures, student_weights
 from sapling.distill.step import count_valid, loss_on_batch
 from sapling.eval.perplexity import evaluate_lm
 from sapling.models import save_hf_checkpoint
 from sapling.train.checkpoint import latest_tag, load_checkpoint, needs_universal, read_state, save_checkpoint
-from sapling.train.distributed import any_across_ranks, barrier, rank_world, sum_across_ranks
 from sapling.train.engine import build_engine, prepare_teacher
 from sapling.train.flops import distill_step_flops, kd_head_flops_per_row, peak_flops
 from sapling.train.metrics import MetricsLogger

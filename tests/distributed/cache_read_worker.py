@@ -14,8 +14,8 @@ import sys
 import torch.distributed as dist
 
 from sapling.data import ResumableLoader
+from sapling.dist import init_distributed, shutdown_distributed
 from sapling.distill.teacher_cache import TeacherCache
-from sapling.train.distributed import init_distributed, shutdown_distributed
 
 
 def digest(batch: dict) -> str:
