@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from importlib.resources import files
 
@@ -92,7 +93,13 @@ def _dispatch(cfg: DictConfig) -> None:
         from sapling.dist import shutdown_distributed
 
         shutdown_distributed()
-    if int(os.environ.get("RANK", "0")) != 0:
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if result is not None and world > 1:
+        # One line per rank (each node's log shows its own): the all-reduced loss must agree everywhere.
+        val = getattr(result, "final_val", {}).get("loss", float("nan"))
+        print(f"sapling {cfg.command}: rank {rank}/{world} on {socket.gethostname()}: step {result.steps}, "
+              f"train loss {result.final_loss!r}, val loss {val!r}", file=sys.stderr)
+    if rank != 0:
         return
     if getattr(result, "stopped", False):
         _mark_stopped(cfg, result.steps)

@@ -50,6 +50,7 @@ class TrainResult:
     wall_s: float
     final_val: dict[str, float] = field(default_factory=dict)
     model_dir: Path | None = None
+    final_loss: float = float("nan")  # the last step's training loss (the whole global batch's, on every rank)
     stopped: bool = False  # stopped early by SIGTERM/SIGUSR1 after a checkpoint; rerun to resume
     model: torch.nn.Module | None = None  # the trained student (under ZeRO-3 still partitioned: call on all ranks)
 
@@ -188,7 +189,7 @@ def fit(
     fault_step = int(os.environ.get(FAULT_SIGNAL_ENV, "0") or 0)
     t0, window_t0, window_tokens = time.perf_counter(), time.perf_counter(), 0
     last_val: dict[str, float] = {}
-    done, stopped = start_step, False
+    done, stopped, step_loss = start_step, False, float("nan")
     with StopRequest() as stop:
         for step in range(start_step, t.max_steps):
             micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(t.grad_accum)]
@@ -249,7 +250,8 @@ def fit(
     bar.close()
 
     if stopped:
-        return TrainResult(steps=done, tokens=tokens_seen, wall_s=time.perf_counter() - t0, stopped=True, model=model)
+        return TrainResult(steps=done, tokens=tokens_seen, wall_s=time.perf_counter() - t0, final_loss=step_loss,
+                           stopped=True, model=model)
     last_val = validate(t.max_steps)
     model_dir = None
     if save_model:
@@ -265,4 +267,4 @@ def fit(
     metrics.log({"event": "done", "step": t.max_steps, "tokens": tokens_seen, "wall_s": wall,
                  "val_loss": last_val["loss"], "val_ppl": last_val["ppl"]})
     return TrainResult(steps=t.max_steps, tokens=tokens_seen, wall_s=wall, final_val=last_val, model_dir=model_dir,
-                       model=model)
+                       final_loss=step_loss, model=model)
