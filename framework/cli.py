@@ -29,6 +29,8 @@ commands:
   eval       perplexity of model.path (and teacher.path) on data.files; writes report.md
   export     checkpoint=<dir> [output=<dir>]: an HF model from a training checkpoint (DeepSpeed ZeRO or not)
   cache-teacher  one teacher pass writing its top-k distributions to cache.dir (distill teacher.cache=<dir>)
+  sweep-report   <multirun dir> [output=<dir>]: a table (markdown + CSV) of a sweep's jobs and a PNG of their
+                 validation curves
 
 examples:
   sapling pipeline experiment=demo
@@ -41,8 +43,11 @@ examples:
   sapling export checkpoint=outputs/distill/.../checkpoints output=student_step1000
   sapling cache-teacher teacher.path=T data.files=[a.jsonl] cache.top_k=64 cache.dir=cache/T-k64
   sapling distill teacher.cache=cache/T-k64 student.config.num_hidden_layers=8 trainer.max_steps=1000
+  sapling distill -m distill.temperature=1,2 hydra/launcher=submitit_local ...   # a sweep, one job each
+  sapling sweep-report multirun/distill/2026-01-01_12-00-00
+  sbatch --nodes=2 --gpus-per-node=8 launchers/slurm.sbatch distill deepspeed=zero3 ...
   sapling distill --cfg job          # print the composed config
-(valid commands: {", ".join((*COMMANDS, "export"))})"""
+(valid commands: {", ".join((*COMMANDS, "export", "sweep-report"))})"""
 
 log = logging.getLogger("sapling")
 
@@ -99,17 +104,33 @@ def _dispatch(cfg: DictConfig) -> None:
         val = getattr(result, "final_val", {}).get("loss", float("nan"))
         print(f"sapling {cfg.command}: rank {rank}/{world} on {socket.gethostname()}: step {result.steps}, "
               f"train loss {result.final_loss!r}, val loss {val!r}", file=sys.stderr)
-    if rank != 0:
-        return
     if getattr(result, "stopped", False):
-        _mark_stopped(cfg, result.steps)
-        print(f"sapling {cfg.command}: stopped by a signal after step {result.steps}; checkpoint saved in "
-              f"{cfg.output_dir}/checkpoints; rerun the same command to resume", file=sys.stderr)
+        if rank == 0:
+            _mark_stopped(cfg, result.steps)
+            print(f"sapling {cfg.command}: stopped by a signal after step {result.steps}; checkpoint saved in "
+                  f"{cfg.output_dir}/checkpoints; rerun the same command to resume", file=sys.stderr)
+        _hand_back_signal(result.signal)
         return
-    print(f"sapling {cfg.command}: outputs in {cfg.output_dir}", file=sys.stderr)
+    if rank == 0:
+        print(f"sapling {cfg.command}: outputs in {cfg.output_dir}", file=sys.stderr)
 
 
 STOP_FILE_ENV = "SAPLING_STOP_FILE"
+
+
+def _hand_back_signal(signum: int | None) -> None:
+    """Re-raise the stop signal for the handler the launcher installed before training, now restored.
+
+    submitit (`hydra/launcher=submitit_slurm`) handles USR2 by requeueing the job: the trainer took the
+    signal first to save a checkpoint at a step boundary, and passes it on once that is safe. Default
+    and ignored dispositions are left alone (a plain run exits normally).
+    """
+    if signum is None:
+        return
+    import signal
+
+    if callable(signal.getsignal(signum)):
+        signal.raise_signal(signum)
 
 
 def _mark_stopped(cfg: DictConfig, steps: int) -> None:
@@ -158,6 +179,27 @@ def _export(args: list[str]) -> int:
     return 0
 
 
+def _sweep_report(args: list[str]) -> int:
+    """`sapling sweep-report <multirun dir> [output=<dir>]` (no Hydra: it reads what a sweep wrote)."""
+    dirs = [a for a in args if "=" not in a]
+    keys = dict(a.split("=", 1) for a in args if "=" in a)
+    if len(dirs) != 1 or set(keys) - {"output"}:
+        print("sapling: usage: sapling sweep-report <multirun dir> [output=<dir>]", file=sys.stderr)
+        return 2
+    from sapling.eval.sweep import sweep_report
+
+    try:
+        paths = sweep_report(dirs[0], keys.get("output"))
+    except (FileNotFoundError, ValueError) as err:
+        if os.environ.get("SAPLING_DEBUG"):
+            raise
+        print(f"sapling: error: {err}", file=sys.stderr)
+        return 1
+    print(paths["markdown"].read_text())
+    print(f"sapling sweep-report: {paths['markdown']}, {paths['csv'].name}, {paths['png'].name}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -166,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = args[0], args[1:]
     if command == "export":
         sys.exit(_export(rest))
+    if command == "sweep-report":
+        sys.exit(_sweep_report(rest))
     if command not in COMMANDS:
         print(f"sapling: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)

@@ -38,7 +38,8 @@ from sapling.train.engine import build_engine, prepare_teacher
 from sapling.train.flops import distill_step_flops, kd_head_flops_per_row, peak_flops
 from sapling.train.metrics import MetricsLogger
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# USR1: Slurm's --signal (launchers/slurm.sbatch); USR2: submitit's; TERM: preemption and scancel.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 # Test-only fault injection: rank 0 sends itself SIGUSR1 after this optimizer step.
 FAULT_SIGNAL_ENV = "SAPLING_FAULT_SIGNAL_AT_STEP"
 
@@ -51,12 +52,13 @@ class TrainResult:
     final_val: dict[str, float] = field(default_factory=dict)
     model_dir: Path | None = None
     final_loss: float = float("nan")  # the last step's training loss (the whole global batch's, on every rank)
-    stopped: bool = False  # stopped early by SIGTERM/SIGUSR1 after a checkpoint; rerun to resume
+    stopped: bool = False  # stopped early by a STOP_SIGNALS signal after a checkpoint; rerun to resume
+    signal: int | None = None  # the signal that stopped it (None: another rank's)
     model: torch.nn.Module | None = None  # the trained student (under ZeRO-3 still partitioned: call on all ranks)
 
 
 class StopRequest:
-    """Records SIGTERM/SIGUSR1 instead of dying, so the loop can checkpoint and exit at a step boundary."""
+    """Records SIGTERM/SIGUSR1/SIGUSR2 instead of dying, so the loop can checkpoint and exit at a step boundary."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -251,7 +253,7 @@ def fit(
 
     if stopped:
         return TrainResult(steps=done, tokens=tokens_seen, wall_s=time.perf_counter() - t0, final_loss=step_loss,
-                           stopped=True, model=model)
+                           stopped=True, signal=stop.signum, model=model)
     last_val = validate(t.max_steps)
     model_dir = None
     if save_model:
