@@ -13,7 +13,8 @@
 #   LOCAL_ADDR       this node's address as the others reach it (default: its host name); set it, with
 #                    GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME, where the host name does not resolve to
 #                    the network the nodes share
-#   SAPLING_PYTHON   the Python that has sapling installed (default: python3 on PATH)
+#   SAPLING_PYTHON   the command that runs the Python with sapling installed (default: python3 on PATH);
+#                    may be several words, e.g. "apptainer exec --nv sapling.sif python3"
 # Pin hydra.run.dir=<dir> (the same on every node) for multi-node runs: each node composes its own
 # config, and a time-stamped default would differ between them.
 set -euo pipefail
@@ -23,9 +24,9 @@ if [[ $# -lt 1 ]]; then
   exit 2
 fi
 COMMAND=$1; shift
-PY=${SAPLING_PYTHON:-python3}
+read -r -a PY <<< "${SAPLING_PYTHON:-python3}"
 NNODES=${NNODES:-1}
-NPROC=${NPROC_PER_NODE:-$("$PY" -c 'import torch; print(torch.cuda.device_count() or 1)')}
+NPROC=${NPROC_PER_NODE:-$("${PY[@]}" -c 'import torch; print(torch.cuda.device_count() or 1)')}
 
 ARGS=(--nproc-per-node "$NPROC")
 if [[ "$NNODES" == 1 ]]; then
@@ -41,4 +42,4 @@ if [[ -n "${LOCAL_ADDR:-}" ]]; then
   ARGS+=(--local-addr "$LOCAL_ADDR")
 fi
 
-exec "$PY" -m torch.distributed.run "${ARGS[@]}" -m sapling "$COMMAND" "$@"
+exec "${PY[@]}" -m torch.distributed.run "${ARGS[@]}" -m sapling "$COMMAND" "$@"
