@@ -200,6 +200,35 @@ def _sweep_report(args: list[str]) -> int:
     return 0
 
 
+# Hydra's options that take a value (`--info` takes an optional one, from a fixed set).
+_VALUE_FLAGS = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name", "-cd",
+                "--config-dir", "--experimental-rerun"}
+_INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def _hydra_argv(command: str, args: list[str]) -> list[str]:
+    """Hydra's options first, then `command=<command>` and the overrides.
+
+    Hydra 1.3 parses overrides as one positional list, so `sapling distill -m a=1,2 b=3` must reach it as
+    `-m command=distill a=1,2 b=3`: options written among the overrides would otherwise be rejected.
+    """
+    flags, overrides = [], []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("-"):  # overrides never do: key=value, +key, ++key, ~key
+            flags.append(arg)
+            takes_value = arg in _VALUE_FLAGS or (arg in ("-i", "--info") and i + 1 < len(args)
+                                                   and args[i + 1] in _INFO_CHOICES)
+            if takes_value and i + 1 < len(args):
+                flags.append(args[i + 1])
+                i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return [*flags, f"command={command}", *overrides]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -217,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     config_dir = str(files("sapling.conf"))
     if command == "pipeline" and not any(a.startswith(("experiment=", "+experiment=")) for a in rest):
         rest = ["experiment=demo", *rest]  # the embedded default
-    sys.argv = [f"sapling-{command}", f"command={command}", *rest]
+    sys.argv = [f"sapling-{command}", *_hydra_argv(command, rest)]
     hydra.main(version_base=None, config_path=config_dir, config_name="config")(_dispatch)()
 
 

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sapling.config import ConfigError, check_shape, check_vocab
 from sapling.data import PackedData, build_packed_data
-from sapling.dist import barrier, init_distributed, is_main, launch_env, rank_world
+from sapling.dist import barrier, broadcast_object, init_distributed, is_main, launch_env, rank_world
 from sapling.eval.perplexity import PERPLEXITY_COLUMNS, evaluate_lm, perplexity_rows
 from sapling.eval.report import write_report
 from sapling.models import (
@@ -47,6 +47,12 @@ def select_device(cfg: DictConfig) -> torch.device:
 
 
 def prepare_output(cfg: DictConfig) -> Path:
+    """`output_dir`, made, as rank 0 resolved it: every rank composes its own config, and a time-stamped
+    run dir (`${now:...}`) may differ between ranks that started a second apart. Every rank writes its
+    checkpoint shards there, so all must agree (a rank's own Hydra dir then holds only its log)."""
+    agreed = broadcast_object(str(cfg.output_dir))
+    if agreed != str(cfg.output_dir):
+        cfg.output_dir = agreed
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if is_main():

@@ -82,3 +82,16 @@ def test_runtime_input_error_is_one_line(cli, teacher_dir, text_files):
     assert res.returncode == 1
     assert "sapling: error:" in res.stderr and "seq_len" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["-m", "a=1,2", "b=3"], ["-m", "command=distill", "a=1,2", "b=3"]),
+    (["a=1", "--cfg", "job", "-m", "~x", "--info", "plugins", "+y=-2"],
+     ["--cfg", "job", "-m", "--info", "plugins", "command=distill", "a=1", "~x", "+y=-2"]),
+    (["--config-dir=/x", "hydra/launcher=submitit_local"], ["--config-dir=/x", "command=distill",
+                                                            "hydra/launcher=submitit_local"]),
+])
+def test_hydra_options_go_before_the_overrides(args, expected):
+    from sapling.cli import _hydra_argv
+
+    assert _hydra_argv("distill", args) == expected

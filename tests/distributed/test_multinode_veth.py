@@ -80,14 +80,15 @@ def test_two_nodes_over_veth_agree_and_match_one_node(two_nodes, tmp_path, teach
              *_args(teacher_dir, corpus_file, run_dir)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     outs = {}
-    for host, proc in procs.items():
-        try:
+    try:
+        for host, proc in procs.items():
             outs[host] = proc.communicate(timeout=600)[0]
-        finally:
-            for p in procs.values():
-                if p.poll() is None:
-                    p.kill()
-        assert proc.returncode == 0, outs[host][-4000:]
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    for host, proc in procs.items():
+        assert proc.returncode == 0, f"{host}: " + outs[host][-4000:]
     seen = {host: SUMMARY.findall(out) for host, out in outs.items()}
     assert [m[:3] for m in seen["nodea"]] == [("0", "nodea", "6")], outs["nodea"][-2000:]
     assert [m[:3] for m in seen["nodeb"]] == [("1", "nodeb", "6")], outs["nodeb"][-2000:]
