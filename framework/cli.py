@@ -102,8 +102,10 @@ def _dispatch(cfg: DictConfig) -> None:
     if result is not None and world > 1:
         # One line per rank (each node's log shows its own): the all-reduced loss must agree everywhere.
         val = getattr(result, "final_val", {}).get("loss", float("nan"))
-        print(f"sapling {cfg.command}: rank {rank}/{world} on {socket.gethostname()}: step {result.steps}, "
-              f"train loss {result.final_loss!r}, val loss {val!r}", file=sys.stderr)
+        # One write() per line: ranks sharing a terminal or pipe must not interleave inside a line.
+        sys.stderr.write(f"sapling {cfg.command}: rank {rank}/{world} on {socket.gethostname()}: step "
+                         f"{result.steps}, train loss {result.final_loss!r}, val loss {val!r}\n")
+        sys.stderr.flush()
     if getattr(result, "stopped", False):
         if rank == 0:
             _mark_stopped(cfg, result.steps)

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from sapling.eval.sweep import find_jobs, sweep_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-SUMMARY = re.compile(r"rank (\d)/2 on \S+: step (\d+), train loss (\S+), val loss (\S+)")
+SUMMARY = re.compile(r"rank (\d)/2 on \S+: step (\d+), train loss ([-+0-9.eEna]+), val loss ([-+0-9.eEna]+)")
 
 
 def test_submitit_local_sweep_of_two_jobs_each_two_ranks_then_report(cli, tmp_path, teacher_dir, corpus_file):

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.multinode
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "launchers" / "torchrun.sh"
 SUBNET = "10.231.{}.{}"
-SUMMARY = re.compile(r"rank (\d)/2 on (\S+): step (\d+), train loss (\S+), val loss (\S+)")
+SUMMARY = re.compile(r"rank (\d)/2 on (\S+): step (\d+), train loss ([-+0-9.eEna]+), val loss ([-+0-9.eEna]+)")
 
 
 def _ip(*args: str) -> None:

@@ -35,12 +35,13 @@ def ensure_packages() -> None:
 def _node_line() -> str:
     """This machine as slurmd sees it (`slurmd -C`), minus the uptime line."""
     out = subprocess.run(["slurmd", "-C"], check=True, capture_output=True, text=True).stdout
-    return out.splitlines()[0]
+    name, _, rest = out.splitlines()[0].partition(" ")
+    return f"{name} NodeAddr=127.0.0.1 {rest}"  # loopback, whatever the host name resolves to
 
 
 SLURM_CONF = """\
 ClusterName=sapling-test
-SlurmctldHost={host}
+SlurmctldHost={host}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort={ctld_port}
