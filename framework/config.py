@@ -243,8 +243,15 @@ class HooksConfig:
 
 @dataclass
 class EvalConfig:
-    batches: int | None = None  # None: the whole validation split
+    batches: int | None = None  # validation during training: None = the whole validation split
     micro_batch_size: int = 8
+    # `sapling eval`: sliding-window perplexity over the files' token stream
+    window: int | None = None  # tokens per window; None: data.seq_len
+    stride: int | None = None  # tokens between window starts; None: window // 2
+    max_tokens: int | None = None  # evaluate the first N tokens of the stream; None: all
+    gen_tokens: int = 32  # generation speed: new tokens per prompt (0: skip the measurement)
+    gen_batch: int = 4  # prompts decoded together
+    gen_prompt_len: int = 32  # tokens per prompt (taken from the data)
 
 
 @dataclass
@@ -293,6 +300,20 @@ def register_configs() -> None:
 
 # --------------------------------------------------------------------------------------------------
 # validation
+
+
+def check_eval(e: Any, seq_len: int) -> None:
+    window = e.window or seq_len
+    _check(window >= 2, "eval.window", e.window, "a window needs at least 2 tokens", "set eval.window=1024")
+    if e.stride is not None:
+        _check(1 <= e.stride <= window, "eval.stride", e.stride, f"must be between 1 and the window ({window})",
+               f"set eval.stride={max(1, window // 2)}")
+    if e.max_tokens is not None:
+        _check(e.max_tokens >= 2, "eval.max_tokens", e.max_tokens, "must be >= 2", "drop it to evaluate everything")
+    _check(e.micro_batch_size > 0, "eval.micro_batch_size", e.micro_batch_size, "must be > 0", "set eval.micro_batch_size=8")
+    for key in ("gen_tokens", "gen_batch", "gen_prompt_len"):
+        _check(e[key] >= (0 if key == "gen_tokens" else 1), f"eval.{key}", e[key], "out of range",
+               f"set eval.{key}={EvalConfig.__dataclass_fields__[key].default}")
 
 
 def _check(ok: bool, key: str, value: Any, problem: str, fix: str) -> None:
@@ -509,6 +530,8 @@ def validate(cfg: DictConfig) -> None:
            "use auto, cpu or cuda")
     _check(cfg.logger.name in ("wandb", "none"), "logger", cfg.logger.name, "unknown logger", "use logger=wandb or logger=none")
     check_deepspeed(cfg)
+    if cmd == "eval":
+        check_eval(cfg.eval, cfg.data.seq_len)
     for key in ("teacher", "student", "model"):
         src = cfg[key]
         _check(src.init in ("auto", "pretrained", "random"), f"{key}.init", src.init, "unknown init",
