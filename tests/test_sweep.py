@@ -32,6 +32,10 @@ def test_submitit_local_sweep_of_two_jobs_each_two_ranks_then_report(cli, tmp_pa
                 if '"done"' in line]
         assert len(done) == 1 and done[0]["step"] == 6
         assert (job / "model" / "config.json").exists()
+        # cumulative FLOPs on the validation records: linear in steps, the teacher's forward on top
+        evals = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+        assert [r["step"] for r in evals] == [3, 6]
+        assert done[0]["flops"] == pytest.approx(2 * evals[0]["flops"]) and done[0]["flops"] > done[0]["student_flops"]
     # Each job was its own submitit job of 2 tasks forming one world of 2 ranks (one log per task).
     logs = sorted(sweep.glob(".submitit/*/*_log.out"))
     assert len(logs) == 4, logs

@@ -29,24 +29,35 @@ def validation_curve(records: list[dict[str, Any]], x: str = "tokens") -> tuple[
     return xs, [points[v] for v in xs]
 
 
-def plot_validation_curves(curves: dict[str, tuple[list[float], list[float]]], path: str | os.PathLike,
-                           xlabel: str = "training tokens", title: str = "validation loss") -> Path:
-    """One line per run (label -> (x, loss)) in a PNG at `path` (written to a temp name, then renamed)."""
+def plot_validation_curves(runs: dict[str, list[dict[str, Any]]], path: str | os.PathLike,
+                           title: str = "validation loss") -> Path:
+    """One PNG of each run's validation loss (label -> its metrics records) against training tokens and,
+    when the records carry them, against training FLOPs (the whole step's: the student's training plus the
+    online teacher's forward). Written to a temp name, then renamed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for label, (xs, ys) in curves.items():
-        if xs:
-            ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.5, label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    if any(xs for xs, _ in curves.values()):
-        ax.legend(fontsize=8)
+    axes_x = [("tokens", "training tokens")]
+    if any(validation_curve(records, "flops")[0] for records in runs.values()):
+        axes_x.append(("flops", "training FLOPs (student + teacher forward)"))
+    fig, axes = plt.subplots(1, len(axes_x), figsize=(6.5 * len(axes_x), 4.5), dpi=120, squeeze=False)
+    for ax, (key, label) in zip(axes[0], axes_x):
+        drawn = False
+        for name, records in runs.items():
+            xs, ys = validation_curve(records, key)
+            if xs:
+                ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.5, label=name)
+                drawn = True
+        if key == "flops":
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.grid(True, alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp.png")

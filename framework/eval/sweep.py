@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from sapling.eval.plots import plot_validation_curves, read_metrics, validation_curve
+from sapling.eval.plots import plot_validation_curves, read_metrics
 from sapling.eval.report import markdown_table
 
 METRIC_COLUMNS = ["state", "step", "tokens", "train_loss", "val_loss", "best_val_loss", "val_ppl", "tokens_per_s",
@@ -129,11 +129,9 @@ def sweep_report(root: str | os.PathLike, output: str | os.PathLike | None = Non
     csv_path = _write_text(out_dir / "sweep_report.csv", buf.getvalue())
 
     label_keys = varying or ["job"]
-    curves = {}
-    for j in jobs:
-        label = " ".join(f"{k}={j.overrides.get(k, '')}" for k in varying) if varying else j.name
-        curves[label] = validation_curve(j.records)
-    png_path = plot_validation_curves(curves, out_dir / "sweep_val_loss.png",
+    runs = {(" ".join(f"{k}={j.overrides.get(k, '')}" for k in varying) if varying else j.name): j.records
+            for j in jobs}
+    png_path = plot_validation_curves(runs, out_dir / "sweep_val_loss.png",
                                       title=f"validation loss by {', '.join(label_keys)} ({root.name})")
 
     md = [f"# Sweep report: {root}", "", f"{len(jobs)} job(s); swept: {', '.join(varying) or '(nothing varies)'}", ""]

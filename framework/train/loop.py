@@ -172,8 +172,10 @@ def fit(
         # Every rank evaluates the same batches: under ZeRO-3 all ranks take part in each forward.
         val = evaluate_lm(model, data.val, micro_batch_size=t.micro_batch_size, max_batches=t.eval_batches,
                           device=device)
+        # Cumulative model FLOPs so far: the student's training (6N per token + attention + head) and the
+        # whole step's, which adds the online teacher's forward (a cached teacher's pass is not counted).
         metrics.log({"event": "eval", "step": step, "tokens": tokens_seen, "val_loss": val["loss"],
-                     "val_ppl": val["ppl"]})
+                     "val_ppl": val["ppl"], "student_flops": step * step_flops[0], "flops": step * step_flops[1]})
         return val
 
     def checkpoint(step: int) -> None:
@@ -267,6 +269,7 @@ def fit(
             barrier()
     wall = time.perf_counter() - t0
     metrics.log({"event": "done", "step": t.max_steps, "tokens": tokens_seen, "wall_s": wall,
-                 "val_loss": last_val["loss"], "val_ppl": last_val["ppl"]})
+                 "val_loss": last_val["loss"], "val_ppl": last_val["ppl"], "student_flops": t.max_steps * step_flops[0],
+                 "flops": t.max_steps * step_flops[1]})
     return TrainResult(steps=t.max_steps, tokens=tokens_seen, wall_s=wall, final_val=last_val, model_dir=model_dir,
                        final_loss=step_loss, model=model)
