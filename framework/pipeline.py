@@ -34,6 +34,7 @@ from sapling.commands import load_data, prepare_output, select_device, student_c
 from sapling.config import check_shape
 from sapling.data import unigram_cross_entropy
 from sapling.eval.perplexity import evaluate_lm
+from sapling.eval.plots import plot_validation_curves, read_metrics
 from sapling.eval.report import write_report
 from sapling.models import apply_overrides, build_model, count_parameters, load_tokenizer, source_config
 from sapling.prune.hook import prune_teacher
@@ -167,6 +168,34 @@ def quantize_sections(summary: dict[str, Any] | None, out: Path) -> list[tuple]:
                        "`AutoModelForCausalLM.from_pretrained` or serve it with vLLM / SGLang")]
 
 
+def size_and_speed(cfg: DictConfig, models: dict[str, Any], dirs: dict[str, Path], quantized: dict | None,
+                   out: Path, data: Any, device: Any, metrics: Any) -> list[list[str]]:
+    """Rows of (model, parameters, weights on disk, greedy generation tokens/s) for the report, the
+    quantized export loaded as transformers loads it (dequantized: its speed is not an int4 kernel's)."""
+    from sapling.eval.evaluate import disk_bytes, generation_speed, token_stream
+
+    e = cfg.eval
+    stream = token_stream(data.val, e.gen_batch * e.gen_prompt_len)
+    prompts = stream.reshape(e.gen_batch, e.gen_prompt_len) if stream.numel() == e.gen_batch * e.gen_prompt_len \
+        else None
+    entries = [(name, model, dirs.get(name)) for name, model in models.items()]
+    if quantized is not None and "model_dir" in quantized:
+        from sapling.quant.hook import load_quantized
+
+        qname = f"student ({quantized['format']} export)"
+        entries.append((qname, load_quantized(quantized["model_dir"], device), Path(quantized["model_dir"])))
+    rows = []
+    for name, model, path in entries:
+        speed = generation_speed(model, prompts, e.gen_tokens, device)["gen_tokens_per_s"] \
+            if prompts is not None and e.gen_tokens > 0 else None
+        size = disk_bytes(path)
+        metrics.log({"event": "size", "model": name, "params": count_parameters(model), "disk_bytes": size,
+                     "gen_tokens_per_s": speed})
+        rows.append([name, f"{count_parameters(model):,}", "" if size is None else f"{size / 2**20:.2f}",
+                     "" if speed is None else f"{speed:,.0f}"])
+    return rows
+
+
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     out = prepare_output(cfg)
@@ -203,8 +232,10 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         teacher_cfg = source_config(cfg.teacher)
         teacher = build_model(cfg.teacher, teacher_cfg, device)
         teacher_note = cfg.teacher.path
+        teacher_dir = Path(os.path.expanduser(cfg.teacher.path))
     else:
         cached, teacher_cfg, teacher_note = trained_demo_teacher(cfg, tokenizer, data, device, out / "teacher")
+        teacher_dir = Path(cached)
         teacher = build_model(OmegaConf.create({**OmegaConf.to_container(cfg.teacher), "path": str(cached),
                                                 "config": {}, "tiny": None}), teacher_cfg, device)
     stage("teacher", t0)
@@ -281,6 +312,14 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         metrics.log({"event": "eval", "model": name, "params": count_parameters(student),
                      "val_loss": evals[name]["loss"], "val_ppl": evals[name]["ppl"]})
     metrics.log({"event": "eval", "model": "unigram", "val_loss": unigram, "val_ppl": math.exp(unigram)})
+    size_rows = size_and_speed(cfg, models, {"teacher": teacher_dir, kd_name: out / "distill" / "model",
+                                             "student (CE from scratch)": out / "scratch" / "model"},
+                               quantized, out, data, device, metrics)
+    curves = plot_validation_curves(
+        {name: read_metrics(path) for name, path in ((kd_name, out / "distill" / "metrics.jsonl"),
+                                                     ("student (CE from scratch)", out / "scratch" / "metrics.jsonl"))
+         if path.exists()},
+        out / "curves.png", title="student validation loss: distilled from the teacher vs trained from scratch")
     stage("eval", t0)
     shutil.copytree(out / "distill" / "model", out / "model", dirs_exist_ok=True)
     timings["total"] = time.perf_counter() - t_start
@@ -329,6 +368,10 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         ("Result", verdict),
         ("Shapes", ["field", "teacher", "student"], shapes),
         *quantize_sections(quantized, out),
+        ("Size and speed", ["model", "params", "weights on disk (MB)", f"generation on {device.type} (tokens/s)"],
+         size_rows),
+        ("Validation curves", f"Validation loss against training tokens and training FLOPs (the distilled "
+                              f"student's count the teacher's forward passes):\n\n![validation curves]({curves.name})"),
     ])
     print((out / "report.md").read_text())
     return {"evals": evals, "unigram": unigram, "timings": timings, "output_dir": str(out), "quantized": quantized}

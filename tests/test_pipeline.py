@@ -25,6 +25,14 @@ def test_pipeline_end_to_end_and_teacher_cache(cli, tmp_path):
                 "student (CE from scratch)"):
         assert row in report, row
     assert "trained now" in report
+    # every stage's size and generation speed, and the students' validation curves as a picture
+    sizes = {r["model"]: r for r in _events(first, "size")}
+    assert set(sizes) == {"teacher", "student (pruned + distilled)", "student (CE from scratch)",
+                          "student (w4g32 export)"}
+    assert all(r["gen_tokens_per_s"] > 0 for r in sizes.values())
+    assert sizes["student (w4g32 export)"]["disk_bytes"] < sizes["student (pruned + distilled)"]["disk_bytes"]
+    assert "## Size and speed" in report and "![validation curves](curves.png)" in report
+    assert (first / "curves.png").read_bytes().startswith(b"\x89PNG")
     assert (first / "model" / "config.json").exists()
     events = [json.loads(x) for x in (first / "metrics.jsonl").read_text().splitlines()]
     evals = {e["model"]: e for e in events if e["event"] == "eval"}
@@ -69,3 +77,7 @@ def test_pipeline_with_random_student_shape(cli, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     report = (out / "report.md").read_text()
     assert "| student (distilled) |" in report and "pruned" not in report and "from scratch" not in report
+
+
+def _events(run, event: str) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == event]
