@@ -1,0 +1,212 @@
+"""The headline benchmark: a pruned + distilled student against the same shape trained from scratch.
+
+    python benchmarks/efficiency.py [--distill-steps 600] [--scratch-steps 2400] [--eval-every 20]
+                                    [--scratch-eval-every 100] [--random-kd] [--quick]
+                                    [--out benchmarks/results/efficiency_cpu.md]
+
+From the demo teacher (`conf/experiment/demo.yaml`: a 4-layer Llama trained on this Python's standard
+library, taken from the pipeline's cache or trained there once), with the demo's data, seeds and trainer
+settings, through the same Python entry points as the commands:
+
+  (a) `sapling distill hooks.pre=[prune]`: the teacher pruned to the demo's student shape, then distilled;
+  (b) `sapling train model.init=random`: the same shape from a random init with cross-entropy, for longer;
+  (c) with `--random-kd`: `sapling distill` into a randomly initialised student of that shape.
+
+Every run evaluates on the whole held-out split every few steps; the curves are validation loss against
+training tokens and against training FLOPs (model FLOPs, `sapling.train.flops`: the student's forward and
+backward, plus, for (a) and (c), the teacher's forward on every token and, for (a), the pruning pass over
+the calibration samples; the teacher's own training is not counted for anyone). The headline ratio is how
+many tokens (and FLOPs) (b) trained on against how many (a) needed to first reach (b)'s final validation
+loss (linear interpolation between evaluations), whatever it turns out to be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_assets import (  # noqa: E402  (benchmarks/ is not a package)
+    ALL_VAL,
+    TARGET_KEYS,
+    add_demo_arguments,
+    compose_cfg,
+    demo_overrides,
+    distill_overrides,
+    events,
+    quick_defaults,
+    start_benchmark,
+)
+from machine import cpu_model, git_commit  # noqa: E402
+
+from sapling.commands import run_distill, run_train
+from sapling.eval.plots import plot_validation_curves
+from sapling.models import source_config
+from sapling.train.flops import forward_flops_per_token
+
+RUNS = {"a": "pruned + distilled", "b": "CE from scratch", "c": "distilled from random init"}
+
+
+def _without(overrides: list[str], *keys: str) -> list[str]:
+    return [o for o in overrides if o.split("=", 1)[0] not in keys]
+
+
+def run_pruned_kd(assets: Any, work: Path, target: dict, steps: int, every: int, extra: list[str]) -> Path:
+    out = work / "a_pruned_kd"
+    ov = _without(distill_overrides(assets, out, steps, target, *extra), "trainer.eval_every")
+    run_distill(compose_cfg(*ov, f"trainer.eval_every={every}"))
+    return out
+
+
+def run_scratch(assets: Any, work: Path, target: dict, steps: int, every: int) -> Path:
+    out = work / "b_scratch"
+    ov = [*demo_overrides(assets, "train", out), f"model.path={assets.teacher_dir}", "model.init=random",
+          *(f"model.config.{k}={v}" for k, v in target.items()), f"trainer.max_steps={steps}",
+          f"trainer.eval_every={every}", f"trainer.eval_batches={ALL_VAL}", "trainer.resume=false", "hooks.pre=[]"]
+    run_train(compose_cfg(*ov))
+    return out
+
+
+def run_random_kd(assets: Any, work: Path, target: dict, steps: int, every: int) -> Path:
+    out = work / "c_random_kd"
+    ov = [*demo_overrides(assets, "distill", out), "hooks.pre=[]", "student.init=random",
+          *(f"student.config.{k}={v}" for k, v in target.items()), f"trainer.max_steps={steps}",
+          f"trainer.eval_every={every}", f"trainer.eval_batches={ALL_VAL}", "trainer.resume=false"]
+    run_distill(compose_cfg(*ov))
+    return out
+
+
+def curve(out: Path, flops_offset: float = 0.0) -> list[dict[str, float]]:
+    """(step, tokens, flops, val_loss) of every evaluation, in order; flops include `flops_offset`."""
+    points = {}
+    for r in events(out):
+        if r.get("event") in ("eval", "done") and "val_loss" in r and "step" in r:
+            points[r["step"]] = {"step": r["step"], "tokens": r["tokens"], "flops": r["flops"] + flops_offset,
+                                 "val_loss": r["val_loss"]}
+    return [points[s] for s in sorted(points)]
+
+
+def first_reach(points: list[dict[str, float]], level: float) -> dict[str, float] | None:
+    """Tokens and FLOPs at which the curve first reaches `level` (linear between evaluations), or None."""
+    prev = None
+    for p in points:
+        if p["val_loss"] <= level:
+            if prev is None:
+                return {"tokens": p["tokens"], "flops": p["flops"], "step": p["step"]}
+            w = (prev["val_loss"] - level) / (prev["val_loss"] - p["val_loss"])
+            return {k: prev[k] + w * (p[k] - prev[k]) for k in ("tokens", "flops", "step")}
+        prev = p
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    work, assets, extra = start_benchmark(args, "efficiency")
+    demo = compose_cfg(*demo_overrides(assets, "distill", work))
+    target = {k: demo.prune.target[k] for k in TARGET_KEYS if demo.prune.target[k] is not None}
+    teacher_cfg = source_config(demo.teacher)
+    samples = args.calibration_samples or demo.prune.calibration.samples
+    calibration_flops = forward_flops_per_token(teacher_cfg, demo.data.seq_len) * samples * demo.data.seq_len
+    print(f"target shape {target}; teacher {assets.teacher_note}", flush=True)
+
+    t0 = time.perf_counter()
+    wall = {}
+    dirs = {"a": run_pruned_kd(assets, work, target, args.distill_steps, args.eval_every, extra)}
+    wall["a"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    dirs["b"] = run_scratch(assets, work, target, args.scratch_steps, args.scratch_eval_every)
+    wall["b"] = time.perf_counter() - t0
+    if args.random_kd:
+        t0 = time.perf_counter()
+        dirs["c"] = run_random_kd(assets, work, target, args.distill_steps, args.eval_every)
+        wall["c"] = time.perf_counter() - t0
+
+    curves = {k: curve(d, calibration_flops if k == "a" else 0.0) for k, d in dirs.items()}
+    pruned = next((r for r in events(dirs["a"]) if r["event"] == "prune"), None)
+    if pruned is not None:  # (a) starts where pruning left it: 0 tokens, the calibration pass's FLOPs
+        curves["a"].insert(0, {"step": 0, "tokens": 0, "flops": calibration_flops, "val_loss": pruned["val_loss"]})
+    params = {k: next(r["student_params"] for r in events(d) if r["event"] == "start") for k, d in dirs.items()}
+    teacher_params = next(r["teacher_params"] for r in events(dirs["a"]) if r["event"] == "start")
+    assert len(set(params.values())) == 1, f"the students differ in size: {params}"
+    prune_loss = pruned["val_loss"] if pruned is not None else None
+    b_final = curves["b"][-1]
+    reach = {k: first_reach(c, b_final["val_loss"]) for k, c in curves.items() if k != "b"}
+
+    rows = []
+    for k, c in curves.items():
+        r = reach.get(k)
+        rows.append([f"({k}) {RUNS[k]}", f"{c[-1]['step']:,}", f"{c[-1]['tokens']:,}", f"{c[-1]['flops']:.3g}",
+                     f"{c[-1]['val_loss']:.4f}", "(its own final)" if k == "b" else
+                     ("not reached" if r is None else f"{r['tokens']:,.0f} tokens, {r['flops']:.3g} FLOPs"),
+                     f"{wall[k]:.0f}"])
+    ratio_lines = []
+    for k, r in reach.items():
+        if r is not None and r["tokens"] == 0:
+            ratio_lines.append(f"- ({k}) {RUNS[k]}: already below (b)'s final validation loss right after pruning")
+        elif r is None:
+            ratio_lines.append(f"- ({k}) {RUNS[k]}: did not reach (b)'s final validation loss "
+                               f"{b_final['val_loss']:.4f} in {curves[k][-1]['tokens']:,} tokens")
+        else:
+            ratio_lines.append(
+                f"- ({k}) {RUNS[k]} reached (b)'s final validation loss {b_final['val_loss']:.4f} after "
+                f"{r['tokens']:,.0f} tokens: **{b_final['tokens'] / r['tokens']:.1f}x fewer tokens** and "
+                f"**{b_final['flops'] / r['flops']:.1f}x fewer FLOPs** (teacher forward and pruning pass included) "
+                f"than (b)'s {b_final['tokens']:,} tokens / {b_final['flops']:.3g} FLOPs")
+    png = Path(args.out).with_suffix(".png") if args.out else work / "efficiency.png"
+    plot_validation_curves({f"({k}) {RUNS[k]}": [{"event": "eval", **p} for p in c] for k, c in curves.items()},
+                           png, title="student validation loss: pruned + distilled vs trained from scratch")
+    command = "python benchmarks/efficiency.py " + shlex.join(sys.argv[1:])
+    md = "\n".join([
+        "# Pruned + distilled vs trained from scratch (demo teacher)", "",
+        f"- command: `{command}`",
+        f"- date: {datetime.date.today()}; commit {git_commit()}; device: CPU ({cpu_model()}, "
+        f"{platform.machine()}), torch threads default",
+        f"- teacher: {teacher_params:,} parameters ({assets.teacher_note}); students: {params['a']:,} parameters, "
+        f"shape {target}",
+        f"- data: the demo corpus, seq_len {demo.data.seq_len}, {demo.trainer.micro_batch_size} sequences per "
+        f"step ({demo.data.seq_len * demo.trainer.micro_batch_size:,} tokens), lr {demo.trainer.lr}; validation "
+        "loss over the whole held-out split",
+        f"- pruning calibration: {samples} samples, {calibration_flops:.3g} FLOPs (counted in (a)); validation loss "
+        f"right after pruning: {prune_loss if prune_loss is None else f'{prune_loss:.4f}'}",
+        "", "| run | steps | tokens | FLOPs | final val loss | reaches (b)'s final loss at | wall (s) |",
+        "|---|---|---|---|---|---|---|",
+        *("| " + " | ".join(r) + " |" for r in rows), "", *ratio_lines, "",
+        f"![validation curves]({png.name})", "",
+    ])
+    print(md, flush=True)
+    if args.out:
+        out = Path(args.out)
+        out.write_text(md)
+        payload = {"command": command, "target": target, "params": params, "teacher_params": teacher_params,
+                   "calibration_flops": calibration_flops, "curves": curves, "reach": reach, "wall_s": wall,
+                   "b_final": b_final}
+        out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+        print(f"wrote {out}, {out.with_suffix('.json').name} and {png.name}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--distill-steps", type=int, default=600, help="steps of (a) and (c)")
+    p.add_argument("--scratch-steps", type=int, default=2400, help="steps of (b)")
+    p.add_argument("--eval-every", type=int, default=20, help="validation interval of (a) and (c)")
+    p.add_argument("--scratch-eval-every", type=int, default=100, help="validation interval of (b)")
+    p.add_argument("--random-kd", action="store_true", help="also run (c)")
+    p.add_argument("--quick", action="store_true", help="smoke run: a 20-step teacher and a few steps")
+    p.add_argument("--out", default=None, help="write the markdown here (+ .json and .png beside it)")
+    add_demo_arguments(p)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.distill_steps, args.scratch_steps, args.eval_every, args.scratch_eval_every = 6, 12, 2, 4
+        quick_defaults(args)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
