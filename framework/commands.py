@@ -440,9 +440,11 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         sliding_window_eval,
         token_stream,
     )
+    from sapling.eval.harness import check_harness, run_harness
     from sapling.quant.hook import load_quantized
 
     e = cfg.eval
+    check_harness(list(e.tasks))
     model_cfg = source_config(cfg.model)
     tokenizer = load_tokenizer(tokenizer_path(cfg, "model"))
     device = select_device(cfg)
@@ -487,10 +489,14 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
             res["eval_s"] = time.perf_counter() - t0
             if prompts is not None and e.gen_tokens > 0:
                 res.update(generation_speed(model, prompts, e.gen_tokens, device))
+            harness = run_harness(model, tokenizer, list(e.tasks), num_fewshot=e.num_fewshot, limit=e.limit,
+                                  batch_size=e.micro_batch_size, device=device) if e.tasks else []
             mem_kind, mem = peak_memory_gib(device)
             row = {"model": key, "path": src.path or src.tiny, "params": count_parameters(model),
                    "disk_bytes": disk_bytes(src.path), "quantized": is_quantized_checkpoint(src.path),
                    "window": window, "stride": stride, f"peak_{mem_kind}_gib": mem, **res}
+            if harness:
+                row["harness"] = harness
             metrics.log({"event": "eval", **row})
             rows.append(row)
             if key == "model":
@@ -523,4 +529,8 @@ def eval_report_sections(rows: list[dict[str, Any]], window: int, stride: int, d
                      [[r["model"], f"{r['params']:,}", mb(r["disk_bytes"]), "yes" if r["quantized"] else "no",
                        f"{r['gen_tokens_per_s']:,.1f}" if "gen_tokens_per_s" in r else "",
                        f"{r[mem_key]:.2f}"] for r in rows]))
+    harness = [[r["model"], h["task"], h["metric"], f"{h['value']:.4f}",
+                "" if h["stderr"] is None else f"{h['stderr']:.4f}"] for r in rows for h in r.get("harness", [])]
+    if harness:
+        sections.append(("lm-evaluation-harness", ["model", "task", "metric", "value", "stderr"], harness))
     return sections

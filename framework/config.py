@@ -252,6 +252,10 @@ class EvalConfig:
     gen_tokens: int = 32  # generation speed: new tokens per prompt (0: skip the measurement)
     gen_batch: int = 4  # prompts decoded together
     gen_prompt_len: int = 32  # tokens per prompt (taken from the data)
+    # lm-evaluation-harness tasks (extra `eval`; their data sets must be reachable or cached), e.g. [arc_easy]
+    tasks: list[str] = field(default_factory=list)
+    num_fewshot: int | None = None
+    limit: float | None = None  # examples per task (a fraction when < 1); None: all
 
 
 @dataclass

@@ -136,3 +136,22 @@ def test_eval_command_on_checkpoint_and_quantized_export(cli, tmp_path, teacher_
 
     res = cli("eval", f"model.path={teacher_dir}", *common, "eval.stride=25", f"hydra.run.dir={tmp_path / 'bad'}")
     assert res.returncode == 2 and "eval.stride=25" in res.stderr and "between 1 and the window (24)" in res.stderr
+
+
+def test_harness_tasks_without_the_extra_fail_before_loading(monkeypatch, capsys, tmp_path, teacher_dir,
+                                                             corpus_file):
+    """Without lm-evaluation-harness (simulated: the extra may be installed here), `eval.tasks` stops the
+    command with one line naming the key and the extra, before any model is loaded."""
+    import importlib.util
+
+    from sapling.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", f"model.path={teacher_dir}", f"data.files=[{corpus_file}]", "eval.tasks=[arc_easy]",
+              "logger=none", f"hydra.run.dir={tmp_path / 'h'}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "eval.tasks=['arc_easy']" in err and "sapling[eval]" in err
+    assert not (tmp_path / "h" / "metrics.jsonl").exists()

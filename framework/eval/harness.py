@@ -1,0 +1,42 @@
+"""lm-evaluation-harness on Sapling checkpoints (`sapling eval ... eval.tasks=[arc_easy,hellaswag]`).
+
+The harness is an optional extra (`pip install 'sapling[eval]'`); its tasks read their data sets from the
+Hugging Face hub or the local datasets cache, so offline machines need them cached beforehand. The model
+is handed to the harness as the object `sapling eval` already loaded (a plain HF checkpoint, or a
+compressed-tensors export dequantized), with its tokenizer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from sapling.config import ConfigError
+
+
+
+def check_harness(tasks: list[str]) -> None:
+    """Fail before any model is loaded when tasks are asked for and the harness is not installed."""
+    if tasks and importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("eval.tasks", list(tasks), "lm-evaluation-harness is not installed",
+                          "pip install 'sapling[eval]' (or drop eval.tasks)")
+
+
+def run_harness(model: Any, tokenizer: Any, tasks: list[str], *, num_fewshot: int | None = None,
+                limit: float | None = None, batch_size: int = 8, device: Any = "cpu") -> list[dict[str, Any]]:
+    """Evaluate `model` on `tasks`; one row per (task, metric): {"task", "metric", "value", "stderr"}."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit)
+    rows = []
+    for task, metrics in sorted(out["results"].items()):
+        for key, value in metrics.items():
+            name, _, _filter = key.partition(",")
+            if name == "alias" or name.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            stderr = metrics.get(f"{name}_stderr,{_filter}" if _filter else f"{name}_stderr")
+            rows.append({"task": task, "metric": key, "value": float(value),
+                         "stderr": float(stderr) if isinstance(stderr, (int, float)) else None})
+    return rows
