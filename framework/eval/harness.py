@@ -14,7 +14,6 @@ from typing import Any
 from sapling.config import ConfigError
 
 
-
 def check_harness(tasks: list[str]) -> None:
     """Fail before any model is loaded when tasks are asked for and the harness is not installed."""
     if tasks and importlib.util.find_spec("lm_eval") is None:
