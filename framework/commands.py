@@ -437,6 +437,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         generation_speed,
         is_quantized_checkpoint,
         peak_memory_gib,
+        prompt_batch,
         sliding_window_eval,
         token_stream,
     )
@@ -458,9 +459,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     stream = token_stream(load_data(cfg, tokenizer, val_fraction=0.0).train, e.max_tokens)
     if stream.numel() < 2:
         raise ValueError(f"data.files hold {stream.numel()} token(s) after packing: nothing to evaluate")
-    prompts = stream[: e.gen_batch * e.gen_prompt_len]
-    prompts = prompts.reshape(e.gen_batch, e.gen_prompt_len) if prompts.numel() == e.gen_batch * e.gen_prompt_len \
-        else None
+    prompts = prompt_batch(stream, e.gen_batch, e.gen_prompt_len)
 
     def load(key: str, mcfg: Any) -> torch.nn.Module:
         src = cfg[key]

@@ -172,12 +172,10 @@ def size_and_speed(cfg: DictConfig, models: dict[str, Any], dirs: dict[str, Path
                    out: Path, data: Any, device: Any, metrics: Any) -> list[list[str]]:
     """Rows of (model, parameters, weights on disk, greedy generation tokens/s) for the report, the
     quantized export loaded as transformers loads it (dequantized: its speed is not an int4 kernel's)."""
-    from sapling.eval.evaluate import disk_bytes, generation_speed, token_stream
+    from sapling.eval.evaluate import disk_bytes, generation_speed, prompt_batch, token_stream
 
     e = cfg.eval
-    stream = token_stream(data.val, e.gen_batch * e.gen_prompt_len)
-    prompts = stream.reshape(e.gen_batch, e.gen_prompt_len) if stream.numel() == e.gen_batch * e.gen_prompt_len \
-        else None
+    prompts = prompt_batch(token_stream(data.val, e.gen_batch * e.gen_prompt_len), e.gen_batch, e.gen_prompt_len)
     entries = [(name, model, dirs.get(name)) for name, model in models.items()]
     if quantized is not None and "model_dir" in quantized:
         from sapling.quant.hook import load_quantized

@@ -105,6 +105,13 @@ def sliding_window_eval(
     return out
 
 
+def prompt_batch(stream: torch.Tensor, batch: int, length: int) -> torch.Tensor | None:
+    """The first `batch * length` tokens of `stream` as `batch` prompts of `length`; None when too short."""
+    if stream.numel() < batch * length:
+        return None
+    return stream[: batch * length].reshape(batch, length)
+
+
 @torch.no_grad()
 def generation_speed(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int,
                      device: torch.device | str = "cpu") -> dict[str, float]:
@@ -137,11 +144,12 @@ def is_quantized_checkpoint(path: str | os.PathLike | None) -> bool:
 
 
 def disk_bytes(path: str | os.PathLike | None) -> int | None:
-    """Bytes of a checkpoint's weight files (*.safetensors, *.bin) on disk; None when there is no directory."""
+    """Bytes of a checkpoint's weight files on disk; None when there is no such directory."""
+    from sapling.quant.export import checkpoint_bytes
+
     if path is None or not Path(os.path.expanduser(str(path))).is_dir():
         return None
-    root = Path(os.path.expanduser(str(path)))
-    return sum(p.stat().st_size for pattern in ("*.safetensors", "*.bin") for p in root.glob(pattern))
+    return checkpoint_bytes(os.path.expanduser(str(path)))
 
 
 def peak_memory_gib(device: torch.device | str) -> tuple[str, float]:

@@ -23,8 +23,13 @@ def write_report(path: str | os.PathLike, title: str, sections: list[Section]) -
             parts += [markdown_table(section[1], section[2]), ""]
         else:
             parts += [section[1], ""]
+    return write_text_atomically(path, "\n".join(parts))
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to a hidden temp name beside `path`, then rename it over `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(parts))
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path

@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from sapling.eval.plots import plot_validation_curves, read_metrics
-from sapling.eval.report import markdown_table
+from sapling.eval.report import markdown_table, write_text_atomically
 
 METRIC_COLUMNS = ["state", "step", "tokens", "train_loss", "val_loss", "best_val_loss", "val_ppl", "tokens_per_s",
                   "wall_s"]
@@ -126,7 +126,7 @@ def sweep_report(root: str | os.PathLike, output: str | os.PathLike | None = Non
     writer.writerow([*columns, "overrides"])
     for j, row in zip(jobs, rows):
         writer.writerow([*("" if v is None else v for v in row), " ".join(f"{k}={v}" for k, v in j.overrides.items())])
-    csv_path = _write_text(out_dir / "sweep_report.csv", buf.getvalue())
+    csv_path = write_text_atomically(out_dir / "sweep_report.csv", buf.getvalue())
 
     label_keys = varying or ["job"]
     runs = {(" ".join(f"{k}={j.overrides.get(k, '')}" for k in varying) if varying else j.name): j.records
@@ -139,12 +139,6 @@ def sweep_report(root: str | os.PathLike, output: str | os.PathLike | None = Non
         md += ["Shared overrides: " + " ".join(f"`{s}`" for s in shared), ""]
     md += [markdown_table(columns, [[_fmt(v, c) for v, c in zip(row, columns)] for row in rows]), "",
            f"![validation loss]({os.path.relpath(png_path, out_dir)})", ""]
-    md_path = _write_text(out_dir / "sweep_report.md", "\n".join(md))
+    md_path = write_text_atomically(out_dir / "sweep_report.md", "\n".join(md))
     return {"markdown": md_path, "csv": csv_path, "png": png_path}
 
-
-def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path

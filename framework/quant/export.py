@@ -119,5 +119,5 @@ def check_packed(model_dir: str | os.PathLike, result: QuantResult) -> None:
 
 
 def checkpoint_bytes(model_dir: str | os.PathLike) -> int:
-    """Bytes of a checkpoint's weight files (*.safetensors) on disk."""
-    return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+    """Bytes of a checkpoint's weight files (*.safetensors, and *.bin of older checkpoints) on disk."""
+    return sum(p.stat().st_size for pattern in ("*.safetensors", "*.bin") for p in Path(model_dir).glob(pattern))
