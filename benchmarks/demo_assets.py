@@ -59,6 +59,9 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     """The options every demo-teacher benchmark takes (see `start_benchmark`)."""
     p.add_argument("--calibration-samples", type=int, default=None, help="prune.calibration.samples (demo: 256)")
     p.add_argument("--teacher-steps", type=int, default=None, help="pipeline.teacher_steps (demo: 400)")
+    p.add_argument("--corpus-bytes", type=int, default=None,
+                   help="a larger corpus: pipeline.corpus.max_bytes with the standard library's subpackages too "
+                        "(demo: 3 MB of top-level modules); another tokenizer and teacher, cached apart")
     p.add_argument("--cache-dir", default=None, help="cache_dir (default: $SAPLING_CACHE or ~/.cache/sapling)")
     p.add_argument("--work", default=None, help="where the runs write (default: a new temp dir)")
 
@@ -76,17 +79,19 @@ def start_benchmark(args: argparse.Namespace, name: str) -> tuple[Path, DemoAsse
     work = Path(args.work or tempfile.mkdtemp(prefix=f"sapling-bench-{name}-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"work dir: {work}", flush=True)
-    assets = demo_assets(args.cache_dir, work, args.teacher_steps)
+    assets = demo_assets(args.cache_dir, work, args.teacher_steps, args.corpus_bytes)
     extra = [f"prune.calibration.samples={args.calibration_samples}"] if args.calibration_samples else []
     return work, assets, extra
 
 
-def demo_assets(cache_dir: str | None, work: Path, teacher_steps: int | None = None) -> DemoAssets:
+def demo_assets(cache_dir: str | None, work: Path, teacher_steps: int | None = None,
+                corpus_bytes: int | None = None) -> DemoAssets:
     """The demo corpus, tokenizer and trained teacher, from the pipeline's cache (built there when missing).
 
     Steps 1-2 of `sapling.pipeline.run_pipeline` (the same functions, so the same cache keys): a teacher
     trained by `sapling pipeline experiment=demo` is reused and one trained here is reused by the pipeline.
-    `teacher_steps` overrides `pipeline.teacher_steps` (another cache key: the demo's teacher is not touched).
+    `teacher_steps` overrides `pipeline.teacher_steps` (another cache key: the demo's teacher is not touched);
+    `corpus_bytes` builds a corpus of that size from the whole standard library (subpackages included).
     """
     from sapling.pipeline import stdlib_corpus, train_bpe_tokenizer, trained_demo_teacher
 
@@ -95,9 +100,11 @@ def demo_assets(cache_dir: str | None, work: Path, teacher_steps: int | None = N
         overrides.append(f"cache_dir={cache_dir}")
     if teacher_steps is not None:
         overrides.append(f"pipeline.teacher_steps={teacher_steps}")
+    if corpus_bytes is not None:
+        overrides += [f"pipeline.corpus.max_bytes={corpus_bytes}", "pipeline.corpus.subpackages=true"]
     cfg = compose_cfg(*overrides)
     cache = Path(cfg.cache_dir) / "demo"
-    corpus = stdlib_corpus(cache, cfg.pipeline.corpus.max_bytes)
+    corpus = stdlib_corpus(cache, cfg.pipeline.corpus.max_bytes, cfg.pipeline.corpus.subpackages)
     tok_dir = train_bpe_tokenizer(corpus, cfg.pipeline.corpus.vocab_size, cache)
     cfg = OmegaConf.merge(cfg, {"data": {"files": [str(corpus)]}})
     tokenizer = load_tokenizer(str(tok_dir))

@@ -1,14 +1,15 @@
 """The headline benchmark: a pruned + distilled student against the same shape trained from scratch.
 
     python benchmarks/efficiency.py [--distill-steps 600] [--scratch-steps 2400] [--eval-every 20]
-                                    [--scratch-eval-every 100] [--random-kd] [--quick]
+                                    [--scratch-eval-every 100] [--random-kd] [--target k=v,...] [--quick]
                                     [--out benchmarks/results/efficiency_cpu.md]
 
 From the demo teacher (`conf/experiment/demo.yaml`: a 4-layer Llama trained on this Python's standard
 library, taken from the pipeline's cache or trained there once), with the demo's data, seeds and trainer
 settings, through the same Python entry points as the commands:
 
-  (a) `sapling distill hooks.pre=[prune]`: the teacher pruned to the demo's student shape, then distilled;
+  (a) `sapling distill hooks.pre=[prune]`: the teacher pruned to the demo's student shape (or `--target`'s),
+      then distilled;
   (b) `sapling train model.init=random`: the same shape from a random init with cross-entropy, for longer;
   (c) with `--random-kd`: `sapling distill` into a randomly initialised student of that shape.
 
@@ -106,11 +107,32 @@ def first_reach(points: list[dict[str, float]], level: float) -> dict[str, float
     return None
 
 
+def b_final_tokens(dirs: dict[str, Path]) -> int:
+    return max(r["tokens"] for r in events(dirs["b"]) if "tokens" in r)
+
+
+def parse_target(text: str) -> dict[str, int]:
+    """`--target hidden_size=176,intermediate_size=512` -> {"hidden_size": 176, "intermediate_size": 512}."""
+    target = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in TARGET_KEYS or not value.strip().isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected <field>=<positive int>, field one of "
+                                             f"{', '.join(TARGET_KEYS)}")
+        target[key.strip()] = int(value)
+    if not target:
+        raise argparse.ArgumentTypeError("empty target")
+    return target
+
+
 def run(args: argparse.Namespace) -> int:
     work, assets, extra = start_benchmark(args, "efficiency")
     demo = compose_cfg(*demo_overrides(assets, "distill", work))
-    target = {k: demo.prune.target[k] for k in TARGET_KEYS if demo.prune.target[k] is not None}
     teacher_cfg = source_config(demo.teacher)
+    if args.target:  # the given fields; the rest are the teacher's (e.g. width-only pruning keeps the depth)
+        target = {k: args.target.get(k, getattr(teacher_cfg, k)) for k in TARGET_KEYS}
+    else:
+        target = {k: demo.prune.target[k] for k in TARGET_KEYS if demo.prune.target[k] is not None}
     samples = args.calibration_samples or demo.prune.calibration.samples
     calibration_flops = forward_flops_per_token(teacher_cfg, demo.data.seq_len) * samples * demo.data.seq_len
     print(f"target shape {target}; teacher {assets.teacher_note}", flush=True)
@@ -120,11 +142,15 @@ def run(args: argparse.Namespace) -> int:
     dirs = {"a": run_pruned_kd(assets, work, target, args.distill_steps, args.eval_every, extra)}
     wall["a"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    dirs["b"] = run_scratch(assets, work, target, args.scratch_steps, args.scratch_eval_every)
+    # Pruning keeps the teacher's head_dim; a config override of the width alone would derive it from
+    # hidden_size / heads (apply_overrides), so the from-scratch shapes give it explicitly.
+    head_dim = getattr(teacher_cfg, "head_dim", None) or teacher_cfg.hidden_size // teacher_cfg.num_attention_heads
+    scratch_shape = {**target, "head_dim": head_dim}
+    dirs["b"] = run_scratch(assets, work, scratch_shape, args.scratch_steps, args.scratch_eval_every)
     wall["b"] = time.perf_counter() - t0
     if args.random_kd:
         t0 = time.perf_counter()
-        dirs["c"] = run_random_kd(assets, work, target, args.distill_steps, args.eval_every)
+        dirs["c"] = run_random_kd(assets, work, scratch_shape, args.distill_steps, args.eval_every)
         wall["c"] = time.perf_counter() - t0
 
     curves = {k: curve(d, calibration_flops if k == "a" else 0.0) for k, d in dirs.items()}
@@ -132,7 +158,13 @@ def run(args: argparse.Namespace) -> int:
     if pruned is not None:  # (a) starts where pruning left it: 0 tokens, the calibration pass's FLOPs
         curves["a"].insert(0, {"step": 0, "tokens": 0, "flops": calibration_flops, "val_loss": pruned["val_loss"]})
     params = {k: next(r["student_params"] for r in events(d) if r["event"] == "start") for k, d in dirs.items()}
-    teacher_params = next(r["teacher_params"] for r in events(dirs["a"]) if r["event"] == "start")
+    start_a = next(r for r in events(dirs["a"]) if r["event"] == "start")
+    teacher_params = start_a["teacher_params"]
+    train_tokens = start_a.get("train_tokens")
+    corpus_note = (f"{'the demo corpus' if args.corpus_bytes is None else 'a larger standard-library corpus'} "
+                   f"({assets.corpus.name}, {assets.corpus.stat().st_size / 1e6:.1f} MB"
+                   + (f", {train_tokens:,} training tokens: (b) makes {b_final_tokens(dirs) / train_tokens:.1f} "
+                      "passes over them" if train_tokens else "") + ")")
     assert len(set(params.values())) == 1, f"the students differ in size: {params}"
     prune_loss = pruned["val_loss"] if pruned is not None else None
     b_final = curves["b"][-1]
@@ -164,12 +196,13 @@ def run(args: argparse.Namespace) -> int:
     command = "python benchmarks/efficiency.py " + shlex.join(sys.argv[1:])
     md = "\n".join([
         "# Pruned + distilled vs trained from scratch (demo teacher)", "",
+        f"- compression: teacher / student parameters = {teacher_params / params['a']:.2f}x",
         f"- command: `{command}`",
         f"- date: {datetime.date.today()}; commit {git_commit()}; device: CPU ({cpu_model()}, "
         f"{platform.machine()}), torch threads default",
         f"- teacher: {teacher_params:,} parameters ({assets.teacher_note}); students: {params['a']:,} parameters, "
         f"shape {target}",
-        f"- data: the demo corpus, seq_len {demo.data.seq_len}, {demo.trainer.micro_batch_size} sequences per "
+        f"- data: {corpus_note}, seq_len {demo.data.seq_len}, {demo.trainer.micro_batch_size} sequences per "
         f"step ({demo.data.seq_len * demo.trainer.micro_batch_size:,} tokens), lr {demo.trainer.lr}; validation "
         "loss over the whole held-out split",
         f"- pruning calibration: {samples} samples, {calibration_flops:.3g} FLOPs (counted in (a)); validation loss "
@@ -198,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=20, help="validation interval of (a) and (c)")
     p.add_argument("--scratch-eval-every", type=int, default=100, help="validation interval of (b)")
     p.add_argument("--random-kd", action="store_true", help="also run (c)")
+    p.add_argument("--target", type=parse_target, default=None,
+                   help="the student shape, e.g. hidden_size=176,intermediate_size=512 (fields not given: the "
+                        "teacher's; default: the demo's prune.target)")
     p.add_argument("--quick", action="store_true", help="smoke run: a 20-step teacher and a few steps")
     p.add_argument("--out", default=None, help="write the markdown here (+ .json and .png beside it)")
     add_demo_arguments(p)

@@ -445,7 +445,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     from sapling.quant.hook import load_quantized
 
     e = cfg.eval
-    check_harness(list(e.tasks))
+    check_harness(list(e.tasks), list(e.task_paths))
     model_cfg = source_config(cfg.model)
     tokenizer = load_tokenizer(tokenizer_path(cfg, "model"))
     device = select_device(cfg)
@@ -488,8 +488,9 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
             res["eval_s"] = time.perf_counter() - t0
             if prompts is not None and e.gen_tokens > 0:
                 res.update(generation_speed(model, prompts, e.gen_tokens, device))
-            harness = run_harness(model, tokenizer, list(e.tasks), num_fewshot=e.num_fewshot, limit=e.limit,
-                                  batch_size=e.micro_batch_size, device=device) if e.tasks else []
+            harness = run_harness(model, tokenizer, list(e.tasks), task_paths=list(e.task_paths),
+                                  num_fewshot=e.num_fewshot, limit=e.limit, batch_size=e.micro_batch_size,
+                                  device=device) if e.tasks else []
             mem_kind, mem = peak_memory_gib(device)
             row = {"model": key, "path": src.path or src.tiny, "params": count_parameters(model),
                    "disk_bytes": disk_bytes(src.path), "quantized": is_quantized_checkpoint(src.path),

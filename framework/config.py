@@ -254,6 +254,8 @@ class EvalConfig:
     gen_prompt_len: int = 32  # tokens per prompt (taken from the data)
     # lm-evaluation-harness tasks (extra `eval`; their data sets must be reachable or cached), e.g. [arc_easy]
     tasks: list[str] = field(default_factory=list)
+    # directories (or YAML files) of local task definitions, e.g. a task over a jsonl file on this machine
+    task_paths: list[str] = field(default_factory=list)
     num_fewshot: int | None = None
     limit: float | None = None  # examples per task (a fraction when < 1); None: all
 
@@ -264,6 +266,7 @@ class DemoCorpusConfig:
 
     max_bytes: int = 3_000_000
     vocab_size: int = 2048
+    subpackages: bool = False  # also the packages' modules (asyncio/, test/, ...): up to ~31 MB instead of ~4.7
 
 
 @dataclass

@@ -9,31 +9,46 @@ compressed-tensors export dequantized), with its tokenizer.
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 from typing import Any
 
 from sapling.config import ConfigError
 
 
-def check_harness(tasks: list[str]) -> None:
-    """Fail before any model is loaded when tasks are asked for and the harness is not installed."""
+def check_harness(tasks: list[str], task_paths: list[str] = ()) -> None:
+    """Fail before any model is loaded: tasks asked for without the harness, a missing task path, or task
+    paths without tasks."""
+    if task_paths and not tasks:
+        raise ConfigError("eval.task_paths", list(task_paths), "given, but eval.tasks is empty",
+                          "name the tasks to run: eval.tasks=[<task>,...]")
+    for path in task_paths:
+        if not Path(path).expanduser().exists():
+            raise ConfigError("eval.task_paths", path, "does not exist",
+                              "give a directory or YAML file of lm-evaluation-harness task definitions")
     if tasks and importlib.util.find_spec("lm_eval") is None:
         raise ConfigError("eval.tasks", list(tasks), "lm-evaluation-harness is not installed",
                           "pip install 'sapling[eval]' (or drop eval.tasks)")
 
 
-def run_harness(model: Any, tokenizer: Any, tasks: list[str], *, num_fewshot: int | None = None,
-                limit: float | None = None, batch_size: int = 8, device: Any = "cpu") -> list[dict[str, Any]]:
-    """Evaluate `model` on `tasks`; one row per (task, metric): {"task", "metric", "value", "stderr"}."""
+def run_harness(model: Any, tokenizer: Any, tasks: list[str], *, task_paths: list[str] = (),
+                num_fewshot: int | None = None, limit: float | None = None, batch_size: int = 8,
+                device: Any = "cpu") -> list[dict[str, Any]]:
+    """Evaluate `model` on `tasks` (the harness's own, or defined under `task_paths`); one row per
+    (task, metric): {"task", "metric", "value", "stderr"}."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
+    include = [str(Path(p).expanduser()) for p in task_paths] or None
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
-    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit)
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                  task_manager=TaskManager(include_path=include))
     rows = []
     for task, metrics in sorted(out["results"].items()):
         for key, value in metrics.items():
             name, _, _filter = key.partition(",")
-            if name == "alias" or name.endswith("_stderr") or not isinstance(value, (int, float)):
+            skip = name in ("alias", "sample_len") or name.endswith("_stderr")  # labels and bookkeeping
+            if skip or not isinstance(value, (int, float)):
                 continue
             stderr = metrics.get(f"{name}_stderr,{_filter}" if _filter else f"{name}_stderr")
             rows.append({"task": task, "metric": key, "value": float(value),
