@@ -2,7 +2,9 @@
 
     python benchmarks/efficiency.py [--distill-steps 600] [--scratch-steps 2400] [--eval-every 20]
                                     [--scratch-eval-every 100] [--random-kd] [--target k=v,...] [--quick]
+                                    [--teacher-steps N] [--corpus-bytes N]
                                     [--out benchmarks/results/efficiency_cpu.md]
+    python benchmarks/efficiency.py --ratios benchmarks/results/efficiency_cpu.json
 
 From the demo teacher (`conf/experiment/demo.yaml`: a 4-layer Llama trained on this Python's standard
 library, taken from the pipeline's cache or trained there once), with the demo's data, seeds and trainer
@@ -18,7 +20,10 @@ training tokens and against training FLOPs (model FLOPs, `sapling.train.flops`: 
 backward, plus, for (a) and (c), the teacher's forward on every token and, for (a), the pruning pass over
 the calibration samples; the teacher's own training is not counted for anyone). The headline ratio is how
 many tokens (and FLOPs) (b) trained on against how many (a) needed to first reach (b)'s final validation
-loss (linear interpolation between evaluations), whatever it turns out to be.
+loss (linear interpolation between evaluations), whatever it turns out to be; the same ratio is also given
+for (b)'s losses at 1/8, 1/4, 1/2 and 3/4 of its run (`--ratios` adds that table to an earlier run's results).
+`--corpus-bytes` trains on a larger corpus taken from the whole standard library (with its own tokenizer and
+teacher), so that the runs see each token about once instead of several times.
 """
 
 from __future__ import annotations
@@ -105,6 +110,57 @@ def first_reach(points: list[dict[str, float]], level: float) -> dict[str, float
             return {k: prev[k] + w * (p[k] - prev[k]) for k in ("tokens", "flops", "step")}
         prev = p
     return None
+
+
+ALONG = (0.125, 0.25, 0.5, 0.75, 1.0)  # fractions of (b)'s run at which the token ratio is also reported
+ALONG_HEADING = "## The ratio along (b)'s run"
+
+
+def ratios_along(curves: dict[str, list[dict[str, float]]], fractions: tuple[float, ...] = ALONG) -> str:
+    """A markdown section: for (b)'s evaluation nearest each fraction of its run, the loss it had then, the tokens
+    and FLOPs (b) first reached that loss at, and how many fewer the other runs needed to first reach it."""
+    b = curves["b"]
+    others = [k for k in curves if k != "b"]
+    head = ["(b) at", "(b) val loss", "(b) first reaches it at (tokens)"]
+    for k in others:
+        head += [f"({k}) reaches it at (tokens)", f"({k}) token ratio", f"({k}) FLOP ratio"]
+    lines = [ALONG_HEADING, "",
+             "The headline ratio uses (b)'s final loss; earlier losses of (b) say how the ratio depends on the "
+             "budget (b) is given. Ratio: (b)'s tokens (FLOPs) over the run's, both at the first evaluation that "
+             "reaches the loss (linear between evaluations).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    seen = set()
+    for f in fractions:
+        point = min(b, key=lambda q: abs(q["tokens"] - f * b[-1]["tokens"]))
+        if point["step"] in seen:
+            continue
+        seen.add(point["step"])
+        level = point["val_loss"]
+        rb = first_reach(b, level)
+        row = [f"{f:.0%} ({point['tokens']:,} tokens)", f"{level:.4f}", f"{rb['tokens']:,.0f}"]
+        for k in others:
+            r = first_reach(curves[k], level)
+            if r is None:
+                row += ["not reached", "-", "-"]
+            elif r["tokens"] == 0:
+                row += ["0 (right after pruning)", "-", f"{rb['flops'] / r['flops']:.1f}x"]
+            else:
+                row += [f"{r['tokens']:,.0f}", f"{rb['tokens'] / r['tokens']:.1f}x", f"{rb['flops'] / r['flops']:.1f}x"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def add_ratios_along(json_path: Path) -> str:
+    """`--ratios results.json`: the section from a finished run's saved curves, written into the markdown beside
+    it (replacing the section if there is one)."""
+    payload = json.loads(json_path.read_text())
+    section = ratios_along(payload["curves"])
+    md_path = json_path.with_suffix(".md")
+    md = md_path.read_text() if md_path.exists() else ""
+    if ALONG_HEADING in md:
+        md = md[: md.index(ALONG_HEADING)].rstrip("\n") + "\n"
+    md_path.write_text(md.rstrip("\n") + "\n\n" + section)
+    return section
 
 
 def b_final_tokens(dirs: dict[str, Path]) -> int:
@@ -210,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
         "", "| run | steps | tokens | FLOPs | final val loss | reaches (b)'s final loss at | wall (s) |",
         "|---|---|---|---|---|---|---|",
         *("| " + " | ".join(r) + " |" for r in rows), "", *ratio_lines, "",
-        f"![validation curves]({png.name})", "",
+        f"![validation curves]({png.name})", "", ratios_along(curves),
     ])
     print(md, flush=True)
     if args.out:
@@ -237,7 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: a 20-step teacher and a few steps")
     p.add_argument("--out", default=None, help="write the markdown here (+ .json and .png beside it)")
     add_demo_arguments(p)
+    p.add_argument("--ratios", type=Path, default=None, metavar="JSON",
+                   help="no runs: add the ratio-along-(b) section to the markdown beside a saved results JSON")
     args = p.parse_args(argv)
+    if args.ratios is not None:
+        print(add_ratios_along(args.ratios), end="")
+        return 0
     if args.quick:
         args.distill_steps, args.scratch_steps, args.eval_every, args.scratch_eval_every = 6, 12, 2, 4
         quick_defaults(args)
