@@ -163,10 +163,6 @@ def add_ratios_along(json_path: Path) -> str:
     return section
 
 
-def b_final_tokens(dirs: dict[str, Path]) -> int:
-    return max(r["tokens"] for r in events(dirs["b"]) if "tokens" in r)
-
-
 def parse_target(text: str) -> dict[str, int]:
     """`--target hidden_size=176,intermediate_size=512` -> {"hidden_size": 176, "intermediate_size": 512}."""
     target = {}
@@ -219,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     train_tokens = start_a.get("train_tokens")
     corpus_note = (f"{'the demo corpus' if args.corpus_bytes is None else 'a larger standard-library corpus'} "
                    f"({assets.corpus.name}, {assets.corpus.stat().st_size / 1e6:.1f} MB"
-                   + (f", {train_tokens:,} training tokens: (b) makes {b_final_tokens(dirs) / train_tokens:.1f} "
+                   + (f", {train_tokens:,} training tokens: (b) makes {curves['b'][-1]['tokens'] / train_tokens:.1f} "
                       "passes over them" if train_tokens else "") + ")")
     assert len(set(params.values())) == 1, f"the students differ in size: {params}"
     prune_loss = pruned["val_loss"] if pruned is not None else None

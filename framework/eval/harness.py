@@ -8,6 +8,7 @@ compressed-tensors export dequantized), with its tokenizer.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,15 @@ def check_harness(tasks: list[str], task_paths: list[str] = ()) -> None:
                           "pip install 'sapling[eval]' (or drop eval.tasks)")
 
 
+@functools.lru_cache(maxsize=4)
+def _task_manager(include: tuple[str, ...]) -> Any:
+    """The harness's task index (built-in tasks plus `include`): built once per process, as indexing the
+    thousands of built-in task YAMLs takes seconds and `sapling eval` runs the model and then the teacher."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(include) or None)
+
+
 def run_harness(model: Any, tokenizer: Any, tasks: list[str], *, task_paths: list[str] = (),
                 num_fewshot: int | None = None, limit: float | None = None, batch_size: int = 8,
                 device: Any = "cpu") -> list[dict[str, Any]]:
@@ -37,12 +47,11 @@ def run_harness(model: Any, tokenizer: Any, tasks: list[str], *, task_paths: lis
     (task, metric): {"task", "metric", "value", "stderr"}."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    include = [str(Path(p).expanduser()) for p in task_paths] or None
+    include = tuple(str(Path(p).expanduser()) for p in task_paths)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
     out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                  task_manager=TaskManager(include_path=include))
+                                  task_manager=_task_manager(include))
     rows = []
     for task, metrics in sorted(out["results"].items()):
         for key, value in metrics.items():
