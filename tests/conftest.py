@@ -18,6 +18,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+# `python -m pytest` from the checkout puts it first on sys.path, where `kernels/` would shadow the
+# installed `kernels` package that transformers imports (see sapling._paths).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
 
 
 def pytest_configure(config: pytest.Config) -> None:

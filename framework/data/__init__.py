@@ -3,12 +3,12 @@
 from sapling.data.blocks import PackedBlocks, PackedData
 from sapling.data.loader import ResumableLoader
 from sapling.data.pack import build_packed_data
-from sapling.data.sources import SUPPORTED_EXTENSIONS
+from sapling.data.sources import STRUCTURED_EXTENSIONS
 from sapling.data.split import split_documents
 from sapling.data.stats import unigram_cross_entropy
 
 __all__ = [
-    "SUPPORTED_EXTENSIONS",
+    "STRUCTURED_EXTENSIONS",
     "PackedBlocks",
     "PackedData",
     "ResumableLoader",

@@ -29,6 +29,7 @@ from sapling.data import cache
 from sapling.data.blocks import PackedBlocks, PackedData
 from sapling.data.sources import check_files, load_documents, open_hub_stream
 from sapling.data.split import split_documents
+from sapling.errors import DataError, short
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +49,12 @@ class _Tokenize:
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list[list[int]]]:
         if self.field not in batch:
-            raise ValueError(f"{self.where}: text field {self.field!r} not found (columns: {list(batch)})")
+            raise DataError(f"{self.where}: text field {self.field!r} not found (columns: {short(list(batch))}); "
+                            "fix: set data.text_field to the column that holds the text")
         texts = list(batch[self.field])
         if not all(isinstance(t, str) for t in texts):
-            raise ValueError(f"{self.where}: text field {self.field!r} has a missing or non-string value")
+            raise DataError(f"{self.where}: text field {self.field!r} has a missing or non-string value; "
+                            "fix: give every row a string (or drop those rows)")
         enc = self.tokenizer(
             texts,
             add_special_tokens=False,
@@ -119,9 +122,8 @@ def _collect(
     total = 0
     for flat, lengths in batches:
         if flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
-            raise ValueError(
-                f"tokenizer produced ids outside [0, {vocab_size}) (len(tokenizer)={vocab_size})"
-            )
+            raise DataError(f"tokenizer produced ids outside [0, {vocab_size}) (len(tokenizer)={vocab_size}); "
+                            "fix: use a tokenizer whose ids are below its length (data.tokenizer)")
         lengths = lengths.astype(np.int64)
         done = max_tokens is not None and total + flat.size >= max_tokens
         if done:
@@ -171,13 +173,12 @@ def _blocks_or_raise(stream: np.ndarray, seq_len: int, split: str) -> np.ndarray
     n = stream.size // seq_len
     if n == 0:
         hint = (
-            "add data, raise max_tokens or lower seq_len"
+            "add data, raise data.max_tokens or lower data.seq_len"
             if split == "train"
-            else "raise val_fraction or lower seq_len"
+            else "raise data.val_fraction or lower data.seq_len"
         )
-        raise ValueError(
-            f"{split} split has {stream.size} tokens, fewer than one block of seq_len={seq_len}; {hint}"
-        )
+        raise DataError(f"{split} split has {stream.size} tokens, fewer than one block of seq_len={seq_len}; "
+                        f"fix: {hint}")
     return stream[: n * seq_len].reshape(n, seq_len)
 
 
@@ -198,8 +199,9 @@ def build_packed_data(
 ) -> PackedData:
     """Tokenize, split (per document) and pack a corpus into train/val blocks of ``seq_len`` tokens.
 
-    Sources are local ``files`` (.txt = one document per file, .jsonl/.json = one per line,
-    .parquet = one per row; ``text_field`` names the text column) or a hub dataset streamed with
+    Sources are local ``files`` (.jsonl/.json = one document per line, .parquet = one per row, with
+    ``text_field`` naming the text column; any other UTF-8 text file, .txt, .py, .md..., = one
+    document) or a hub dataset streamed with
     ``datasets.load_dataset(hub_name, hub_config, split=hub_split, streaming=True)`` (then
     ``max_tokens`` should be set, or the whole split is streamed). Document ``i`` goes to validation
     per ``split_documents``; a single document with ``val_fraction > 0`` is an error.
@@ -213,7 +215,8 @@ def build_packed_data(
     max_tokens = None if max_tokens is None else int(max_tokens)
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
-        raise ValueError("tokenizer has no eos_token; set one (it is appended after every document)")
+        raise DataError("the tokenizer has no eos_token (appended after every document); "
+                        "fix: use a tokenizer that defines one (data.tokenizer)")
     vocab_size = len(tokenizer)
     dtype = np.dtype(np.uint16 if vocab_size < 2**16 else np.uint32)
 
@@ -257,8 +260,13 @@ def build_packed_data(
         kept = _collect(batches, max_tokens, dtype, vocab_size)
 
     num_docs = sum(len(lens) for _, lens in kept)
+    what = f"data files {short(files, 200)}" if files is not None else f"hub dataset {short(hub_name)}"
     if num_docs == 0:
-        raise ValueError(f"empty corpus: no documents in {files if files is not None else hub_name!r}")
+        raise DataError(f"empty corpus: no documents in {what}; fix: pass data that holds text")
+    if val_fraction > 0 and num_docs < 2:
+        raise DataError(f"{what} give 1 document, which cannot be split into train and val (each text file is "
+                        "one document, as is each .jsonl line or Parquet row); fix: give at least 2 documents "
+                        "or set data.val_fraction=0")
     is_val = split_documents(num_docs, val_fraction, seed)
     train_stream, val_stream = _split_streams(kept, is_val, dtype)
     train = _blocks_or_raise(train_stream, seq_len, "train")
