@@ -31,7 +31,7 @@ from sapling.models import build_model, count_parameters, load_tokenizer, source
 REPO = Path(__file__).resolve().parents[1]
 
 TARGET_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
-ALL_VAL = 1_000_000  # trainer.eval_batches: more than there are, i.e. the whole validation split
+ALL_VAL = "trainer.eval_tokens=null"  # validate on the whole validation split (no token budget)
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -134,7 +134,7 @@ def reference(cfg: DictConfig) -> Reference:
     teacher = build_model(cfg.teacher, source_config(cfg.teacher), device, seed=cfg.seed).eval()
     data = load_data(cfg, load_tokenizer(cfg.data.tokenizer))
     val = evaluate_lm(teacher, data.val, micro_batch_size=cfg.trainer.micro_batch_size,
-                      max_batches=cfg.trainer.eval_batches, device=device)
+                      max_batches=cfg.trainer.eval_batches, max_tokens=cfg.trainer.eval_tokens, device=device)
     uniform = math.log(teacher.config.vocab_size)
     if val["loss"] > 0.9 * uniform:
         raise RuntimeError(f"the runs' teacher has validation loss {val['loss']:.3f} (uniform: {uniform:.3f}): "
@@ -163,7 +163,7 @@ def distill_overrides(assets: DemoAssets, out: Path, steps: int, target: dict[st
     shape = {k: target.get(k) for k in TARGET_KEYS}  # unset fields: the teacher's (the demo sets all five)
     return [
         *demo_overrides(assets, "distill", out),
-        "hooks.pre=[prune]", f"trainer.max_steps={steps}", "trainer.eval_every=0", f"trainer.eval_batches={ALL_VAL}",
+        "hooks.pre=[prune]", f"trainer.max_steps={steps}", "trainer.eval_every=0", ALL_VAL,
         "trainer.resume=false",
         *(f"prune.target.{k}={'null' if v is None else v}" for k, v in shape.items()),
         *extra,

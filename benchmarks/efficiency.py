@@ -75,7 +75,7 @@ def run_scratch(assets: Any, work: Path, target: dict, steps: int, every: int) -
     out = work / "b_scratch"
     ov = [*demo_overrides(assets, "train", out), f"model.path={assets.teacher_dir}", "model.init=random",
           *(f"model.config.{k}={v}" for k, v in target.items()), f"trainer.max_steps={steps}",
-          f"trainer.eval_every={every}", f"trainer.eval_batches={ALL_VAL}", "trainer.resume=false", "hooks.pre=[]"]
+          f"trainer.eval_every={every}", ALL_VAL, "trainer.resume=false", "hooks.pre=[]"]
     run_train(compose_cfg(*ov))
     return out
 
@@ -84,7 +84,7 @@ def run_random_kd(assets: Any, work: Path, target: dict, steps: int, every: int)
     out = work / "c_random_kd"
     ov = [*demo_overrides(assets, "distill", out), "hooks.pre=[]", "student.init=random",
           *(f"student.config.{k}={v}" for k, v in target.items()), f"trainer.max_steps={steps}",
-          f"trainer.eval_every={every}", f"trainer.eval_batches={ALL_VAL}", "trainer.resume=false"]
+          f"trainer.eval_every={every}", ALL_VAL, "trainer.resume=false"]
     run_distill(compose_cfg(*ov))
     return out
 

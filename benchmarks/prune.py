@@ -8,7 +8,7 @@ library sources); it is taken from the pipeline's cache (`$SAPLING_CACHE/demo`) 
 there exactly as `sapling pipeline experiment=demo` would. Every run is `sapling distill experiment=demo
 hooks.pre=[prune] teacher.path=<cached teacher> ...` through the Python API (`sapling.commands.run_distill`),
 so the benchmark measures what users run. Validation loss is the mean next-token NLL (nats/token) over the
-whole held-out split (`trainer.eval_batches` covers all of it); the loss right after pruning is the one the
+whole held-out split (`trainer.eval_tokens=null`); the loss right after pruning is the one the
 prune hook logs (its `prune` event in metrics.jsonl), the loss after distillation the trainer's final one.
 
 Table 1, importance: the same target shape (the issue's example, 50% of the MLP neurons, 25% of the hidden

@@ -15,7 +15,8 @@ from importlib.resources import files
 import hydra
 from omegaconf import DictConfig
 
-from sapling.config import COMMANDS, ConfigError, register_configs, validate
+from sapling.config import COMMANDS, check_override_keys, register_configs, validate
+from sapling.errors import EXIT_ABORTED, EXIT_STOPPED, ConfigError, SaplingError, Stopped
 
 USAGE = f"""usage: sapling <command> [key=value ...] [hydra options]
 
@@ -47,13 +48,14 @@ examples:
   sapling sweep-report multirun/distill/2026-01-01_12-00-00
   sbatch --nodes=2 --gpus-per-node=8 launchers/slurm.sbatch distill deepspeed=zero3 ...
   sapling distill --cfg job          # print the composed config
+  sapling distill --help             # what a command does, its main keys and their defaults, examples
 (valid commands: {", ".join((*COMMANDS, "export", "sweep-report"))})"""
 
 log = logging.getLogger("sapling")
 
 
 def _dispatch(cfg: DictConfig) -> None:
-    result = None
+    result, stopped_in = None, None
     try:
         validate(cfg)
         if cfg.command == "pipeline":
@@ -84,22 +86,24 @@ def _dispatch(cfg: DictConfig) -> None:
             from sapling.commands import run_cache_teacher
 
             run_cache_teacher(cfg)
-    except ConfigError as err:
-        print(f"sapling: config error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except (FileNotFoundError, ValueError) as err:
-        # Bad input found while running (data too short for one block, mismatched checkpoint, ...):
-        # one line, no traceback, unless SAPLING_DEBUG=1 asks for it.
+        if getattr(result, "stopped", False):
+            _mark_stopped(cfg, result.steps)  # while the process group still holds every rank (see there)
+    except Stopped as stop:  # a pipeline stage or a pre-hook's training, stopped by a signal after a checkpoint
+        result, stopped_in = stop.result, stop.where
+        _mark_stopped(cfg, result.steps)
+    except SaplingError as err:
+        # The user's inputs (config, data, checkpoint, model source, output dir, launch): one line, no
+        # traceback, unless SAPLING_DEBUG=1 asks for it. Any other exception is a bug and keeps its traceback.
         if os.environ.get("SAPLING_DEBUG"):
             raise
-        print(f"sapling: error: {err} (set SAPLING_DEBUG=1 for the traceback)", file=sys.stderr)
-        sys.exit(1)
+        print(f"sapling: {user_error_line(err)}", file=sys.stderr)
+        sys.exit(err.exit_code)
     finally:
         from sapling.dist import shutdown_distributed
 
         shutdown_distributed()
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if result is not None and world > 1:
+    if result is not None and world > 1 and not getattr(result, "already_finished", False):
         # One line per rank (each node's log shows its own): the all-reduced loss must agree everywhere.
         val = getattr(result, "final_val", {}).get("loss", float("nan"))
         # One write() per line: ranks sharing a terminal or pipe must not interleave inside a line.
@@ -108,10 +112,16 @@ def _dispatch(cfg: DictConfig) -> None:
         sys.stderr.flush()
     if getattr(result, "stopped", False):
         if rank == 0:
-            _mark_stopped(cfg, result.steps)
-            print(f"sapling {cfg.command}: stopped by a signal after step {result.steps}; checkpoint saved in "
-                  f"{cfg.output_dir}/checkpoints; rerun the same command to resume", file=sys.stderr)
-        _hand_back_signal(result.signal)
+            if stopped_in is None:
+                where = f"after step {result.steps}; checkpoint saved in {cfg.output_dir}/checkpoints"
+            else:
+                where = f"in {stopped_in} (step {result.steps}); outputs and checkpoints kept in {cfg.output_dir}"
+            print(f"sapling {cfg.command}: stopped by a signal {where}; rerun the same command to resume "
+                  f"(exit {EXIT_STOPPED}: stopped, resumable)", file=sys.stderr)
+        if _hand_back_signal(result.signal):
+            return  # the launcher's own handler (submitit's) requeued the job and decides how it ends
+        if rank == 0:  # rank 0 alone carries the code: torchrun stops the other ranks when one exits non-zero
+            sys.exit(EXIT_STOPPED)
         return
     if rank == 0:
         print(f"sapling {cfg.command}: outputs in {cfg.output_dir}", file=sys.stderr)
@@ -120,30 +130,49 @@ def _dispatch(cfg: DictConfig) -> None:
 STOP_FILE_ENV = "SAPLING_STOP_FILE"
 
 
-def _hand_back_signal(signum: int | None) -> None:
+def user_error_line(err: SaplingError) -> str:
+    """`config error: ...` or `error: ...`, on one line whatever the message holds."""
+    kind = "config error" if isinstance(err, ConfigError) else "error"
+    text = " ".join(str(err).split())
+    return f"{kind}: {text}" + ("" if isinstance(err, ConfigError) else " (set SAPLING_DEBUG=1 for the traceback)")
+
+
+def _hand_back_signal(signum: int | None) -> bool:
     """Re-raise the stop signal for the handler the launcher installed before training, now restored.
 
     submitit (`hydra/launcher=submitit_slurm`) handles USR2 by requeueing the job: the trainer took the
-    signal first to save a checkpoint at a step boundary, and passes it on once that is safe. Default
-    and ignored dispositions are left alone (a plain run exits normally).
+    signal first to save a checkpoint at a step boundary, and passes it on once that is safe (on rank 0
+    submitit's handler requeues and exits itself; on the other ranks it returns). Default and ignored
+    dispositions, and Python's own Ctrl-C handler, are left alone: False, the run exits EXIT_STOPPED.
     """
     if signum is None:
-        return
+        return False
     import signal
 
-    if callable(signal.getsignal(signum)):
+    handler = signal.getsignal(signum)
+    if callable(handler) and handler is not signal.default_int_handler:
         signal.raise_signal(signum)
+        return True
+    return False
 
 
 def _mark_stopped(cfg: DictConfig, steps: int) -> None:
     """Tell the launcher the run stopped early on a signal (checkpointed, unfinished) so it can requeue.
 
     `launchers/slurm.sbatch` points SAPLING_STOP_FILE at a path on the shared file system and runs
-    `scontrol requeue` when the file exists after the step ends.
+    `scontrol requeue` when the file exists after the step ends. Every rank calls this: rank 0 writes the
+    file, then a barrier, so every rank is past its last collective before rank 0 exits EXIT_STOPPED (which
+    makes torchrun stop the others).
     """
+    from sapling.dist import barrier, rank_world
+
     path = os.environ.get(STOP_FILE_ENV)
-    if not path:
-        return
+    if path and rank_world()[0] == 0:
+        _write_stop_file(cfg, steps, path)
+    barrier()
+
+
+def _write_stop_file(cfg: DictConfig, steps: int, path: str) -> None:
     import json
     from pathlib import Path
 
@@ -172,11 +201,11 @@ def _export(args: list[str]) -> int:
 
     try:
         out = export_checkpoint(keys["checkpoint"], keys.get("output"))
-    except (FileNotFoundError, ValueError) as err:
+    except SaplingError as err:
         if os.environ.get("SAPLING_DEBUG"):
             raise
-        print(f"sapling: error: {err} (set SAPLING_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 1
+        print(f"sapling: {user_error_line(err)}", file=sys.stderr)
+        return err.exit_code
     print(f"sapling export: model in {out}", file=sys.stderr)
     return 0
 
@@ -192,11 +221,11 @@ def _sweep_report(args: list[str]) -> int:
 
     try:
         paths = sweep_report(dirs[0], keys.get("output"))
-    except (FileNotFoundError, ValueError) as err:
+    except SaplingError as err:
         if os.environ.get("SAPLING_DEBUG"):
             raise
-        print(f"sapling: error: {err}", file=sys.stderr)
-        return 1
+        print(f"sapling: {user_error_line(err)}", file=sys.stderr)
+        return err.exit_code
     print(paths["markdown"].read_text())
     print(f"sapling sweep-report: {paths['markdown']}, {paths['csv'].name}, {paths['png'].name}", file=sys.stderr)
     return 0
@@ -233,10 +262,21 @@ def _hydra_argv(command: str, args: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    from sapling.help import HELP, command_help
+
+    if args[:1] == ["help"] and len(args) > 1 and args[1] in HELP:  # `sapling help distill`
+        args = [args[1], "--help"]
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
     command, rest = args[0], args[1:]
+    if command in HELP and ("-h" in rest or "--help" in rest):  # per-command help, not Hydra's generic one
+        print(command_help(command))
+        return
+    if command in HELP:
+        from sapling.noise import choose_deepspeed_accelerator
+
+        choose_deepspeed_accelerator()  # before anything imports deepspeed
     if command == "export":
         sys.exit(_export(rest))
     if command == "sweep-report":
@@ -246,10 +286,22 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     register_configs()
     config_dir = str(files("sapling.conf"))
+    try:  # a misspelled key: our one line, before Hydra's multi-line advice to add it with `+`
+        groups = [p.name for p in files("sapling.conf").iterdir() if p.is_dir() and not p.name.startswith("_")]
+        check_override_keys([a for a in rest if not a.startswith("-")], groups)
+    except ConfigError as err:
+        print(f"sapling: {user_error_line(err)}", file=sys.stderr)
+        sys.exit(err.exit_code)
     if command == "pipeline" and not any(a.startswith(("experiment=", "+experiment=")) for a in rest):
         rest = ["experiment=demo", *rest]  # the embedded default
     sys.argv = [f"sapling-{command}", *_hydra_argv(command, rest)]
-    hydra.main(version_base=None, config_path=config_dir, config_name="config")(_dispatch)()
+    try:
+        hydra.main(version_base=None, config_path=config_dir, config_name="config")(_dispatch)()
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or the first one outside it: nothing saved now
+        lead = "\n" if sys.stderr.isatty() else ""  # off the terminal's ^C
+        print(f"{lead}sapling {command}: aborted by Ctrl-C (exit {EXIT_ABORTED}); checkpoints written before are "
+              "kept: rerun the same command to resume from the last one", file=sys.stderr)
+        sys.exit(EXIT_ABORTED)
 
 
 if __name__ == "__main__":

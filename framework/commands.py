@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -13,11 +14,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sapling.config import ConfigError, check_shape, check_vocab
+from sapling.config import ConfigError, check_prune_shape, check_shape, check_source_shape, check_vocab
 from sapling.data import PackedData, build_packed_data
 from sapling.dist import barrier, broadcast_object, init_distributed, is_main, launch_env, rank_world
+from sapling.errors import DataError, OutputError, SaplingError
 from sapling.eval.perplexity import PERPLEXITY_COLUMNS, perplexity_rows
 from sapling.eval.report import write_report
+from sapling.io import check_output, claim_output, write_text_atomically
 from sapling.models import (
     build_model,
     count_parameters,
@@ -27,12 +30,13 @@ from sapling.models import (
     source_config,
 )
 from sapling.prune.hook import prune_teacher
-from sapling.prune.select import TARGET_FIELDS, resolve_target
+from sapling.prune.select import TARGET_FIELDS
 from sapling.train.checkpoint import latest_tag, read_state
 from sapling.train.ds_config import student_ds_config, teacher_ds_config
 from sapling.train.hooks import HookContext, run_hooks
 from sapling.train.loop import TrainResult, fit
 from sapling.train.metrics import MetricsLogger, NullMetrics
+from sapling.train.resume import ResumePlan, mark_finished, mark_started, plan_resume
 
 log = logging.getLogger("sapling")
 
@@ -46,18 +50,74 @@ def select_device(cfg: DictConfig) -> torch.device:
     return torch.device(want)
 
 
+def command_inputs(cfg: DictConfig) -> list[tuple[str, str]]:
+    """(key, local path) of everything a command reads: no output may equal, contain or lie inside one."""
+    items = [(f"{k}.path", cfg[k].path) for k in ("teacher", "student", "model")]
+    items += [("teacher.cache", cfg.teacher.cache), ("prune.scores", cfg.prune.scores),
+              ("data.tokenizer", cfg.data.tokenizer)]
+    items += [(f"data.files[{i}]", f) for i, f in enumerate(cfg.data.files)]
+    return [(k, v) for k, v in items if v is not None and Path(os.path.expanduser(str(v))).exists()]
+
+
 def prepare_output(cfg: DictConfig) -> Path:
-    """`output_dir`, made, as rank 0 resolved it: every rank composes its own config, and a time-stamped
+    """`output_dir`, checked (`sapling.io.check_output`: never an input, never another command's or a user's
+    directory), made, as rank 0 resolved it: every rank composes its own config, and a time-stamped
     run dir (`${now:...}`) may differ between ranks that started a second apart. Every rank writes its
-    checkpoint shards there, so all must agree (a rank's own Hydra dir then holds only its log)."""
+    checkpoint shards there, so all must agree (a rank's own Hydra dir then holds only its log).
+
+    Rank 0 decides; a refusal reaches every rank as the same OutputError (no rank waits for a peer that
+    gave up)."""
     agreed = broadcast_object(str(cfg.output_dir))
     if agreed != str(cfg.output_dir):
         cfg.output_dir = agreed
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    error = None
     if is_main():
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        try:
+            claim_output("output_dir", cfg.output_dir, command=cfg.command, inputs=command_inputs(cfg))
+        except OutputError as err:
+            error = str(err)
+    error = broadcast_object(error)
+    if error is not None:
+        raise OutputError(error)
+    out = Path(cfg.output_dir)
+    if is_main():
+        write_text_atomically(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     return out
+
+
+def prepare_training_output(cfg: DictConfig) -> tuple[Path, ResumePlan]:
+    """:func:`prepare_output`, then what to do with an earlier run there (`sapling.train.resume`), decided on
+    rank 0 before any model loads and shared with every rank."""
+    agreed = broadcast_object(str(cfg.output_dir))
+    if agreed != str(cfg.output_dir):
+        cfg.output_dir = agreed
+    out, plan, error = Path(cfg.output_dir), None, None
+    if is_main():
+        try:
+            # the plan needs the run record, which claim_output writes: check first, then claim
+            check_output("output_dir", out, command=cfg.command, inputs=command_inputs(cfg))
+            plan = plan_resume(out, cfg.trainer, cfg.command)
+        except SaplingError as err:
+            error = str(err)
+    plan, error = broadcast_object((plan, error))
+    if error is not None:
+        raise OutputError(error)
+    if plan.action == "finished":
+        return out, plan
+    out = prepare_output(cfg)
+    if is_main():
+        mark_started(out, plan)
+    return out, plan
+
+
+def finished_result(cfg: DictConfig, plan: ResumePlan) -> TrainResult:
+    """The result of a rerun of a finished run: nothing trained, nothing written."""
+    if is_main():
+        print(f"sapling {cfg.command}: the run in {cfg.output_dir} already finished at step {plan.step} (model in "
+              f"{Path(cfg.output_dir) / 'model'}); nothing to do. Raise trainer.max_steps to train on, or choose a "
+              "new output_dir", file=sys.stderr)
+    return TrainResult(steps=plan.step, tokens=0, wall_s=0.0, model_dir=Path(cfg.output_dir) / "model",
+                       already_finished=True)
 
 
 def setup_distributed(cfg: DictConfig) -> torch.device:
@@ -114,17 +174,24 @@ def check_tokenizer_fits(tokenizer: Any, model_cfg: Any, key: str) -> None:
                           "tokens", f"use the tokenizer the model was trained with, or set {key}.config.vocab_size")
 
 
-def student_config(cfg: DictConfig, teacher_cfg: Any) -> Any:
-    """The student's HF config: `student.path`'s, or the teacher's with `student.config` overrides; checked."""
-    student_cfg = source_config(cfg.student, base=teacher_cfg if cfg.student.path is None else None)
-    check_shape("student.config", student_cfg)
+def student_config(cfg: DictConfig, teacher_cfg: Any, *, seq_len: int | None = None) -> Any:
+    """The student's HF config: `student.path`'s, or the teacher's with `student.config` overrides; checked
+    (with the teacher's, against `seq_len`, default data.seq_len) before any weights load."""
+    seq_len = cfg.data.seq_len if seq_len is None else seq_len
+    check_shape("teacher.config", teacher_cfg, seq_len=seq_len)
+    base = teacher_cfg if cfg.student.path is None else None
+    student_cfg = source_config(cfg.student, base=base)
+    check_source_shape("student.config", cfg.student, student_cfg, base=base, seq_len=seq_len)
     check_vocab(teacher_cfg, student_cfg)
     return student_cfg
 
 
-def check_prune_target(cfg: DictConfig, teacher_cfg: Any) -> None:
-    """Fail before any model loads when `prune.target` cannot be met (explicit fields or a budget)."""
-    resolve_target(teacher_cfg, OmegaConf.to_container(cfg.prune.target))
+def check_prune_target(cfg: DictConfig, teacher_cfg: Any, *, seq_len: int | None = None) -> None:
+    """Fail before any model loads when `prune.target` cannot be met (explicit fields or a budget): the
+    target's HF config is built as the pruner will and checked with the teacher's (`check_shape`)."""
+    seq_len = cfg.data.seq_len if seq_len is None else seq_len
+    check_shape("teacher.config", teacher_cfg, seq_len=seq_len)
+    check_prune_shape(teacher_cfg, OmegaConf.to_container(cfg.prune.target), seq_len=seq_len)
     if cfg.prune.target.params is not None:
         from sapling.prune.search import candidate_shapes
 
@@ -154,10 +221,15 @@ def train_with_hooks(cfg: DictConfig, command: str, *, teacher: torch.nn.Module 
     scratch = None if main else tempfile.TemporaryDirectory(prefix="sapling-rank-")
     ctx = HookContext(cfg=cfg, teacher=teacher, student=student, tokenizer=tokenizer, data=data,
                       output_dir=out if scratch is None else Path(scratch.name), metrics=metrics, device=device)
+    if cfg.trainer.resume and not cfg.trainer.overwrite:
+        tag = latest_tag(out / "checkpoints")
+        if tag is not None and (tag / "hf" / "config.json").is_file():
+            ctx.extras["resume_shape_dir"] = tag / "hf"  # the prune hook takes the shape, not a new calibration
     try:
         run_hooks("pre", cfg.hooks.pre, ctx)
         if ctx.student is None:
-            raise ValueError("no student: give student.path / student.config, or hooks.pre=[prune]")
+            raise ConfigError("student.path", None, "no student", "give student.path=<HF checkpoint dir>, "
+                              "student.config.<hf_field>=N overrides of the teacher's shape, or hooks.pre=[prune]")
         if teacher_for_hooks_only:
             ctx.teacher = teacher = None
         if cfg.quant.aware:  # train through the export's quantized weights (straight-through)
@@ -181,6 +253,8 @@ def train_with_hooks(cfg: DictConfig, command: str, *, teacher: torch.nn.Module 
                          metrics=metrics, device=device, desc=command)
         if not ctx.result.stopped:  # a preempted run resumes later; post-hooks run when it finishes
             run_hooks("post", cfg.hooks.post, ctx)
+            if main:
+                mark_finished(out, cfg.trainer.max_steps)  # the command's budget (prune rounds spent part of it)
     finally:
         metrics.close()
         if scratch is not None:
@@ -214,7 +288,9 @@ def run_distill(cfg: DictConfig) -> TrainResult:
     tokenizer = load_tokenizer(tokenizer_path(cfg, "teacher", "student"))
     check_tokenizer_fits(tokenizer, teacher_cfg, "teacher.config")
     device = setup_distributed(cfg)
-    out = prepare_output(cfg)
+    out, plan = prepare_training_output(cfg)
+    if plan.action == "finished":
+        return finished_result(cfg, plan)
     data = load_data_once(cfg, tokenizer)
     # Each model is built for its own engine (under ZeRO-3: partitioned while it loads).
     teacher = build_model(cfg.teacher, teacher_cfg, device, seed=cfg.seed,
@@ -260,9 +336,9 @@ def run_distill_from_cache(cfg: DictConfig) -> TrainResult:
             raise ConfigError("teacher.path", cfg.teacher.path or cfg.teacher.tiny, "not the teacher teacher.cache="
                               f"{cfg.teacher.cache} was written from ({m['teacher_source']})",
                               "prune the teacher the cache came from, or write a cache from this teacher")
-        check_prune_target(cfg, source_cfg)
+        check_prune_target(cfg, source_cfg, seq_len=cache.seq_len)
     else:
-        student_cfg = student_config(cfg, teacher_cfg)
+        student_cfg = student_config(cfg, teacher_cfg, seq_len=cache.seq_len)
     device = setup_distributed(cfg)
     if cfg.cache.verify:
         cache.verify()
@@ -274,7 +350,9 @@ def run_distill_from_cache(cfg: DictConfig) -> TrainResult:
                               f"fingerprint {fp[:12]}, but teacher.cache={cfg.teacher.cache} was written for data "
                               f"{m['data_fingerprint'][:12]} ({', '.join(f'{k}={v}' for k, v in d.items())})",
                               "drop data.files (the cache holds the token ids) or pass the data the cache was written for")
-    out = prepare_output(cfg)
+    out, plan = prepare_training_output(cfg)
+    if plan.action == "finished":
+        return finished_result(cfg, plan)
     data = cache.packed_data()
     teacher = None
     if pruning:
@@ -300,6 +378,7 @@ def run_cache_teacher(cfg: DictConfig) -> dict[str, Any]:
 
     c = cfg.cache
     teacher_cfg = source_config(cfg.teacher)
+    check_shape("teacher.config", teacher_cfg, seq_len=cfg.data.seq_len)
     top_k = c.top_k or DEFAULT_TOP_K
     if top_k > teacher_cfg.vocab_size:
         raise ConfigError("cache.top_k", top_k, f"larger than the teacher's vocabulary ({teacher_cfg.vocab_size})",
@@ -362,7 +441,8 @@ def run_prune(cfg: DictConfig) -> dict[str, Any]:
         outcome = prune_teacher(cfg, teacher, data, device, out, metrics, tokenizer=tokenizer)
         student = outcome.student
         save_hf_checkpoint(student, tokenizer, out / "model")
-        rows = perplexity_rows([("teacher", teacher), ("pruned", student)], data.val, cfg.eval, device, metrics)
+        rows = perplexity_rows([("teacher", teacher), ("pruned", student)], data.val, cfg.eval, device, metrics,
+                               max_tokens=cfg.trainer.eval_tokens, progress=cfg.trainer.progress)
     finally:
         metrics.close()
     shapes = [[k, getattr(teacher.config, k), getattr(student.config, k)] for k in TARGET_FIELDS]
@@ -382,11 +462,13 @@ def run_prune(cfg: DictConfig) -> dict[str, Any]:
 def run_train(cfg: DictConfig) -> TrainResult:
     """Train `model` with CE only: from scratch (model.tiny / model.config) or fine-tuning model.path."""
     model_cfg = source_config(cfg.model)
-    check_shape("model.config", model_cfg)
+    check_source_shape("model.config", cfg.model, model_cfg, seq_len=cfg.data.seq_len)
     tokenizer = load_tokenizer(tokenizer_path(cfg, "model"))
     check_tokenizer_fits(tokenizer, model_cfg, "model.config")
     device = setup_distributed(cfg)
-    out = prepare_output(cfg)
+    out, plan = prepare_training_output(cfg)
+    if plan.action == "finished":
+        return finished_result(cfg, plan)
     data = load_data_once(cfg, tokenizer)
     model = build_model(cfg.model, model_cfg, device, seed=cfg.seed,
                         ds_config=engine_ds_config(cfg, "student", cfg.model, device))
@@ -458,7 +540,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     out = prepare_output(cfg)
     stream = token_stream(load_data(cfg, tokenizer, val_fraction=0.0).train, e.max_tokens)
     if stream.numel() < 2:
-        raise ValueError(f"data.files hold {stream.numel()} token(s) after packing: nothing to evaluate")
+        raise DataError(f"data.files hold {stream.numel()} token(s) after packing: nothing to evaluate; fix: pass "
+                        "data.files with some text in them")
     prompts = prompt_batch(stream, e.gen_batch, e.gen_prompt_len)
 
     def load(key: str, mcfg: Any) -> torch.nn.Module:

@@ -8,6 +8,8 @@ names the key and the fix.
 
 from __future__ import annotations
 
+import difflib
+import json
 import math
 import os
 import re
@@ -18,22 +20,16 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from sapling.errors import ConfigError  # noqa: F401  (re-exported: `from sapling.config import ConfigError`)
+
 COMMANDS = ("pipeline", "train", "distill", "prune", "quantize", "eval", "cache-teacher")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 FEATURE_LOSSES = ("cosine", "mse")
-DATA_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class ConfigError(ValueError):
-    """A bad config value. The message is one line: the key, what is wrong, and how to fix it."""
-
-    def __init__(self, key: str, value: Any, problem: str, fix: str) -> None:
-        self.key = key
-        super().__init__(f"{key}={value!r}: {problem}; fix: {fix}")
-
-
-# HF config fields that can be overridden without a `+` (any other field: `+student.config.rope_theta=1e6`).
+# HF config fields that can be overridden without a `+` (any other field of the model type's HF config class:
+# `+student.config.rms_norm_eps=1e-6`; a name the class does not define is refused, see apply_overrides).
 HF_SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                    "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
 
@@ -216,10 +212,14 @@ class TrainerConfig:
     grad_clip: float = 1.0
     log_every: int = 10
     eval_every: int = 50
-    eval_batches: int = 16
+    # Validation budget (during training, at its end, and a pruned student's loss before training): the first
+    # eval_tokens // data.seq_len validation blocks (at least one); null: the whole validation split.
+    eval_tokens: int | None = 32_768
+    eval_batches: int | None = None  # also at most this many batches of micro_batch_size blocks; null: no cap
     save_every: int = 0  # 0: only the final HF checkpoint
     keep_last: int = 2
     resume: bool = True  # continue from output_dir/checkpoints/latest when it exists
+    overwrite: bool = False  # an earlier run in output_dir is moved aside into replaced-<time>/ and training starts over
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True
@@ -243,7 +243,9 @@ class HooksConfig:
 
 @dataclass
 class EvalConfig:
-    batches: int | None = None  # validation during training: None = the whole validation split
+    # reports on the validation split (quantize before/after, hooks.post=[eval], the pipeline's table): batches of
+    # micro_batch_size blocks, None = the whole split (validation during training: trainer.eval_tokens)
+    batches: int | None = None
     micro_batch_size: int = 8
     # `sapling eval`: sliding-window perplexity over the files' token stream
     window: int | None = None  # tokens per window; None: data.seq_len
@@ -333,18 +335,138 @@ def is_hub_id(path: str) -> bool:
     return bool(_HUB_ID.match(path)) and not Path(path).exists()
 
 
-def check_model_path(key: str, path: str | None, markers: tuple[str, ...] = ("config.json",)) -> None:
-    """`path` is an existing directory holding one of `markers`, or a hub id."""
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def check_model_path(key: str, path: str | None, markers: tuple[str, ...] = ("config.json",), *,
+                     weights: bool = False) -> None:
+    """`path` is an existing directory holding one of `markers` (and weight files when `weights`: the source
+    will load them), or a hub id that is in the local HF cache or on a reachable hub."""
     if path is None:
         return
     expanded = Path(os.path.expanduser(path))
-    if expanded.exists() or is_hub_id(path):
-        if expanded.is_dir() and not any((expanded / m).exists() for m in markers):
+    if expanded.is_file():
+        raise ConfigError(key, path, "is a file, not a checkpoint directory",
+                          f"point {key} at the directory written by save_pretrained that holds config.json and the "
+                          f"weights (e.g. {expanded.parent})")
+    if expanded.is_dir():
+        if not any((expanded / m).exists() for m in markers):
             raise ConfigError(key, path, f"directory has no {' or '.join(markers)}",
                               f"point {key} at a directory written by save_pretrained (e.g. a sapling output_dir/model)")
+        if weights and not any(next(expanded.glob(p), None) for p in WEIGHT_PATTERNS):
+            source = key.rsplit(".", 1)[0]
+            raise ConfigError(key, path, "directory has a config.json but no weights (*.safetensors or *.bin)",
+                              f"copy or download the weight files into it, or set {source}.init=random to train a "
+                              "randomly initialised model of that config")
+        damaged = damaged_weights(expanded) if weights else None
+        if damaged is not None:
+            raise ConfigError(key, path, damaged, "copy or download the checkpoint again (an interrupted download or "
+                              "copy leaves files like this)")
+        return
+    if is_hub_id(path):
+        problem = hub_problem(path, markers)
+        if problem is not None:
+            raise ConfigError(key, path, problem, "download it first (`hf download "
+                              f"{path} --local-dir <dir>`) or pass a local path")
         return
     raise ConfigError(key, path, "no such directory (and not a hub id like org/name)",
                       f"set {key} to an HF checkpoint directory or a hub model id")
+
+
+def damaged_weights(directory: Path) -> str | None:
+    """What is wrong with the safetensors weights in `directory` (a truncated file, a shard its index names but
+    that is missing), or None. Reads only the headers: milliseconds, whatever the model's size."""
+    from safetensors import SafetensorError, safe_open
+
+    for index in directory.glob("*.safetensors.index.json"):
+        try:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (OSError, ValueError) as err:
+            return f"{index.name} cannot be read ({type(err).__name__}: {str(err)[:120]})"
+        missing = sorted(s for s in shards if not (directory / s).is_file())
+        if missing:
+            return f"{index.name} names {len(missing)} missing weight file(s), e.g. {missing[0]}"
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="numpy"):
+                pass
+        except (SafetensorError, OSError) as err:
+            return f"{file.name} is truncated or corrupt ({str(err)[:120]})"
+    return None
+
+
+def is_quantized_dir(path: str | None) -> bool:
+    """True for a local checkpoint dir whose config.json carries a quantization_config (e.g. a
+    `sapling quantize` compressed-tensors export)."""
+    if path is None:
+        return False
+    config = Path(os.path.expanduser(path)) / "config.json"
+    try:
+        return config.is_file() and "quantization_config" in json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False  # an unreadable config.json is reported where the model loads
+
+
+def hub_problem(repo_id: str, markers: tuple[str, ...] = ("config.json",)) -> str | None:
+    """Why hub id `repo_id` cannot be loaded (offline, or the hub unreachable), or None when it can be: it is
+    in the local HF cache, or the hub answers within HUB_PROBE_TIMEOUT_S (transformers itself would retry
+    for half a minute before failing with a network traceback)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    for name in dict.fromkeys(("config.json", *markers)):
+        try:
+            if isinstance(try_to_load_from_cache(repo_id, name), str):
+                return None
+        except Exception:  # noqa: BLE001  (an id the hub would reject: let the loader say so)
+            return None
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("TRANSFORMERS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline:
+        return "not a local directory, not in the HF cache, and the hub is offline (HF_HUB_OFFLINE=1)"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # reached through a proxy: let the download say what goes wrong
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    outcome: list[BaseException | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+            outcome.append(None)
+        except OSError as err:
+            outcome.append(err)
+
+    thread = threading.Thread(target=probe, daemon=True)  # getaddrinfo has no timeout of its own
+    thread.start()
+    thread.join(HUB_PROBE_TIMEOUT_S + 0.5)
+    if outcome and outcome[0] is None:
+        return None
+    why = f"{type(outcome[0]).__name__}: {outcome[0]}" if outcome else f"no answer in {HUB_PROBE_TIMEOUT_S:.0f} s"
+    return f"not a local directory, not in the HF cache, and the hub is unreachable ({host}:{port}: {why})"
+
+
+def check_data_files(files: list[str]) -> None:
+    """Each file exists and its first bytes are UTF-8 text (any extension) or Parquet; not all are empty.
+
+    Cheap: reads at most the first 64 KiB of each file; the readers check the rest when they load it.
+    """
+    from sapling.data.sources import file_problem, is_blank  # imports `datasets`: only when files are given
+
+    paths = [os.path.expanduser(f) for f in files]
+    for i, (f, path) in enumerate(zip(files, paths, strict=True)):
+        key = f"data.files[{i}]"
+        _check(not Path(path).is_dir(), key, f, "is a directory, not a file",
+               "list the files in it, e.g. data.files=[dir/a.txt,dir/b.py]")
+        _check(Path(path).is_file(), key, f, "no such file", "check the path (relative paths are "
+               "resolved from the directory you launched from)")
+        if problem := file_problem(path):
+            raise ConfigError(key, f, *problem)
+    _check(not all(is_blank(p) for p in paths), "data.files", files,
+           "every file is empty or blank", "pass files that hold text")
 
 
 def check_data(data: Any, required: bool) -> None:
@@ -356,32 +478,159 @@ def check_data(data: Any, required: bool) -> None:
     if required:
         _check(bool(data.files) or data.hub_name is not None, "data.files", list(data.files), "no training data given",
                "pass data.files=[a.txt,b.jsonl,c.parquet] or data.hub_name=org/dataset")
-    for i, f in enumerate(data.files):
-        key = f"data.files[{i}]"
-        _check(Path(f).suffix.lower() in DATA_EXTENSIONS, key, f, "unsupported file type",
-               f"use one of {', '.join(DATA_EXTENSIONS)}")
-        _check(Path(os.path.expanduser(f)).is_file(), key, f, "no such file", "check the path (relative paths are "
-               "resolved from the directory you launched from)")
+    if data.files:
+        check_data_files(list(data.files))
     if data.tokenizer is not None:
         check_model_path("data.tokenizer", data.tokenizer, ("tokenizer.json", "tokenizer_config.json"))
 
 
-def check_shape(key: str, cfg: Any) -> None:
-    """Attention shape rules an HF config must satisfy (after overrides)."""
-    heads = getattr(cfg, "num_attention_heads", None)
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    hidden = getattr(cfg, "hidden_size", None)
-    for name in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                 "num_key_value_heads", "vocab_size"):
-        val = getattr(cfg, name, None)
-        _check(val is None or val > 0, f"{key}.{name}", val, "must be > 0", f"set {key}.{name} to a positive integer")
-    if heads and kv:
-        _check(heads % kv == 0, f"{key}.num_attention_heads", heads,
-               f"not divisible by num_key_value_heads={kv}",
-               f"choose num_attention_heads as a multiple of num_key_value_heads (e.g. {kv * max(1, heads // kv)})")
-    if heads and hidden and getattr(cfg, "head_dim", None) is None:
-        _check(hidden % heads == 0, f"{key}.hidden_size", hidden, f"not divisible by num_attention_heads={heads}",
-               f"set {key}.hidden_size to a multiple of {heads} or set {key}.config.head_dim explicitly")
+# --------------------------------------------------------------------------------------------------
+# model shapes: the one place every teacher, student, model and prune-target shape is checked, on its HF
+# config, before any weights load (so a run never trains for hours and then fails to save)
+
+SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size")
+# Which field a user-given value is blamed on first when the shape as a whole is refused.
+_BLAME_ORDER = ("num_key_value_heads", "num_attention_heads", "head_dim", "hidden_size", "intermediate_size",
+                "num_hidden_layers", "vocab_size", "max_position_embeddings")
+_COUNTS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads")  # small: every valid value is listed
+_SCAN = 256  # widths: how far from the given value the nearest valid ones are searched
+
+
+def _hf_problem(model_cfg: Any) -> str | None:
+    """What transformers' own config class says of `model_cfg`: the checks `save_pretrained` and loading run."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # pragma: no cover - older huggingface_hub: no strict dataclasses
+        StrictDataclassError = ValueError  # noqa: N806
+    try:
+        rebuilt = type(model_cfg).from_dict(model_cfg.to_dict())
+        if callable(getattr(rebuilt, "validate", None)):
+            rebuilt.validate()
+    except (ValueError, TypeError, AttributeError, StrictDataclassError) as err:
+        cause = err.__cause__ or err
+        text = " ".join(str(cause).split()) or type(cause).__name__
+        return f"transformers' {type(model_cfg).__name__} refuses this shape ({text[:200]})"
+    return None
+
+
+def shape_problem(model_cfg: Any, teacher: Any = None) -> tuple[str, str, str] | None:
+    """The first rule `model_cfg` breaks, as (field or "", problem, fix), or None. `teacher`: the config a
+    prune target is cut from (nothing may grow)."""
+    for name in SHAPE_FIELDS:
+        val = getattr(model_cfg, name, None)
+        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val <= 0):
+            return name, "must be > 0" if isinstance(val, int) else "must be a positive integer", "a positive integer"
+    heads = getattr(model_cfg, "num_attention_heads", None)
+    kv = getattr(model_cfg, "num_key_value_heads", None) or heads
+    hidden = getattr(model_cfg, "hidden_size", None)
+    if heads and kv and heads % kv:
+        return ("num_attention_heads", f"not divisible by num_key_value_heads={kv}",
+                f"a multiple of num_key_value_heads={kv}")
+    if heads and hidden and getattr(model_cfg, "head_dim", None) is None and hidden % heads:
+        return ("hidden_size", f"not divisible by num_attention_heads={heads}",
+                f"a multiple of num_attention_heads={heads} (or give head_dim explicitly)")
+    if teacher is not None:
+        for name in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                     "num_key_value_heads"):
+            val, limit = getattr(model_cfg, name, None), getattr(teacher, name, None)
+            if val is not None and limit is not None and val > limit:
+                return (name, f"larger than the teacher's {limit} (pruning only removes structures)",
+                        f"a value <= {limit}")
+    problem = _hf_problem(model_cfg)
+    return ("", problem, "") if problem else None
+
+
+def _valid_values(field_name: str, value: Any, vary: Any, teacher: Any, limit: int | None) -> str | None:
+    """The fix for `field_name`: the values that make the shape valid with everything else as given."""
+    def ok(v: int) -> bool:
+        try:
+            return shape_problem(vary(field_name, v), teacher) is None
+        except (ConfigError, ValueError, TypeError):
+            return False
+
+    if field_name in _COUNTS:
+        top = limit or max(2 * value if isinstance(value, int) and value > 0 else 0, 64)
+        good = [v for v in range(1, min(top, 512) + 1) if ok(v)]
+        if not good:
+            return None
+        shown = ", ".join(map(str, good[:16])) + (f", ... ({len(good)} in all)" if len(good) > 16 else "")
+        return f"valid values: {shown}"
+    if not isinstance(value, int):
+        return None
+    top = limit or value + _SCAN
+    below = next((v for v in range(value - 1, max(0, value - _SCAN), -1) if ok(v)), None)
+    above = next((v for v in range(value + 1, min(top, value + _SCAN) + 1) if ok(v)), None)
+    near = [str(v) for v in (below, above) if v is not None]
+    return f"nearest valid values: {' or '.join(near)}" if near else None
+
+
+def check_shape(key: str, model_cfg: Any, *, teacher: Any = None, seq_len: int | None = None,
+                given: dict[str, Any] | None = None, vary: Any = None) -> None:
+    """Every rule an HF config must meet before weights load; ConfigError naming `key.<field>` and the fix.
+
+    `key`: where the shape comes from (`student.config`, `model.config`, `teacher.config`, `prune.target`).
+    Sapling's rules (positive sizes, heads divisible by KV heads, head_dim derivable, a prune target no
+    larger than `teacher`), then transformers' own validation of the config class (what `save_pretrained`
+    would refuse after training), then `data.seq_len` against `max_position_embeddings` (positions are
+    never extended). `given`: the fields the user set, so the error names one of those; `vary(field, v)`: the
+    config with that field set to v, used to list the values that would work.
+    """
+    problem = shape_problem(model_cfg, teacher)
+    if problem is not None:
+        name, text, want = problem
+        given = given or {}
+        blame, fix = name, (f"set {key}.{name} to {want}" if name else f"choose another {key} shape")
+        if vary is not None:
+            suspects = [name] if name in given else []
+            suspects += [f for f in _BLAME_ORDER if f in given and f not in suspects]
+            for f in suspects:
+                limit = getattr(teacher, f, None) if teacher is not None else None
+                if f == "num_key_value_heads" and teacher is not None:
+                    limit = limit or getattr(teacher, "num_attention_heads", None)
+                found = _valid_values(f, given[f], vary, teacher, limit)
+                if found:
+                    blame, fix = f, f"{found} (other {key} fields as given)"
+                    break
+        value = given.get(blame, getattr(model_cfg, blame, None)) if blame else (given or None)
+        raise ConfigError(f"{key}.{blame}" if blame else key, value, text, fix)
+    limit = getattr(model_cfg, "max_position_embeddings", None)
+    if seq_len is not None and isinstance(limit, int) and seq_len > limit:
+        whose = {"prune": "pruned student", "teacher": "teacher", "student": "student"}.get(key.split(".")[0], "model")
+        raise ConfigError("data.seq_len", seq_len, f"longer than the {whose}'s max_position_embeddings ({limit}): "
+                          "it has no positions beyond that", f"set data.seq_len={limit} or less")
+
+
+def check_source_shape(key: str, src: Any, model_cfg: Any, *, base: Any = None, seq_len: int | None = None) -> None:
+    """`check_shape` for a model source's config (`<role>.config` overrides applied to `path`, `tiny` or `base`)."""
+    from sapling.models.hf import source_config
+
+    given = {k: v for k, v in OmegaConf.to_container(src.config).items() if v is not None} if src.config else {}
+
+    def vary(name: str, value: int) -> Any:
+        return source_config(OmegaConf.merge(src, {"config": {name: value}}), base=base)
+
+    check_shape(key, model_cfg, seq_len=seq_len, given=given, vary=vary)
+
+
+def check_prune_shape(teacher_cfg: Any, target: dict[str, Any], *, seq_len: int | None = None) -> dict[str, int]:
+    """The full student shape of an explicit `prune.target` (see prune.select.resolve_target), its HF config
+    built as the pruner will build it and checked by `check_shape` before the teacher's weights load."""
+    from sapling.prune.select import resolve_target, target_config
+
+    shape = resolve_target(teacher_cfg, target)
+    given = {k: v for k, v in target.items() if v is not None and k != "params"}
+
+    def vary(name: str, value: int) -> Any:
+        return target_config(teacher_cfg, resolve_target(teacher_cfg, {**given, name: value}))
+
+    try:
+        student_cfg = target_config(teacher_cfg, shape)
+    except ValueError as err:  # a teacher the slicer cannot cut (model type, per-layer shapes)
+        raise ConfigError("prune.target", given or None, f"cannot prune this teacher: {err}",
+                          "prune a Llama, Mistral, Qwen2 or Qwen3 checkpoint with the same shape in every layer") from err
+    check_shape("prune.target", student_cfg, teacher=teacher_cfg, seq_len=seq_len, given=given, vary=vary)
+    return shape
 
 
 def check_vocab(teacher_cfg: Any, student_cfg: Any) -> None:
@@ -471,6 +720,9 @@ def check_quant(cfg: DictConfig) -> None:
     if cmd == "quantize":
         _check(cfg.model.path is not None, "model.path", None, "quantize needs a model",
                "pass model.path=<HF checkpoint dir, e.g. a distill run's output_dir/model>")
+        _check(not is_quantized_dir(cfg.model.path), "model.path", cfg.model.path,
+               "is already quantized (its config.json has a quantization_config)",
+               "quantize the full-precision model it was made from (e.g. the distill run's output_dir/model)")
         gptq = q.method == "gptq" or (q.method == "auto" and not q.aware)
         _check(not (gptq or q.eval) or bool(cfg.data.files) or cfg.data.hub_name is not None, "data.files", None,
                "GPTQ calibration and the perplexity report need data", "pass data.files=[...] (or quant.method=rtn "
@@ -504,10 +756,79 @@ def check_deepspeed(cfg: DictConfig) -> None:
            "prune in rounds with deepspeed=none, then distil the result with deepspeed=...")
 
 
+def check_known_keys(cfg: DictConfig) -> None:
+    """Every key is one the schema (SaplingConfig) defines. Hydra answers a misspelled key with "use
+    +key=value", which adds it: `+trainer.max_step=1` would then run with the typo ignored. The free-form
+    dicts take any key: `<teacher|student|model>.config` (checked against the model's HF config class when
+    that config is resolved, `sapling.models.hf.apply_overrides`) and `deepspeed.extra`."""
+    _check_keys(cfg, OmegaConf.structured(SaplingConfig), "")
+
+
+def _check_keys(node: DictConfig, schema: DictConfig, prefix: str) -> None:
+    known = [str(k) for k in schema]  # not `name in schema`: that is False for a MISSING value
+    for name in node:
+        key = f"{prefix}{name}"
+        if name not in known:
+            raw = OmegaConf.to_container(node, resolve=False)[name]
+            close = difflib.get_close_matches(str(name), known, n=1)
+            where = f"under {prefix[:-1]}" if prefix else "at the top level"
+            raise ConfigError(key, raw, f"no such key {where} (a `+` adds any key, and nothing would read it)",
+                              f"did you mean {prefix}{close[0]}?" if close else
+                              f"see the valid keys with `sapling {node._get_root().get('command', '<command>')} "
+                              "--cfg job`")
+        sub, sub_schema = node._get_node(name), schema._get_node(name)
+        typed = OmegaConf.is_dict(sub_schema) and sub_schema._metadata.object_type not in (None, dict)
+        if typed and OmegaConf.is_dict(sub):
+            _check_keys(sub, sub_schema, f"{key}.")
+
+
+def check_override_keys(overrides: list[str], groups: list[str]) -> None:
+    """Keys of `key=value` overrides exist, checked before Hydra composes (Hydra's own answer to a typo is a
+    multi-line error suggesting `+key=value`, which would add the typo). `groups`: the config groups of
+    `conf/` (`deepspeed=zero3`, `experiment=demo`). Hydra's keys, `+`/`~` overrides and group paths pass."""
+    schema = OmegaConf.structured(SaplingConfig)
+    for arg in overrides:
+        key, sep, value = arg.partition("=")
+        if not sep or key.startswith(("+", "~", "hydra")) or "/" in key or "@" in key:
+            continue
+        parts = key.split(".")
+        if len(parts) == 1 and parts[0] in groups:
+            continue
+        node: Any = schema
+        for depth, name in enumerate(parts):
+            typed = OmegaConf.is_dict(node) and node._metadata.object_type not in (None, dict)
+            if not typed:
+                break  # a free-form dict (`student.config`, `deepspeed.extra`): checked where it is used
+            known = [str(k) for k in node] + (groups if depth == 0 else [])
+            if name not in known:
+                prefix = ".".join(parts[:depth])
+                close = difflib.get_close_matches(name, known, n=1)
+                where = f"under {prefix}" if prefix else "at the top level"
+                raise ConfigError(key, value, f"no such key {where}",
+                                  f"did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else
+                                  "see the valid keys with `sapling <command> --cfg job`")
+            node = node._get_node(name) if name in node else None
+            if node is None:
+                break
+
+
 def validate(cfg: DictConfig) -> None:
     """Value checks that need no model weights. Raises ConfigError (one line) on the first problem."""
+    check_known_keys(cfg)
     cmd = cfg.command
     _check(cmd in COMMANDS, "command", cmd, "unknown command", f"use one of {', '.join(COMMANDS)}")
+    if "prune" in cfg.hooks.pre:
+        for src_key in ("path", "tiny"):
+            _check(cfg.student[src_key] is None, f"student.{src_key}", cfg.student[src_key],
+                   "hooks.pre=[prune] makes the student by pruning the teacher, so it would be ignored",
+                   f"drop student.{src_key} to prune the teacher, or drop hooks.pre=[prune] to distil that student")
+        shaped = {k: v for k, v in OmegaConf.to_container(cfg.student.config, resolve=True).items() if v is not None}
+        if shaped:
+            name, value = next(iter(shaped.items()))
+            _check(False, f"student.config.{name}", value, "hooks.pre=[prune] makes the student by pruning the "
+                   "teacher to prune.target, so it would be ignored",
+                   f"use prune.target.{name}={value}" if name in PruneTargetConfig.__dataclass_fields__ else
+                   f"drop student.config.{name} (or hooks.pre=[prune])")
     d, t = cfg.distill, cfg.trainer
     _check(d.divergence in DIVERGENCES, "distill.divergence", d.divergence, "unknown divergence",
            f"use one of {', '.join(DIVERGENCES)}")
@@ -533,6 +854,12 @@ def validate(cfg: DictConfig) -> None:
     _check(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0 (0 disables)", "set trainer.eval_every=50")
     _check(t.save_every >= 0, "trainer.save_every", t.save_every, "must be >= 0 (0: final model only)",
            "set trainer.save_every=0")
+    if t.eval_tokens is not None:
+        _check(t.eval_tokens > 0, "trainer.eval_tokens", t.eval_tokens, "must be > 0 (null: the whole validation "
+               "split)", "set trainer.eval_tokens=32768")
+    if t.eval_batches is not None:
+        _check(t.eval_batches > 0, "trainer.eval_batches", t.eval_batches, "must be > 0 (null: no cap)",
+               "drop it (trainer.eval_tokens sets the budget) or set trainer.eval_batches=16")
     _check(t.device in ("auto", "cpu", "cuda"), "trainer.device", t.device, "unknown device",
            "use auto, cpu or cuda")
     _check(cfg.logger.name in ("wandb", "none"), "logger", cfg.logger.name, "unknown logger", "use logger=wandb or logger=none")
@@ -548,7 +875,7 @@ def validate(cfg: DictConfig) -> None:
         _check(src.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2"),
                f"{key}.attn_implementation", src.attn_implementation, "unknown attention implementation",
                "use auto, sdpa, eager or flash_attention_2")
-        check_model_path(f"{key}.path", src.path)
+        check_model_path(f"{key}.path", src.path, weights=src.init != "random")
         if src.tiny is not None:
             from sapling.models.tiny import TINY_CONFIGS
 
@@ -619,6 +946,40 @@ def validate(cfg: DictConfig) -> None:
             _check(name in available(stage), f"hooks.{stage}[{i}]", name, f"no {stage}-hook of that name",
                    f"use one of {available(stage) or '(none yet)'}")
     check_data(cfg.data, required=cmd in ("train", "prune", "eval", "cache-teacher") or (cmd == "distill" and not cached))
+    check_model_shapes(cfg)
+
+
+def _local_source(src: Any) -> bool:
+    """A model source whose config can be read here and now: a tiny name or a local checkpoint directory."""
+    return src.tiny is not None if src.path is None else Path(os.path.expanduser(src.path)).is_dir()
+
+
+def check_model_shapes(cfg: DictConfig) -> None:
+    """The shapes of the models a command will build, checked (`check_shape`) on their HF configs read from
+    tiny names and local checkpoints, before the command imports its training stack or reads any data.
+
+    The commands run the same checks again once every config is known (hub ids, `teacher.cache`, the
+    demo teacher's vocabulary): `sapling.commands.student_config` and `check_prune_target`.
+    """
+    cmd, seq_len = cfg.command, cfg.data.seq_len
+    if cmd not in ("train", "distill", "prune", "cache-teacher", "pipeline"):
+        return
+    from sapling.models.hf import source_config
+
+    if cmd == "train":
+        if _local_source(cfg.model):
+            check_source_shape("model.config", cfg.model, source_config(cfg.model), seq_len=seq_len)
+        return
+    if (cfg.teacher.cache is not None and cmd == "distill") or not _local_source(cfg.teacher):
+        return
+    teacher_cfg = source_config(cfg.teacher)
+    check_shape("teacher.config", teacher_cfg, seq_len=seq_len)
+    if cmd == "prune" or (cmd in ("distill", "pipeline") and "prune" in cfg.hooks.pre):
+        check_prune_shape(teacher_cfg, OmegaConf.to_container(cfg.prune.target, resolve=True), seq_len=seq_len)
+    elif cmd in ("distill", "pipeline") and (cfg.student.path is None or _local_source(cfg.student)):
+        base = teacher_cfg if cfg.student.path is None else None
+        check_source_shape("student.config", cfg.student, source_config(cfg.student, base=base), base=base,
+                           seq_len=seq_len)
 
 
 def to_yaml(cfg: DictConfig) -> str:

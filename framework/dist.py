@@ -16,6 +16,13 @@ Inconsistent variables (a rank outside the world, half of torchrun's set, a loca
 own) stop the run with one line naming the variables. The backend is nccl on CUDA and gloo on CPU;
 DeepSpeed's communication layer is initialised on top of the torch group.
 
+A rank that fails exits (non-zero); torchrun then stops the other ranks (SIGTERM, SIGKILL 30 s later) and
+Slurm does too (`srun --kill-on-bad-exit`, as in `launchers/slurm.sbatch`). Where no launcher does, a rank
+waiting for a dead peer fails once the process group's timeout passes: `SAPLING_DIST_TIMEOUT_S` seconds
+(default 600; DeepSpeed's `DEEPSPEED_TIMEOUT`, in minutes, is honoured when that is not set). Raise it for
+collectives that legitimately wait long (a rank-0 export of a very large model while the others wait). The
+helpers below turn a peer's failure seen in a collective into one `LaunchError` line instead of a traceback.
+
 Every helper below `init_distributed` is a no-op (or the identity) without an initialised process
 group, so the single-process path pays nothing.
 """
@@ -23,19 +30,24 @@ group, so the single-process path pays nothing.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from sapling.errors import LaunchError  # also `from sapling.dist import LaunchError`
 
-class LaunchError(ValueError):
-    """The launcher's variables do not describe a consistent world."""
+TIMEOUT_ENV = "SAPLING_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600.0
+# Test-only fault injection: the rank named here fails with a LaunchError right after joining the process
+# group, while the others go on into their first collective (a rank that meets a user error early).
+FAULT_FAIL_RANK_ENV = "SAPLING_FAULT_FAIL_RANK"
 
 
 @dataclass(frozen=True)
@@ -174,6 +186,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def dist_timeout(env: Mapping[str, str] | None = None) -> datetime.timedelta:
+    """How long a collective waits for its peers: `SAPLING_DIST_TIMEOUT_S` seconds, else DeepSpeed's
+    `DEEPSPEED_TIMEOUT` minutes, else 600 s."""
+    env = os.environ if env is None else env
+    if TIMEOUT_ENV in env:
+        raw, name, scale = env[TIMEOUT_ENV], TIMEOUT_ENV, 1.0
+    elif "DEEPSPEED_TIMEOUT" in env:
+        raw, name, scale = env["DEEPSPEED_TIMEOUT"], "DEEPSPEED_TIMEOUT", 60.0
+    else:
+        return datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(raw) * scale
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise LaunchError(f"{name}={raw!r} is not a positive number of {'seconds' if scale == 1 else 'minutes'}: "
+                          f"unset it (default {DEFAULT_TIMEOUT_S:.0f} s) or set e.g. {TIMEOUT_ENV}=1800")
+    return datetime.timedelta(seconds=seconds)
+
+
+# How a collective reports that a peer died or stopped answering (gloo, NCCL, the TCP store).
+_PEER_FAILURE = ("closed by peer", "reset by peer", "broken pipe", "timed out", "timeout", "remote worker",
+                 "communicator was aborted", "connection refused")
+
+
+@contextlib.contextmanager
+def peer_failures(what: str) -> Iterator[None]:
+    """Inside the block, a collective that fails because another rank died or stopped answering raises a
+    one-line LaunchError (that rank printed the cause) instead of a backend traceback."""
+    try:
+        yield
+    except RuntimeError as err:
+        text = str(err)
+        if not (isinstance(err, dist.DistBackendError) or any(m in text.lower() for m in _PEER_FAILURE)):
+            raise
+        first = (text.strip().splitlines() or [""])[0][:200]
+        rank, world = rank_world()
+        raise LaunchError(f"rank {rank}/{world}: {what} failed because another rank exited or stopped answering "
+                          f"({type(err).__name__}: {first}); the cause is that rank's own error above (a rank "
+                          f"waits at most {TIMEOUT_ENV}={dist_timeout().total_seconds():.0f} s for its peers)") from err
+
+
 def init_distributed(device_type: str) -> DistEnv:
     """Initialise torch.distributed (and DeepSpeed's comm layer) once; returns this process's place in it.
 
@@ -200,7 +254,9 @@ def init_distributed(device_type: str) -> DistEnv:
 
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo",
-                                   auto_mpi_discovery=False, verbose=False)
+                                   auto_mpi_discovery=False, verbose=False, timeout=dist_timeout())
+    if os.environ.get(FAULT_FAIL_RANK_ENV) == str(dist.get_rank()):
+        raise LaunchError(f"rank {dist.get_rank()} failed on purpose ({FAULT_FAIL_RANK_ENV} is set: a test hook)")
     return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=launch.local_rank,
                    device=device)
 
@@ -218,7 +274,8 @@ def is_main() -> bool:
 
 def barrier() -> None:
     if rank_world()[1] > 1:
-        dist.barrier()
+        with peer_failures("a barrier"):
+            dist.barrier()
 
 
 def sum_across_ranks(values: list[float], device: torch.device | str = "cpu") -> list[float]:
@@ -226,7 +283,8 @@ def sum_across_ranks(values: list[float], device: torch.device | str = "cpu") ->
     if rank_world()[1] == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    with peer_failures("an all-reduce"):
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
 
 
@@ -235,7 +293,8 @@ def any_across_ranks(flag: bool, device: torch.device | str = "cpu") -> bool:
     if rank_world()[1] == 1:
         return flag
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    with peer_failures("an all-reduce"):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 
@@ -244,7 +303,8 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if rank_world()[1] == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    with peer_failures("a broadcast"):
+        dist.broadcast_object_list(box, src=src)
     return box[0]
 
 

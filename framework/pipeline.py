@@ -11,6 +11,11 @@ Python standard library's own source files:
 5. the distilled student quantized (GPTQ int4 by default, `quant.*`) and exported as a compressed-tensors
    checkpoint (`model-w4a16/`), its perplexity measured on the export as transformers loads it;
 6. perplexities of all of them and of a unigram model on held-out files -> `report.md`.
+
+A stop signal (SIGTERM, SIGUSR1/2, Ctrl-C) stops the whole pipeline at the next safe point: a training
+stage checkpoints at its next step boundary, any other stage finishes first; the CLI then exits 3. A rerun
+with the same output_dir skips the stages whose outputs are complete (`distill/model`, `scratch/model`,
+`model-<scheme>/`; the teacher is cached) and resumes the stopped one from its checkpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import sysconfig
 import tempfile
@@ -30,15 +36,17 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sapling.commands import load_data, prepare_output, select_device, student_config
+from sapling.commands import check_prune_target, load_data, prepare_output, select_device, student_config
 from sapling.config import check_shape
 from sapling.data import unigram_cross_entropy
+from sapling.errors import ConfigError, DataError, Stopped
 from sapling.eval.perplexity import evaluate_lm
 from sapling.eval.plots import plot_validation_curves, read_metrics
 from sapling.eval.report import write_report
+from sapling.io import publish
 from sapling.models import apply_overrides, build_model, count_parameters, load_tokenizer, source_config
 from sapling.prune.hook import prune_teacher
-from sapling.train.loop import fit
+from sapling.train.loop import StopRequest, TrainResult, fit
 from sapling.train.metrics import MetricsLogger
 
 log = logging.getLogger("sapling")
@@ -52,6 +60,14 @@ def _sha(*parts: Any) -> str:
     return h.hexdigest()
 
 
+def _finished(stage_dir: Path, steps: int) -> bool:
+    """A training stage that completed: its HF export exists (written atomically) and its metrics record
+    the end at `steps` (a rerun with another `trainer.max_steps` trains again, resuming where it can)."""
+    if not (stage_dir / "model" / "config.json").exists() or not (stage_dir / "metrics.jsonl").exists():
+        return False
+    return any(r.get("event") == "done" and r.get("step") == steps for r in read_metrics(stage_dir / "metrics.jsonl"))
+
+
 def _atomic_dir(final: Path, build) -> Path:
     """Build a directory under a temp name with `build(tmp)`, then rename it to `final`."""
     if final.exists():
@@ -60,6 +76,7 @@ def _atomic_dir(final: Path, build) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         build(tmp)
+        publish(tmp)  # mkdtemp makes it 0700: give it the umask's modes (a shared cache)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -89,7 +106,8 @@ def stdlib_corpus(cache: Path, max_bytes: int, subpackages: bool = False) -> Pat
         docs.append({"text": text, "source": str(p.relative_to(root))})
         total += len(text)
     if not docs:
-        raise FileNotFoundError(f"no readable .py files under {root} for the demo corpus")
+        raise DataError(f"no readable .py files under {root} for the demo corpus; fix: run the demo with a Python "
+                        "that ships its standard library sources, or pass data.files=[...] and data.tokenizer=<dir>")
     key = _sha([d["source"] for d in docs], total, sys.version_info[:2])[:12]
     final = cache / f"corpus-{key}.jsonl"
     if not final.exists():
@@ -157,6 +175,8 @@ def trained_demo_teacher(cfg: DictConfig, tokenizer: Any, data: Any, device: Any
                   device=device, desc="teacher")
     finally:
         tm.close()
+    if res.stopped:  # checkpointed in `out/checkpoints`; the rerun resumes it
+        raise Stopped("the teacher's training", res)
     _atomic_dir(cached, lambda tmp: shutil.copytree(res.model_dir, tmp, dirs_exist_ok=True))
     return cached, teacher_cfg, f"trained now ({cfg.pipeline.teacher_steps} steps), cached at {cached}"
 
@@ -202,17 +222,54 @@ def size_and_speed(cfg: DictConfig, models: dict[str, Any], dirs: dict[str, Path
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
+    """The report's numbers; raises `Stopped` when a stop signal ended the pipeline (the CLI exits 3)."""
+    with StopRequest(pause="stage") as stop:
+        return _run_stages(cfg, stop)
+
+
+def _run_stages(cfg: DictConfig, stop: StopRequest) -> dict[str, Any]:
     t_start = time.perf_counter()
     out = prepare_output(cfg)
     cache = Path(cfg.cache_dir) / "demo"
     device = select_device(cfg)
     metrics = MetricsLogger(out, None)
     timings: dict[str, float] = {}
+    reused: set[str] = set()  # training stages a finished earlier run (same output_dir) already did
+
+    def stopped(name: str, result: TrainResult | None = None) -> Stopped:
+        result = result or TrainResult(steps=0, tokens=0, wall_s=time.perf_counter() - t_start, stopped=True,
+                                       signal=stop.signum)
+        metrics.log({"event": "stopped", "stage": name, "step": result.steps,
+                     "signal": signal.Signals(stop.signum).name if stop.signum else "peer"})
+        metrics.close()
+        return Stopped(f"the pipeline's {name} stage", result)
 
     def stage(name: str, t0: float) -> None:
         timings[name] = time.perf_counter() - t0
         metrics.log({"event": "stage", "name": name, "wall_s": timings[name]})
         log.info("stage %s: %.1f s", name, timings[name])
+        if stop.signum is not None:  # a signal during (or before) this stage: stop before the next one
+            raise stopped(name)
+
+    def train_stage(name: str, stage_cfg: DictConfig, model: Any, teacher_model: Any) -> Any:
+        """`fit` into `out/name` (resuming its checkpoint), or the model a finished earlier run exported there."""
+        stage_dir = out / name
+        if _finished(stage_dir, stage_cfg.trainer.max_steps):
+            log.info("stage %s: finished earlier, loading %s", name, stage_dir / "model")
+            reused.add(name)
+            return build_model(OmegaConf.create({"path": str(stage_dir / "model"), "tiny": None, "config": {},
+                                                 "init": "pretrained", "dtype": cfg.student.dtype,
+                                                 "attn_implementation": cfg.student.attn_implementation}),
+                               model.config, device)
+        sm = MetricsLogger(stage_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), prefix=f"{name}/")
+        try:
+            res = fit(stage_cfg, student=model, teacher=teacher_model, tokenizer=tokenizer, data=data,
+                      output_dir=stage_dir, metrics=sm, device=device, desc=name)
+        finally:
+            sm.close()
+        if res.stopped:
+            raise stopped(name, res)
+        return model
 
     # 1. corpus, tokenizer, data
     t0 = time.perf_counter()
@@ -220,7 +277,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         corpus_note = "data.files" if cfg.data.files else f"hub data set {cfg.data.hub_name}"
         tok_path = cfg.data.tokenizer or cfg.teacher.path
         if tok_path is None:
-            raise FileNotFoundError("pipeline with your own data needs data.tokenizer or teacher.path")
+            raise ConfigError("data.tokenizer", None, "the pipeline with your own data needs a tokenizer",
+                              "pass data.tokenizer=<dir with tokenizer files> or teacher.path=<HF checkpoint dir>")
     else:
         corpus = stdlib_corpus(cache, cfg.pipeline.corpus.max_bytes, cfg.pipeline.corpus.subpackages)
         corpus_note = f"Python {sys.version_info.major}.{sys.version_info.minor} standard library sources"
@@ -233,13 +291,23 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
 
     # 2. teacher: trained once per (corpus, tokenizer, shape, schedule), then cached
     t0 = time.perf_counter()
+    # every shape (teacher, student or prune target, against data.seq_len) is checked before a model is built
+    planned = source_config(cfg.teacher) if cfg.teacher.path is not None else \
+        apply_overrides(source_config(cfg.teacher), {"vocab_size": len(tokenizer)})
+    if "prune" in cfg.hooks.pre:
+        check_prune_target(cfg, planned)
+    else:
+        student_config(cfg, planned)
     if cfg.teacher.path is not None:
         teacher_cfg = source_config(cfg.teacher)
         teacher = build_model(cfg.teacher, teacher_cfg, device)
         teacher_note = cfg.teacher.path
         teacher_dir = Path(os.path.expanduser(cfg.teacher.path))
     else:
-        cached, teacher_cfg, teacher_note = trained_demo_teacher(cfg, tokenizer, data, device, out / "teacher")
+        try:
+            cached, teacher_cfg, teacher_note = trained_demo_teacher(cfg, tokenizer, data, device, out / "teacher")
+        except Stopped as s:
+            raise stopped("teacher", s.result) from None
         teacher_dir = Path(cached)
         teacher = build_model(OmegaConf.create({**OmegaConf.to_container(cfg.teacher), "path": str(cached),
                                                 "config": {}, "tiny": None}), teacher_cfg, device)
@@ -255,7 +323,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         student, kd_cfg = outcome.student, outcome.fit_cfg  # prune.rounds > 1 spent part of the KD steps
         student_cfg = student.config
         evals["student (pruned, before KD)"] = evaluate_lm(student, data.val, micro_batch_size=cfg.eval.micro_batch_size,
-                                                           max_batches=cfg.eval.batches, device=device)
+                                                           max_batches=cfg.eval.batches, device=device,
+                                                           progress=cfg.trainer.progress, desc="eval: pruned student")
         stage("prune", t0)
         t0 = time.perf_counter()
     else:
@@ -263,12 +332,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         student = build_model(cfg.student, student_cfg, device, seed=cfg.seed + 1)
         kd_cfg = cfg
     kd_name = "student (pruned + distilled)" if pruned else "student (distilled)"
-    sm = MetricsLogger(out / "distill", cfg.logger, OmegaConf.to_container(cfg, resolve=True), prefix="distill/")
-    try:
-        fit(kd_cfg, student=student, teacher=teacher, tokenizer=tokenizer, data=data, output_dir=out / "distill",
-            metrics=sm, device=device, desc="distill")
-    finally:
-        sm.close()
+    student = train_stage("distill", kd_cfg, student, teacher)
     stage("distill", t0)
 
     # 4. the same shape from a random init, CE only, same steps
@@ -278,12 +342,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         random_src = OmegaConf.create({"path": None, "tiny": None, "config": {}, "init": "random",
                                        "dtype": cfg.student.dtype, "attn_implementation": cfg.student.attn_implementation})
         baseline = build_model(random_src, student_cfg, device, seed=cfg.seed + 1)
-        bm = MetricsLogger(out / "scratch", cfg.logger, OmegaConf.to_container(cfg, resolve=True), prefix="scratch/")
-        try:
-            scratch = fit(cfg, student=baseline, teacher=None, tokenizer=tokenizer, data=data,
-                          output_dir=out / "scratch", metrics=bm, device=device, desc="scratch")
-        finally:
-            bm.close()
+        baseline = scratch = train_stage("scratch", cfg, baseline, None)
         stage("scratch", t0)
 
     # 5. the distilled student quantized (quant.*) and exported as compressed-tensors; its perplexity is the
@@ -293,13 +352,20 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         from sapling.quant.hook import quantize_student
 
         t0 = time.perf_counter()
-        fresh = build_model(OmegaConf.create({"path": str(out / "distill" / "model"), "tiny": None, "config": {},
-                                              "init": "pretrained", "dtype": "float32",
-                                              "attn_implementation": cfg.student.attn_implementation}),
-                            student.config, device)
-        quantized = quantize_student(cfg, fresh, teacher=teacher, data=data, tokenizer=tokenizer, device=device,
-                                     out_dir=out / f"model-{cfg.quant.scheme}", metrics=metrics)
-        del fresh
+        export = out / f"model-{cfg.quant.scheme}"
+        earlier = [r for r in read_metrics(out / "metrics.jsonl") if r.get("event") == "quantize"
+                   and r.get("model_dir") == str(export)] if "distill" in reused else []
+        if earlier and (export / "config.json").exists():  # this distilled student's export, from a stopped run
+            log.info("stage quantize: finished earlier, reusing %s", export)
+            quantized = {k: v for k, v in earlier[-1].items() if k != "event"}
+        else:
+            fresh = build_model(OmegaConf.create({"path": str(out / "distill" / "model"), "tiny": None, "config": {},
+                                                  "init": "pretrained", "dtype": "float32",
+                                                  "attn_implementation": cfg.student.attn_implementation}),
+                                student.config, device)
+            quantized = quantize_student(cfg, fresh, teacher=teacher, data=data, tokenizer=tokenizer, device=device,
+                                         out_dir=export, metrics=metrics)
+            del fresh
         stage("quantize", t0)
 
     # 6. evaluation on the whole held-out split + report
@@ -309,7 +375,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         models["student (CE from scratch)"] = baseline
     for name, model in models.items():
         evals[name] = evaluate_lm(model, data.val, micro_batch_size=cfg.eval.micro_batch_size,
-                                  max_batches=cfg.eval.batches, device=device)
+                                  max_batches=cfg.eval.batches, device=device, progress=cfg.trainer.progress,
+                                  desc=f"eval: {name}")
         metrics.log({"event": "eval", "model": name, "params": count_parameters(model),
                      "val_loss": evals[name]["loss"], "val_ppl": evals[name]["ppl"]})
     if pruned:

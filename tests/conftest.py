@@ -117,3 +117,31 @@ def teacher_cache(tmp_path_factory, teacher_dir, corpus_file, demo_cache) -> dic
                           f"hydra.run.dir={root / 'run'}"], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return {"dir": root / "cache", "args": args, "run": root / "run"}
+
+
+@pytest.fixture
+def sapling_main(tmp_path, demo_cache, monkeypatch, capsys):
+    """Run `sapling ...` through `sapling.cli.main` in this process (imports already paid for: seconds
+    faster than `cli`); returns (exit code, stderr). Use `cli` where a real process matters (signals)."""
+
+    def run(*args: str, env: dict | None = None) -> tuple[int, str]:
+        from sapling.cli import main
+
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("SAPLING_CACHE", str(demo_cache))
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setattr(sys, "argv", list(sys.argv))  # main() rewrites it for Hydra
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        finally:
+            for key in env or {}:
+                monkeypatch.delenv(key)
+        return code, capsys.readouterr().err
+
+    return run
+

@@ -77,9 +77,12 @@ def test_train_from_scratch_with_wandb_offline(cli, tmp_path, tokenizer_dir, tex
     assert all(r["kd"] == 0 for r in _metrics(out) if r["event"] == "train")
 
 
-def test_runtime_input_error_is_one_line(cli, teacher_dir, text_files):
-    res = cli("distill", f"teacher.path={teacher_dir}", f"data.files=[{text_files[0]},{text_files[1]}]",
-              "data.seq_len=1000000", "logger=none")
+def test_runtime_input_error_is_one_line(cli, tmp_path, teacher_dir):
+    docs = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    for doc in docs:
+        doc.write_text("too short for one block of 1024 tokens\n")
+    res = cli("distill", f"teacher.path={teacher_dir}", f"data.files=[{docs[0]},{docs[1]}]",
+              "data.seq_len=1024", "logger=none")  # fits the model (checked before it loads), not the data
     assert res.returncode == 1
     assert "sapling: error:" in res.stderr and "seq_len" in res.stderr
     assert "Traceback" not in res.stderr
@@ -96,3 +99,14 @@ def test_hydra_options_go_before_the_overrides(args, expected):
     from sapling.cli import _hydra_argv
 
     assert _hydra_argv("distill", args) == expected
+
+
+def test_misspelled_key_is_one_line_naming_the_closest(sapling_main, teacher_dir, text_files):
+    """Without `+` too: Hydra's own answer is a multi-line error advising `+trainer.max_step=1`."""
+    code, err = sapling_main("distill", f"teacher.path={teacher_dir}", f"data.files=[{text_files[0]}]",
+                             "trainer.max_step=1")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("sapling: config error: trainer.max_step=") and "trainer.max_steps?" in lines[0]
+    code, err = sapling_main("distill", "trainr.lr=1")
+    assert code == 2 and "did you mean trainer?" in err

@@ -125,6 +125,15 @@ def test_cached_distill_needs_no_teacher_path_or_data(tmp_path):
     validate(composed("command=distill", f"teacher.cache={tmp_path}"))
 
 
+def _fake_checkpoint(path) -> None:
+    """A directory that passes the model-path checks: a config.json and a (whole) safetensors file."""
+    import torch
+    from safetensors.torch import save_file
+
+    (path / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(1)}, str(path / "model.safetensors"))
+
+
 @pytest.mark.parametrize(
     "command, overrides, key",
     [
@@ -145,7 +154,7 @@ def test_cached_distill_needs_no_teacher_path_or_data(tmp_path):
 def test_quant_keys_are_validated(command, overrides, key, tmp_path):
     data = tmp_path / "a.txt"
     data.write_text("hello")
-    (tmp_path / "config.json").write_text("{}")
+    _fake_checkpoint(tmp_path)
     cfg = composed(f"command={command}", *(o.format(tmp=tmp_path, data=data) for o in overrides))
     with pytest.raises(ConfigError) as err:
         validate(cfg)
@@ -155,7 +164,7 @@ def test_quant_keys_are_validated(command, overrides, key, tmp_path):
 def test_quant_configs_that_are_fine(tmp_path):
     data = tmp_path / "a.txt"
     data.write_text("hello")
-    (tmp_path / "config.json").write_text("{}")
+    _fake_checkpoint(tmp_path)
     validate(composed("command=quantize", f"model.path={tmp_path}", "quant.method=rtn", "quant.eval=false"))
     validate(composed("command=distill", "teacher.tiny=llama-tiny", f"data.files=[{data}]", "quant.aware=true",
                       "hooks.post=[quantize]"))

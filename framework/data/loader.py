@@ -18,6 +18,10 @@ import numpy as np
 import torch
 
 from sapling.data.blocks import PackedBlocks
+from sapling.errors import CheckpointError
+
+_RESUME_FIX = ("fix: resume with the settings the checkpoint was written with, or start over in a new output_dir "
+               "(or with trainer.overwrite=true, which moves this run aside)")
 
 _MASK64 = (1 << 64) - 1
 
@@ -110,25 +114,27 @@ class ResumableLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from ``state``; ValueError if it was saved for other data (num_blocks) or another seed."""
+        """Resume from ``state``; CheckpointError if it was saved for other data (num_blocks) or another seed."""
         missing = [k for k in ("consumed_samples", "seed", "num_blocks") if k not in state]
         if missing:
-            raise ValueError(f"loader state is missing keys {missing}")
+            raise CheckpointError(f"the checkpoint's loader state is missing keys {missing}; {_RESUME_FIX}")
         if int(state["num_blocks"]) != self.num_blocks:
-            raise ValueError(
-                f"loader state was saved with num_blocks={int(state['num_blocks'])} but this loader has "
-                f"{self.num_blocks} blocks: the packed data changed (files, tokenizer, seq_len or max_tokens)"
+            raise CheckpointError(
+                f"the checkpoint's loader state was saved with num_blocks={int(state['num_blocks'])} but this loader "
+                f"has {self.num_blocks} blocks: the packed data changed (files, tokenizer, seq_len or max_tokens); "
+                f"{_RESUME_FIX}"
             )
         if int(state["seed"]) != self.seed:
-            raise ValueError(
-                f"loader state was saved with seed={int(state['seed'])} but this loader has seed={self.seed}"
+            raise CheckpointError(
+                f"the checkpoint's loader state was saved with trainer.seed={int(state['seed'])} but this run has "
+                f"trainer.seed={self.seed}; {_RESUME_FIX}"
             )
         if "shuffle" in state and bool(state["shuffle"]) != self.shuffle:
-            raise ValueError(
-                f"loader state was saved with shuffle={bool(state['shuffle'])} "
-                f"but this loader has shuffle={self.shuffle}"
+            raise CheckpointError(
+                f"the checkpoint's loader state was saved with shuffle={bool(state['shuffle'])} "
+                f"but this loader has shuffle={self.shuffle}; {_RESUME_FIX}"
             )
         consumed = int(state["consumed_samples"])
         if consumed < 0:
-            raise ValueError(f"consumed_samples must be >= 0, got {consumed}")
+            raise CheckpointError(f"the checkpoint's loader state has consumed_samples={consumed} (< 0); {_RESUME_FIX}")
         self.consumed_samples = consumed

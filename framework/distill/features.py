@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sapling.config import FEATURE_LOSSES, ConfigError
+from sapling.config import FEATURE_LOSSES
+from sapling.errors import ConfigError, ModelSourceError
 
 IGNORE_INDEX = -100
 _KEY = "distill.features.layers"
@@ -87,8 +88,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)
     layers = getattr(base, "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__}: no decoder layers at <base model>.layers; feature "
-                         "distillation supports HF decoder-only causal LMs (Llama, Mistral, Qwen, Gemma)")
+        raise ModelSourceError(f"{type(model).__name__}: no decoder layers at <base model>.layers; feature "
+                               "distillation supports HF decoder-only causal LMs (Llama, Mistral, Qwen, Gemma); fix: "
+                               "set distill.features.weight=0 for this model")
     return layers
 
 

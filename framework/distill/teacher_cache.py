@@ -42,6 +42,7 @@ import torch.distributed as dist
 from sapling.data.blocks import PackedBlocks, PackedData
 from sapling.dist import barrier, broadcast_object, gathered, rank_world
 from sapling.distill.topk_format import RecordLayout, decode_records, encode_records
+from sapling.errors import DataError
 
 log = logging.getLogger("sapling")
 
@@ -56,7 +57,7 @@ PLAN_KEYS = ("format", "version", "data_fingerprint", "tokenizer_hash", "teacher
 _HASH_EDGE = 1 << 20  # bytes hashed at each end of a large weight file
 
 
-class CacheError(ValueError):
+class CacheError(DataError):
     """A teacher cache that cannot be used: unfinished, corrupted, or written for other inputs."""
 
 

@@ -13,7 +13,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from sapling.config import ConfigError
+from sapling.errors import ConfigError
 
 
 def check_harness(tasks: list[str], task_paths: list[str] = ()) -> None:

@@ -9,6 +9,7 @@ import torch
 
 from sapling.distill.head import install_kd_head
 from sapling.distill.step import IGNORE_INDEX, final_hidden, shifted_targets
+from sapling.progress import progress as progress_bar
 
 
 @torch.no_grad()
@@ -18,18 +19,27 @@ def evaluate_lm(
     *,
     micro_batch_size: int = 8,
     max_batches: int | None = None,
+    max_tokens: int | None = None,
     device: torch.device | str = "cpu",
+    progress: bool = False,
+    desc: str = "eval",
 ) -> dict[str, float]:
-    """Mean next-token NLL (nats) over the first `max_batches` batches of `blocks` (all when None)."""
+    """Mean next-token NLL (nats) over the first blocks of `blocks` (all when both budgets are None).
+
+    `max_tokens` takes the first max(1, max_tokens // block length) blocks, so the blocks evaluated do not
+    depend on `micro_batch_size`; `max_batches` caps the number of batches too. `progress` shows a bar.
+    """
     was_training = model.training
     model.eval()
     head = install_kd_head(model)  # the loss runs in the head's forward, so a ZeRO-3 head is gathered for it
     total_nll, total_tokens = 0.0, 0
     n = len(blocks)
+    if max_tokens is not None and n:
+        n = min(n, max(1, max_tokens // blocks[0].numel()))
     batches = math.ceil(n / micro_batch_size)
     if max_batches is not None:
         batches = min(batches, max_batches)
-    for b in range(batches):
+    for b in progress_bar(range(batches), desc=desc, unit="batch", enabled=progress, leave=False):
         ids = torch.stack([blocks[i] for i in range(b * micro_batch_size, min(n, (b + 1) * micro_batch_size))])
         ids = ids.to(device)
         hidden = final_hidden(model, ids)
@@ -53,8 +63,15 @@ def perplexity_rows(
     device: torch.device | str,
     metrics: Any,
     event: str = "eval",
+    *,
+    max_tokens: int | None = None,
+    progress: bool = False,
 ) -> list[list[str]]:
-    """Evaluate each named model on `blocks`, log one record each, return report rows (PERPLEXITY_COLUMNS)."""
+    """Evaluate each named model on `blocks`, log one record each, return report rows (PERPLEXITY_COLUMNS).
+
+    The budget is `eval_cfg.batches` batches of `eval_cfg.micro_batch_size` blocks, and at most `max_tokens`
+    tokens (see `evaluate_lm`); `progress` shows a bar per model.
+    """
     from sapling.models import count_parameters
 
     rows = []
@@ -62,7 +79,7 @@ def perplexity_rows(
         if model is None:
             continue
         res = evaluate_lm(model, blocks, micro_batch_size=eval_cfg.micro_batch_size, max_batches=eval_cfg.batches,
-                          device=device)
+                          max_tokens=max_tokens, device=device, progress=progress, desc=f"eval: {name}")
         params = count_parameters(model)
         metrics.log({"event": event, "model": name, "params": params, "val_loss": res["loss"], "val_ppl": res["ppl"]})
         rows.append([name, f"{params:,}", f"{res['loss']:.4f}", f"{res['ppl']:.2f}"])

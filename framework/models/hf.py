@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import difflib
 import os
 import shutil
 import tempfile
@@ -19,6 +22,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from sapling.errors import ConfigError, ModelSourceError
+from sapling.io import publish
 from sapling.models.tiny import tiny_config
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,16 +57,47 @@ def changed_fields(src: Any) -> dict[str, tuple[Any, Any]]:
     given = _plain(src.config)
     if src.path is None or not given:
         return {}
-    base = AutoConfig.from_pretrained(os.path.expanduser(src.path))
+    base = load_config(src.path)
     return {k: (getattr(base, k, None), v) for k, v in given.items() if getattr(base, k, None) != v}
 
 
-def apply_overrides(config: PretrainedConfig, overrides: Any) -> PretrainedConfig:
-    """A copy of `config` with HF config fields replaced (e.g. {"num_hidden_layers": 2})."""
+def config_fields(config: PretrainedConfig) -> set[str]:
+    """The fields `config`'s class knows (dataclass fields, `attribute_map` aliases, a default instance's
+    `to_dict` keys) and those `config` itself carries (a checkpoint's own extra fields)."""
+    cls = type(config)
+    names = set(config.to_dict()) | set(getattr(cls, "attribute_map", None) or {})
+    if dataclasses.is_dataclass(cls):
+        names |= {f.name for f in dataclasses.fields(cls)}
+    with contextlib.suppress(Exception):  # a class that needs arguments: the fields above are its fields
+        names |= set(cls().to_dict())
+    return {n for n in names if not n.startswith("_")} - {"model_type", "transformers_version"}
+
+
+def apply_overrides(config: PretrainedConfig, overrides: Any, key: str = "config") -> PretrainedConfig:
+    """A copy of `config` with HF config fields replaced (e.g. {"num_hidden_layers": 2}).
+
+    Only fields the config class knows are accepted (`key`.<field> names a typo in the ConfigError): any
+    other attribute would be ignored by the model and written into its config.json.
+    """
     config = copy.deepcopy(config)
     given = _plain(overrides)
-    for key, value in given.items():
-        setattr(config, key, value)
+    known = config_fields(config) if given else set()
+    for name, value in given.items():
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            inside = next((f for f in sorted(known) if isinstance(getattr(config, f, None), dict)
+                           and name in getattr(config, f)), None)  # rope_theta lives in rope_parameters
+            fix = (f"did you mean {key}.{close[0]}?" if close else
+                   f"it is a key of {key}.{inside} (now {getattr(config, inside)}): give that whole dict" if inside else
+                   f"use a field of {type(config).__name__} (see the model's config.json)")
+            raise ConfigError(f"{key}.{name}", value, f"{type(config).__name__} (model_type {config.model_type}) "
+                              "has no such field: the model would ignore it", fix)
+        try:
+            setattr(config, name, value)
+        except Exception as err:  # noqa: BLE001  (transformers' strict fields raise StrictDataclassFieldValidationError)
+            cause = " ".join(str(err.__cause__ or err).split())[:200]
+            raise ConfigError(f"{key}.{name}", value, f"refused by {type(config).__name__} ({cause})",
+                              f"give {key}.{name} a value of the field's type") from err
     # Llama-style configs store head_dim = hidden_size // num_attention_heads; a changed width or head
     # count changes it too, unless head_dim is given. Left as None when not divisible, so validation
     # (check_shape) reports it instead of silently building a different model.
@@ -73,17 +109,42 @@ def apply_overrides(config: PretrainedConfig, overrides: Any) -> PretrainedConfi
     return config
 
 
+def _reason(err: BaseException) -> str:
+    """An exception's type and first line, capped: transformers' messages run over many lines."""
+    text = (str(err).strip().splitlines() or [""])[0]
+    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= 200 else text[:190] + "..."
+
+
+def load_config(path: str) -> PretrainedConfig:
+    """`AutoConfig` of a checkpoint directory or hub id; one that cannot be read is a ModelSourceError naming it."""
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(path))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelSourceError(f"cannot read the model config of {path} ({_reason(err)}); fix: point the path at a "
+                               "directory written by save_pretrained (config.json and weights), or download the hub "
+                               "model first and pass its local directory") from err
+
+
 def source_config(src: Any, base: PretrainedConfig | None = None) -> PretrainedConfig:
-    """The HF config a model source describes (`path`, `tiny`, or `base` + overrides), weights untouched."""
+    """The HF config a model source describes (`path`, `tiny`, or `base` + overrides), weights untouched.
+
+    Errors in the overrides name the source's own key (`student.config.<field>`) when `src` is a node of
+    the composed config."""
     if src.path is not None:
-        config = AutoConfig.from_pretrained(os.path.expanduser(src.path))
+        config = load_config(src.path)
     elif src.tiny is not None:
         config = tiny_config(src.tiny)
     elif base is not None:
         config = base
     else:
-        raise ValueError("model source has neither path nor tiny, and no base config to derive from")
-    return apply_overrides(config, src.config)
+        raise ModelSourceError("a model source has neither path nor tiny, and no base config to derive from; fix: "
+                               "pass <teacher|student|model>.path=<HF checkpoint dir> (or .tiny=<name>)")
+    try:
+        key = src._get_full_key("config") or "config"  # OmegaConf node: `student.config`
+    except AttributeError:
+        key = "config"
+    return apply_overrides(config, src.config, key=key)
 
 
 def resolve_attn_implementation(name: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -122,16 +183,14 @@ def build_model(
                                               and not changed_fields(src))
     if src.init == "auto" and src.path is not None and not pretrained:
         diff = ", ".join(f"config.{k}={v!r} (checkpoint: {c!r})" for k, (c, v) in changed_fields(src).items())
-        raise ValueError(f"{src.path}: {diff} change the checkpoint's shape, so init=auto would build a randomly "
+        raise ModelSourceError(f"{src.path}: {diff} change the checkpoint's shape, so init=auto would build a randomly "
                          "initialised model; drop those overrides (set them to null) to load the checkpoint, or set "
                          "init=random if a random model of that shape is what you want")
     with model_init_scope(ds_config) as partitioned:
         if pretrained:
             if src.path is None:
-                raise ValueError("init=pretrained needs a path")
-            model = AutoModelForCausalLM.from_pretrained(
-                os.path.expanduser(src.path), config=config, dtype=dtype, attn_implementation=attn
-            )
+                raise ModelSourceError("init=pretrained needs a path; fix: pass the checkpoint's path, or use init=auto")
+            model = _from_pretrained(src.path, config=config, dtype=dtype, attn_implementation=attn)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
@@ -141,10 +200,36 @@ def build_model(
     return model if partitioned else model.to(device)
 
 
+def _from_pretrained(path: str, **kwargs: Any) -> torch.nn.Module:
+    """`AutoModelForCausalLM.from_pretrained`; a missing, truncated or mismatched checkpoint is a ModelSourceError."""
+    from safetensors import SafetensorError
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), **kwargs)
+    except (SafetensorError, OSError, EOFError) as err:
+        raise ModelSourceError(f"cannot load the weights of {path} ({_reason(err)}): a weight file is truncated, "
+                               "corrupt or missing; fix: copy or download the checkpoint again (or set init=random "
+                               "for a randomly initialised model of its config)") from err
+    except (ValueError, RuntimeError) as err:
+        if isinstance(err, torch.OutOfMemoryError):
+            raise
+        raise ModelSourceError(f"cannot load the weights of {path} ({_reason(err)}); fix: check the checkpoint "
+                               "against the model settings (config overrides, dtype, attn_implementation)") from err
+
+
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    tok = AutoTokenizer.from_pretrained(os.path.expanduser(path))
+    """The tokenizer in `path` (a directory or hub id); one that cannot be loaded is a ModelSourceError."""
+    try:
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(path))
+    except Exception as err:  # noqa: BLE001  (`tokenizers` raises plain Exception on a damaged tokenizer.json)
+        if isinstance(err, MemoryError):
+            raise
+        raise ModelSourceError(f"cannot load a tokenizer from {path} ({_reason(err)}); fix: copy the tokenizer files "
+                               "(tokenizer.json, tokenizer_config.json) into it, or pass data.tokenizer=<a directory "
+                               "that has them>") from err
     if tok.eos_token_id is None:
-        raise ValueError(f"tokenizer at {path} has no eos_token (needed to separate packed documents)")
+        raise ModelSourceError(f"tokenizer at {path} has no eos_token (needed to separate packed documents); fix: set "
+                               "eos_token in its tokenizer_config.json, or pass data.tokenizer=<a tokenizer with one>")
     return tok
 
 
@@ -173,6 +258,7 @@ def write_dir_atomically(out_dir: str | os.PathLike, build: Callable[[Path], Non
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         build(tmp)
+        publish(tmp)  # mkdtemp's 0700 and safetensors' 0600 -> what the umask gives any other output
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -196,5 +282,6 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     decoder = getattr(model, model.base_model_prefix)
     head = model.get_output_embeddings()
     if head is None:
-        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head)")
+        raise ModelSourceError(f"{type(model).__name__} has no output embeddings (lm_head): Sapling trains causal LMs "
+                               "with an lm_head; fix: use a *ForCausalLM checkpoint")
     return decoder, head

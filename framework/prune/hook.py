@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from sapling.errors import ConfigError, DataError, Stopped
 from sapling.models import count_parameters
 from sapling.prune.distributed import rank_and_world_size
 from sapling.prune.importance import ImportanceScores, distributed_importance
@@ -72,7 +73,8 @@ def importance_for(cfg: Any, model: torch.nn.Module, data: Any, device: torch.de
     # every rank calibrates on its share of the sample; the sums are all-reduced (same scores on all ranks)
     return distributed_importance(model, data.train, samples=p.calibration.samples,
                                   batch_size=p.calibration.batch_size, device=device, seed=cfg.seed,
-                                  aggregation=p.calibration.aggregation, layer_loss=p.depth_metric == "layer_loss")
+                                  aggregation=p.calibration.aggregation, layer_loss=p.depth_metric == "layer_loss",
+                                  progress=cfg.trainer.progress)
 
 
 def _save_scores(scores: ImportanceScores, path: Path) -> None:
@@ -88,8 +90,8 @@ def heldout_batches(blocks: Any, cfg: Any, device: torch.device) -> list[dict[st
     rest = order[min(p.calibration.samples, len(blocks)):]
     want = p.search.eval_batches * p.calibration.batch_size
     if len(rest) == 0:
-        raise ValueError(f"no training blocks left after the {p.calibration.samples} calibration samples to rank "
-                         "prune candidates on; lower prune.calibration.samples or add data")
+        raise DataError(f"no training blocks left after the {p.calibration.samples} calibration samples to rank "
+                        "prune candidates on; fix: lower prune.calibration.samples or add data")
     rest = rest[:want]
     bs = p.calibration.batch_size
     return [{"input_ids": torch.stack([blocks[int(i)] for i in rest[j:j + bs]]).to(device)}
@@ -171,8 +173,10 @@ def prune_teacher(cfg: Any, teacher: torch.nn.Module, data: Any, device: torch.d
     output_dir = Path(output_dir)
 
     def val_loss(model: torch.nn.Module) -> dict[str, float]:
+        # the validation budget of training, so this loss compares with the training run's val curve
         return evaluate_lm(model, data.val, micro_batch_size=cfg.eval.micro_batch_size,
-                           max_batches=cfg.trainer.eval_batches, device=device)
+                           max_batches=cfg.trainer.eval_batches, max_tokens=cfg.trainer.eval_tokens, device=device,
+                           progress=cfg.trainer.progress, desc="prune: validation")
 
     if p.scores is not None:
         scores = ImportanceScores.load(p.scores)
@@ -200,12 +204,15 @@ def prune_teacher(cfg: Any, teacher: torch.nn.Module, data: Any, device: torch.d
                                   save_model=False)
                     finally:
                         quiet.close()
+                if res.stopped:  # a throwaway run: nothing to keep, the rerun searches again
+                    raise Stopped("the pruning search", res)
                 return res.final_val["loss"]
 
         shape, search_rows = search_target(
             teacher, scores, int(p.target.params), eval_batches=heldout_batches(data.train, cfg, device),
             multiple=p.search.multiple, tolerance=p.search.tolerance, max_candidates=p.search.max_candidates,
-            depth_metric=p.depth_metric, distill=distill, distill_top_k=p.search.distill_top_k, log=log.info)
+            depth_metric=p.depth_metric, distill=distill, distill_top_k=p.search.distill_top_k, log=log.info,
+            progress=cfg.trainer.progress)
         (output_dir / "prune_search.md").write_text(format_table(search_rows) + "\n")
         for row in search_rows:
             metrics.log({"event": "prune_search", **row})
@@ -251,6 +258,8 @@ def prune_teacher(cfg: Any, teacher: torch.nn.Module, data: Any, device: torch.d
                           desc=f"prune round {r}/{p.rounds}")
             finally:
                 round_metrics.close()
+            if res.stopped:  # checkpointed in round_dir: the rerun resumes this round
+                raise Stopped(f"prune round {r}/{p.rounds}", res)
             metrics.log({"event": "prune_round", "round": r, "rounds": p.rounds, "steps": int(round_steps),
                          "val_loss": res.final_val["loss"], "val_ppl": res.final_val["ppl"]})
         model = student
@@ -258,8 +267,35 @@ def prune_teacher(cfg: Any, teacher: torch.nn.Module, data: Any, device: torch.d
     _save_scores(final_scores, output_dir / "prune_rounds" / f"round{p.rounds}" / "prune_scores.pt")
     student = slice_student(model, final_scores, shape, p.depth_metric)
     _log_prune(metrics, model, student, final_scores, val_loss(student), round=p.rounds, rounds=p.rounds)
-    fit_cfg = _sub_cfg(cfg, max_steps=cfg.trainer.max_steps - sum(int(x) for x in steps))
-    return PruneOutcome(student, fit_cfg, shape, search_rows)
+    return PruneOutcome(student, main_run_cfg(cfg), shape, search_rows)
+
+
+def main_run_cfg(cfg: Any) -> Any:
+    """The config of the training run after pruning: with `prune.rounds=R` the rounds before the last spend
+    `prune.round_steps` of `trainer.max_steps`, and the main run gets the rest."""
+    p = cfg.prune
+    if p.rounds <= 1:
+        return cfg
+    steps = list(p.round_steps) if p.round_steps is not None else [cfg.trainer.max_steps // p.rounds] * (p.rounds - 1)
+    return _sub_cfg(cfg, max_steps=cfg.trainer.max_steps - sum(int(x) for x in steps))
+
+
+def resumed_student(cfg: Any, teacher: torch.nn.Module, shape_dir: Path, device: torch.device) -> PruneOutcome:
+    """The pruned student of a run being resumed, without pruning again: its shape from the HF config saved
+    with the checkpoint (`shape_dir`), its weights left to the checkpoint (so no calibration pass, no search,
+    no slicing: minutes to hours on a large teacher)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(shape_dir)
+    config._attn_implementation = teacher.config._attn_implementation
+    dtype = next(teacher.parameters()).dtype
+    student = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+    student.requires_grad_(True)
+    student.train()
+    shape = {k: getattr(config, k) for k in TARGET_FIELDS}
+    log.info("prune: resuming, so the pruned shape comes from %s (%s); calibration skipped, weights from the "
+             "checkpoint", shape_dir, ", ".join(f"{k}={v}" for k, v in shape.items()))
+    return PruneOutcome(student, main_run_cfg(cfg), shape)
 
 
 def _kept_layers(teacher: torch.nn.Module, student: torch.nn.Module, scores: ImportanceScores,
@@ -274,9 +310,14 @@ def _kept_layers(teacher: torch.nn.Module, student: torch.nn.Module, scores: Imp
 def prune_hook(ctx: HookContext) -> None:
     """Make the student by pruning the teacher to `prune.target` (in `prune.rounds` rounds)."""
     if ctx.teacher is None:
-        raise ValueError("hooks.pre=[prune] needs a teacher (teacher.path)")
-    outcome = prune_teacher(ctx.cfg, ctx.teacher, ctx.data, ctx.device, ctx.output_dir, ctx.metrics,
-                            tokenizer=ctx.tokenizer)
+        raise ConfigError("teacher.path", None, "hooks.pre=[prune] needs a teacher", "pass teacher.path=<HF checkpoint dir>")
+    shape_dir = ctx.extras.get("resume_shape_dir")  # a resumed run: the checkpoint knows the shape
+    if shape_dir is not None:
+        outcome = resumed_student(ctx.cfg, ctx.teacher, Path(shape_dir), ctx.device)
+        ctx.metrics.log({"event": "prune_resumed", "shape": outcome.shape, "from": str(shape_dir)})
+    else:
+        outcome = prune_teacher(ctx.cfg, ctx.teacher, ctx.data, ctx.device, ctx.output_dir, ctx.metrics,
+                                tokenizer=ctx.tokenizer)
     ctx.student = outcome.student
     if outcome.fit_cfg is not ctx.cfg:
         ctx.extras["fit_cfg"] = outcome.fit_cfg

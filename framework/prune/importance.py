@@ -26,10 +26,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sapling.errors import DataError, ModelSourceError
+from sapling.io import publish
+from sapling.progress import progress as progress_bar
 from sapling.prune.distributed import (
     all_reduce_sum,
     gathered_forward,
@@ -83,6 +87,7 @@ class ImportanceScores:
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(self.state_dict(), f)
+            publish(tmp)  # mkstemp makes it 0600
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -177,7 +182,8 @@ class ImportanceAccumulator:
         self.head_dim = head_dim(cfg)
         widths = {layer.mlp.down_proj.in_features for layer in layers}
         if len(widths) != 1:
-            raise ValueError(f"MLP widths differ across layers ({sorted(widths)}); only uniform shapes are supported")
+            raise ModelSourceError(f"MLP widths differ across layers ({sorted(widths)}); only uniform shapes are "
+                                   "supported; fix: prune a model whose layers all have one shape")
         self.intermediate = widths.pop()
         self.hidden_size = cfg.hidden_size
         sizes = {"mlp": (self.num_layers, self.intermediate), "heads": (self.num_layers, self.num_heads),
@@ -325,7 +331,8 @@ class ImportanceAccumulator:
         acc = {k: _apply_reduce(v, reduce) for k, v in self._acc.items()}
         tokens = float(acc["tokens"])
         if tokens <= 0:
-            raise ValueError("no calibration tokens were seen: cannot estimate importance")
+            raise DataError("no calibration tokens were seen: cannot estimate importance; fix: pass data.files with "
+                            "text (and prune.calibration.samples > 0)")
         scores: dict[str, Tensor] = {}
         for kind in _KINDS:
             if self.aggregation == "mean_l2":
@@ -357,12 +364,15 @@ def estimate_importance(
     layer_loss: bool = False,
     max_batches: int | None = None,
     reduce: Reduce | None = None,
+    progress: bool = False,
+    total: int | None = None,
 ) -> ImportanceScores:
     """Importance of MLP neurons, heads, KV groups, hidden channels and layers from calibration batches.
 
     `reduce` is applied to every accumulator before the scores are computed (pass an all-reduce SUM
     across data-parallel ranks); `layer_loss=True` also measures the loss increase of dropping each layer.
     With a reduce, every rank must call this, with its own batches (their number may differ, even be 0).
+    `progress` shows a bar (rank 0) over the batches, `total` of them when `batches` has no length.
     """
     acc = ImportanceAccumulator(model, aggregation)
     batches = itertools.islice(batches, max_batches)
@@ -373,14 +383,17 @@ def estimate_importance(
     padding = _num_passes(model, len(batches)) - len(batches) if zero3 else 0
     with gathered_forward(model):
         with acc:
-            for batch in batches:
+            if total is None and hasattr(batches, "__len__"):
+                total = len(batches)
+            for batch in progress_bar(batches, total=total, desc="prune: calibration", unit="batch",
+                                      enabled=progress):
                 acc.update(batch)
         with _eval_no_grad(model):  # keep in step with ranks that have more batches; these add nothing
             for _ in range(padding):
                 model.model(**_padding_batch(model), use_cache=False)
     scores = acc.finalize(reduce)
     if layer_loss:
-        scores.layer_loss = layer_drop_loss(model, batches, block=1, reduce=reduce)
+        scores.layer_loss = layer_drop_loss(model, batches, block=1, reduce=reduce, progress=progress)
     return scores
 
 
@@ -394,6 +407,7 @@ def distributed_importance(
     seed: int = 0,
     aggregation: str = "mean_l2",
     layer_loss: bool = False,
+    progress: bool = False,
 ) -> ImportanceScores:
     """`estimate_importance` on `samples` calibration blocks shared out over all ranks, accumulators summed.
 
@@ -407,8 +421,10 @@ def distributed_importance(
     rank, world_size = rank_and_world_size()
     batches = calibration_batches(blocks, samples, batch_size, device, seed=seed, rank=rank,
                                   world_size=world_size)
+    share = len(np.array_split(np.arange(min(samples, len(blocks))), world_size)[rank])  # this rank's blocks
     return estimate_importance(model, batches, aggregation=aggregation, layer_loss=layer_loss,
-                               reduce=all_reduce_sum if world_size > 1 else None)
+                               reduce=all_reduce_sum if world_size > 1 else None, progress=progress,
+                               total=-(-share // batch_size))
 
 
 # ------------------------------------------------------------------------------------------- depth
@@ -466,10 +482,12 @@ def layer_drop_loss(
     *,
     block: int = 1,
     reduce: Reduce | None = None,
+    progress: bool = False,
 ) -> Tensor:
     """[L - block + 1] increase of the LM loss (nats/token) when layers [i, i + block) are dropped.
 
     With a reduce, every rank must call this, with its own batches (their number may differ, even be 0).
+    `progress` shows a bar (rank 0) over the L - block + 2 loss evaluations.
     """
     batches = list(batches)
     n = len(decoder_layers(model))
@@ -483,10 +501,13 @@ def layer_drop_loss(
             raise ValueError("no tokens to compute the LM loss on")
         return float(total / count)
 
-    with _eval_no_grad(model), gathered_forward(model):
+    with _eval_no_grad(model), gathered_forward(model), \
+            progress_bar(total=n - block + 2, desc="prune: layer-drop loss", unit="eval", enabled=progress) as bar:
         full = loss()
+        bar.update(1)
         out = []
         for i in range(n - block + 1):
             with skip_layers(model, range(i, i + block)):
                 out.append(loss() - full)
+            bar.update(1)
     return torch.tensor(out, dtype=torch.float32)

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sapling.config import ConfigError
+from sapling.errors import ConfigError, ModelSourceError
 from sapling.models import count_parameters
+from sapling.progress import progress as progress_bar
 from sapling.prune.importance import ImportanceScores, Reduce, _apply_reduce, _loss_sums
 from sapling.prune.select import TARGET_FIELDS, plan_from_scores
 from sapling.prune.slicing import SUPPORTED_MODEL_TYPES, slice_model
@@ -51,8 +52,8 @@ class _Arch:
     def of(cls, config: Any) -> _Arch:
         kind = config.model_type
         if kind not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"parameter counts support model types {', '.join(SUPPORTED_MODEL_TYPES)}; "
-                             f"got {kind!r}")
+            raise ModelSourceError(f"prune.target.params: parameter counts support model types "
+                                   f"{', '.join(SUPPORTED_MODEL_TYPES)}; got {kind!r}; fix: prune a model of those types")
         attn_bias = bool(getattr(config, "attention_bias", False)) and kind in ("llama", "qwen3")
         return cls(
             vocab=config.vocab_size,
@@ -342,6 +343,7 @@ def search_target(
     distill_top_k: int = 0,
     log: Callable[[str], Any] = print,
     reduce: Reduce | None = None,
+    progress: bool = False,
 ) -> tuple[dict[str, int], list[dict[str, Any]]]:
     """The best shape for a parameter budget, and the ranking table (one dict per candidate, best first).
 
@@ -350,7 +352,7 @@ def search_target(
     `distill` (student -> validation loss after a short distillation; it may train the student in place)
     and `distill_top_k > 0`, the best k are re-ranked by that loss. `reduce` (e.g. an all-reduce SUM) is
     applied to the loss sums, so data-parallel ranks holding different batches agree on the pick.
-    The table goes to `log` line by line (see `format_table`).
+    The table goes to `log` line by line (see `format_table`); `progress` shows a bar over the candidates.
     """
     batches = list(eval_batches)
     if not batches:
@@ -365,7 +367,8 @@ def search_target(
         return slice_model(teacher, plan_from_scores(scores, cfg, shape, depth_metric=depth_metric))
 
     rows: list[dict[str, Any]] = []
-    for idx, shape in enumerate(shapes):
+    for idx, shape in enumerate(progress_bar(shapes, desc="prune search: candidates", unit="shape",
+                                             enabled=progress)):
         model = student(shape)
         params = count_parameters(model)
         loss = _eval_loss(model, batches, reduce)

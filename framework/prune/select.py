@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from sapling.config import ConfigError
+from sapling.errors import ConfigError
 from sapling.prune.importance import ImportanceScores
-from sapling.prune.slicing import KeepPlan
+from sapling.prune.slicing import KeepPlan, pruned_config
 
 TARGET_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                  "num_key_value_heads")
@@ -52,6 +52,20 @@ def resolve_target(teacher_cfg: Any, target: dict[str, Any]) -> dict[str, int]:
                           f"needs {t_heads // t_kv} query heads per KV group, the teacher has {heads // kv}",
                           f"choose <= {t_kv * (heads // kv)} or keep more KV groups")
     return out
+
+
+def target_config(teacher_cfg: Any, shape: dict[str, int]) -> Any:
+    """The HF config the pruner will give a student of `shape` (from `resolve_target`), without any weights
+    or scores: the same slicing config code, on a plan that keeps the first structures of each kind."""
+    heads, kv = teacher_cfg.num_attention_heads, teacher_cfg.num_key_value_heads or teacher_cfg.num_attention_heads
+    group, layers = heads // kv, list(range(shape["num_hidden_layers"]))
+    t_kv, per_group = shape["num_key_value_heads"], shape["num_attention_heads"] // shape["num_key_value_heads"]
+    kv_heads = torch.arange(t_kv)
+    kept_heads = (kv_heads[:, None] * group + torch.arange(per_group)).flatten()
+    plan = KeepPlan(layers=layers, hidden=torch.arange(shape["hidden_size"]),
+                    mlp=[torch.arange(shape["intermediate_size"])] * len(layers),
+                    kv_heads=[kv_heads] * len(layers), heads=[kept_heads] * len(layers))
+    return pruned_config(teacher_cfg, plan)
 
 
 def plan_from_scores(scores: ImportanceScores, teacher_cfg: Any, shape: dict[str, int],

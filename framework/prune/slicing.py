@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
+from sapling.errors import ModelSourceError
 from sapling.prune.distributed import gather_units, gathered_parameters, is_zero3_partitioned
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -122,17 +123,18 @@ def _group_heads(heads: torch.Tensor, kv: torch.Tensor, per_group: int, n_kv: in
 def _resolve(config: PretrainedConfig, plan: KeepPlan) -> _Resolved:
     """Check `plan` against `config` and make every index explicit."""
     if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"slicing supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; "
-                         f"got {config.model_type!r}")
+        raise ModelSourceError(f"slicing supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; got "
+                               f"{config.model_type!r}; fix: prune a model of those types")
     if getattr(config, "is_heterogeneous", False):
-        raise ValueError("slicing needs a homogeneous config (same shape in every layer); this one has "
-                         "per_layer_config overrides")
+        raise ModelSourceError("slicing needs a homogeneous config (same shape in every layer); this one has "
+                               "per_layer_config overrides; fix: prune a model whose layers all have one shape")
     n_layers, hidden = config.num_hidden_layers, config.hidden_size
     n_heads = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     head_dim = getattr(config, "head_dim", None) or hidden // n_heads
     if n_heads % n_kv:
-        raise ValueError(f"teacher config: num_attention_heads={n_heads} not divisible by num_key_value_heads={n_kv}")
+        raise ModelSourceError(f"teacher config: num_attention_heads={n_heads} not divisible by num_key_value_heads="
+                               f"{n_kv}; fix: check the teacher's config.json")
     per_group = n_heads // n_kv
 
     if plan.layers is None:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sapling.errors import ConfigError, LaunchError
 from sapling.quant.export import checkpoint_bytes, export_compressed
 from sapling.quant.layerwise import plan_targets, quantize_model
 from sapling.quant.numerics import QuantSpec, spec_from_config
@@ -97,7 +98,7 @@ def quantize_student(cfg: DictConfig, model: torch.nn.Module, *, teacher: torch.
 
     def val(m: torch.nn.Module) -> dict[str, float]:
         return evaluate_lm(m.to(home), data.val, micro_batch_size=ev.micro_batch_size, max_batches=ev.batches,
-                           device=home)
+                           device=home, progress=cfg.trainer.progress, desc="quantize: validation")
 
     summary: dict[str, Any] = {"scheme": q.scheme, "dtype": q.dtype, "format": spec.label, "method": method, "guided": bool(q.guided),
                                "act_order": bool(q.act_order) if method == "gptq" else None,
@@ -110,7 +111,7 @@ def quantize_student(cfg: DictConfig, model: torch.nn.Module, *, teacher: torch.
     batches: list[torch.Tensor] = []
     if method == "gptq":
         if data is None or len(data.train) == 0:
-            raise ValueError("GPTQ needs calibration data: pass data.files=[...] (or use quant.method=rtn)")
+            raise ConfigError("data.files", None, "GPTQ needs calibration data", "pass data.files=[...] (or use quant.method=rtn)")
         c = q.calibration
         batches = [b["input_ids"] for b in calibration_batches(data.train, c.samples, c.batch_size,
                                                                 torch.device("cpu"), seed=cfg.seed)]
@@ -119,7 +120,8 @@ def quantize_student(cfg: DictConfig, model: torch.nn.Module, *, teacher: torch.
         from sapling.quant.guided import distillation_saliency
 
         if teacher is None:
-            raise ValueError("quant.guided=true needs the teacher (teacher.path) for the distillation saliency")
+            raise ConfigError("quant.guided", True, "needs the teacher for the distillation saliency",
+                              "pass teacher.path=<teacher checkpoint>, or drop quant.guided")
         saliency = distillation_saliency(model, teacher, batches, targets, groups=q.guided_groups,
                                          divergence=cfg.distill.divergence, temperature=cfg.distill.temperature,
                                          progress=cfg.trainer.progress)
@@ -202,7 +204,8 @@ def quantize_hook(ctx: HookContext) -> None:
     if rank == 0:
         try:
             if model_dir is None:
-                raise ValueError("hooks.post=[quantize] needs the trained student's checkpoint (output_dir/model)")
+                raise ConfigError("hooks.post", "quantize", "needs the trained student's checkpoint (output_dir/model)",
+                                  "run it after a training command that saves its model")
             with _alone():
                 summary = _quantize_saved(cfg, Path(model_dir), ctx, out_dir)
             ctx.extras["quantize"] = summary
@@ -225,7 +228,8 @@ def quantize_hook(ctx: HookContext) -> None:
         status = [error]
         dist.broadcast_object_list(status, src=0, group=group)
         if status[0] is not None:
-            raise RuntimeError(f"quantization on rank 0 failed: {status[0]}")
+            raise LaunchError(f"rank {rank}: quantization on rank 0 failed ({status[0][:200]}); the cause is rank 0's "
+                              "own error above")
 
 
 def _quantize_saved(cfg: DictConfig, model_dir: Path, ctx: HookContext, out_dir: Path) -> dict[str, Any]:
@@ -250,7 +254,7 @@ def _plain_teacher(cfg: DictConfig, ctx: HookContext, device: torch.device) -> t
     if teacher is not None and not any(hasattr(p, "ds_id") for p in teacher.parameters()):
         return teacher
     if cfg.teacher.path is None and cfg.teacher.tiny is None:
-        raise ValueError("quant.guided=true needs the teacher: pass teacher.path")
+        raise ConfigError("quant.guided", True, "needs the teacher", "pass teacher.path=<teacher checkpoint>, or drop quant.guided")
     plain = OmegaConf.merge(cfg.teacher, {"cache": None})
     return build_model(plain, source_config(plain), device, seed=cfg.seed)
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sapling.errors import ConfigError
 from sapling.models import decoder_and_head
 from sapling.quant.gptq import gptq
 from sapling.quant.numerics import QuantSpec, dequantize, rtn_export
@@ -78,13 +79,15 @@ def plan_targets(model: nn.Module, spec: QuantSpec, ignore: Sequence[str] = ("lm
         else:
             width = _in_features(module)
             divisors = [g for g in (128, 64, 32) if width % g == 0]
-            raise ValueError(
+            raise ConfigError(
+                "quant.group_size", spec.group_size,
                 f"{name} has input width {width}, not a multiple of quant.group_size={spec.group_size}, so its "
-                f"weights cannot be stored in groups of {spec.group_size}; "
-                + (f"use quant.group_size={divisors[0]}, " if divisors else "")
+                f"weights cannot be stored in groups of {spec.group_size}",
+                (f"use quant.group_size={divisors[0]}, " if divisors else "")
                 + "or set quant.skip_incompatible=true to leave such layers unquantized (16-bit)")
     if not targets:
-        raise ValueError("no linear layer to quantize (all ignored or skipped); check quant.ignore")
+        raise ConfigError("quant.ignore", list(ignore), "no linear layer left to quantize (all ignored or skipped)",
+                          "ignore fewer layers (quant.ignore holds regexes of module names), or check quant.group_size")
     return targets, skipped, ignored
 
 
@@ -194,7 +197,8 @@ def quantize_model(
     if method != "gptq":
         raise ValueError(f"quant.method={method!r}: expected rtn or gptq")
     if not batches:
-        raise ValueError("GPTQ needs calibration batches (quant.calibration.samples > 0 and data)")
+        raise ConfigError("data.files", None, "GPTQ needs calibration batches",
+                          "pass data.files=[...] with quant.calibration.samples > 0 (or use quant.method=rtn)")
 
     layers = decoder_layers(model)
     decoder, _ = decoder_and_head(model)

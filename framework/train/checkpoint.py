@@ -19,11 +19,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import random
 import shutil
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,8 @@ import numpy as np
 import torch
 
 from sapling.dist import barrier, broadcast_object, rank_world
+from sapling.errors import CheckpointError, SaplingError
+from sapling.io import publish
 
 LATEST = "latest"
 STATE_FILE = "sapling_state.pt"
@@ -62,6 +66,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    publish(tmp)  # mkstemp makes it 0600
     os.replace(tmp, path)
 
 
@@ -89,22 +94,116 @@ def checkpoint_tags(root: str | os.PathLike) -> list[Path]:
     return sorted(tags, key=_step_of)
 
 
-def latest_tag(root: str | os.PathLike) -> Path | None:
-    """The tag directory `root/latest` names, or None when there is no checkpoint yet."""
+def latest_tag(root: str | os.PathLike, purpose: str = "resume") -> Path | None:
+    """The tag directory `root/latest` names, or None when there is no checkpoint yet.
+
+    A `latest` naming a missing or incomplete directory is a CheckpointError that names the previous complete
+    checkpoint to use instead (`purpose`: "resume" or "export", for the fix it suggests).
+    """
     root = Path(root)
     latest = root / LATEST
     if not latest.exists():
         return None
-    path = root / latest.read_text().strip()
+    name = latest.read_text(errors="replace").strip()
+    path = root / name
+    if not name.startswith(TAG_PREFIX) or not path.is_dir():
+        raise CheckpointError(f"{latest} names {name[:40]!r}, which is not a checkpoint directory in {root}; "
+                              f"{checkpoint_fix(path, purpose)}")
     if not (path / STATE_FILE).exists():
-        raise FileNotFoundError(f"{latest} names {path.name}, but {path} is incomplete; delete {latest} to start "
-                                "over (or point it at an older global_step directory)")
+        raise CheckpointError(f"{latest} names {name}, but {path} is incomplete (no {STATE_FILE}); "
+                              f"{checkpoint_fix(path, purpose)}")
     return path
 
 
-def read_state(tag_dir: str | os.PathLike) -> dict[str, Any]:
+def previous_tag(tag_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint older than `tag_dir` in the same folder, or None."""
+    tag_dir = Path(tag_dir)
+    step = _step_of(tag_dir) if tag_dir.name[len(TAG_PREFIX):].isdigit() else None
+    older = [t for t in checkpoint_tags(tag_dir.parent)
+             if t != tag_dir and (step is None or _step_of(t) < step) and (t / STATE_FILE).exists()]
+    return older[-1] if older else None
+
+
+def checkpoint_fix(tag_dir: str | os.PathLike, purpose: str = "resume") -> str:
+    """What to do about an unusable checkpoint `tag_dir`: the previous complete one to use, or start over."""
+    tag_dir = Path(tag_dir)
+    prev = previous_tag(tag_dir)
+    if purpose == "export":
+        return (f"fix: export the previous checkpoint, checkpoint={prev}" if prev is not None
+                else "fix: no earlier complete checkpoint is kept in that folder; export another run's")
+    start_over = "start over with trainer.overwrite=true (moves this run aside) or a new output_dir"
+    if prev is None:
+        return f"fix: no earlier complete checkpoint is kept; {start_over}"
+    return (f"fix: resume from the previous one, {prev.name}, by writing its name into {tag_dir.parent / LATEST} "
+            f"(`echo {prev.name} > {tag_dir.parent / LATEST}`), or {start_over}")
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of an exception, capped (a torch/pickle error can quote whole byte strings)."""
+    text = (str(err).strip().splitlines() or [""])[0]
+    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= 160 else text[:150] + "..."
+
+
+def load_checkpoint_file(path: str | os.PathLike, what: str, purpose: str = "resume") -> Any:
+    """`torch.load` of one file of a checkpoint (`path` inside its tag directory, `what` it holds); a missing,
+    truncated or corrupt file is a CheckpointError naming the file, the step and what to do instead."""
+    path = Path(path)
+    tag_dir = next((p for p in path.parents if p.name.startswith(TAG_PREFIX)), path.parent)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: checkpoint {tag_dir.name} has no {what}; "
+                              f"{checkpoint_fix(tag_dir, purpose)}") from None
+    except Exception as err:  # noqa: BLE001  (torch.load fails on a damaged file in many ways: zip, pickle, EOF)
+        raise CheckpointError(f"cannot read {path} ({what} of checkpoint {tag_dir.name}): the file is truncated or "
+                              f"corrupt ({_reason(err)}); {checkpoint_fix(tag_dir, purpose)}") from err
+
+
+def damaged_files(tag_dir: str | os.PathLike) -> list[str]:
+    """The `*.pt` files under `tag_dir` whose zip container (torch.save's format) is truncated or corrupt, relative
+    to it. Reads only each file's central directory, so it is cheap whatever the checkpoint's size."""
+    tag_dir, bad = Path(tag_dir), []
+    for path in sorted(tag_dir.rglob("*.pt")):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.infolist()
+        except (zipfile.BadZipFile, OSError):
+            bad.append(str(path.relative_to(tag_dir)))
+    return bad
+
+
+def read_state(tag_dir: str | os.PathLike, purpose: str = "resume") -> dict[str, Any]:
     """Sapling's client state of a checkpoint (step, tokens, loader, data fingerprint, world size, ...)."""
-    return torch.load(Path(tag_dir) / STATE_FILE, map_location="cpu", weights_only=False)
+    state = load_checkpoint_file(Path(tag_dir) / STATE_FILE, "Sapling's training state", purpose)
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{Path(tag_dir) / STATE_FILE} is not a Sapling training state (no step recorded); "
+                              f"{checkpoint_fix(tag_dir, purpose)}")
+    return state
+
+
+# HF config fields that fix a student's parameter shapes; a checkpoint only loads into the same values.
+SHAPE_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
+
+
+def check_same_shape(tag_dir: str | os.PathLike, config: Any) -> None:
+    """Refuse to resume `tag_dir` into a student whose HF `config` has another shape than the one it was saved
+    with (e.g. a rerun with other `student.config.*` into the same output_dir)."""
+    saved = Path(tag_dir) / "hf" / "config.json"
+    if config is None or not saved.exists():
+        return
+    try:
+        recorded = json.loads(saved.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {saved} (the model config of checkpoint {Path(tag_dir).name}): "
+                              f"{_reason(err)}; {checkpoint_fix(tag_dir)}") from err
+    diff = [f"{k}={recorded[k]!r} (this run: {getattr(config, k)!r})" for k in SHAPE_FIELDS
+            if recorded.get(k) is not None and getattr(config, k, None) is not None and recorded[k] != getattr(config, k)]
+    if diff:
+        raise CheckpointError(f"checkpoint {tag_dir} holds a student of another shape: {', '.join(diff)}; fix: rerun "
+                              "with the settings it was written with to resume it, or train the new shape in a new "
+                              "output_dir (or with trainer.overwrite=true, which moves this run aside)")
 
 
 def _stall_if_asked(step: int, tmp: Path) -> None:
@@ -162,9 +261,10 @@ def save_checkpoint(root: str | os.PathLike, step: int, engine: Any, client_stat
 def needs_universal(state: dict[str, Any], engine_kind: str, zero_stage: int) -> bool:
     """True when a DeepSpeed checkpoint was written at another world size or ZeRO stage than this run's."""
     if engine_kind != state.get("engine", "local"):
-        raise ValueError(f"the checkpoint was written by a {state.get('engine', 'local')} engine, this run uses a "
-                         f"{engine_kind} one; resume with the deepspeed= setting it was written with, or export "
-                         "it (`sapling export checkpoint=...`) and start a new output_dir from the exported model")
+        raise CheckpointError(f"the checkpoint was written by a {state.get('engine', 'local')} engine, this run uses a "
+                              f"{engine_kind} one; fix: resume with the deepspeed= setting it was written with, or "
+                              "export it (`sapling export checkpoint=...`) and start a new output_dir from the "
+                              "exported model")
     return engine_kind == "deepspeed" and (state["world_size"] != rank_world()[1]
                                            or state.get("zero_stage") != zero_stage)
 
@@ -187,7 +287,8 @@ def universal_checkpoint(tag_dir: str | os.PathLike) -> Path:
         os.replace(tmp, out)
     error = broadcast_object(None if out.exists() or rank_world()[0] != 0 else "conversion failed")
     if error:
-        raise RuntimeError(f"ds_to_universal of {tag_dir}: {error}")
+        raise CheckpointError(f"DeepSpeed's ds_to_universal could not convert {tag_dir} ({error}); "
+                              f"{checkpoint_fix(tag_dir)}")
     barrier()
     return out
 
@@ -196,8 +297,21 @@ def load_checkpoint(tag_dir: str | os.PathLike, engine: Any, *, universal: bool 
     """Load `tag_dir` into `engine` (all ranks call), restore this rank's RNG; returns Sapling's client state."""
     tag_dir = Path(tag_dir)
     state = read_state(tag_dir)
-    engine.load_checkpoint(universal_checkpoint(tag_dir) if universal else tag_dir)
+    check_same_shape(tag_dir, getattr(getattr(engine.module, "model", engine.module), "config", None))
+    source = universal_checkpoint(tag_dir) if universal else tag_dir
+    try:
+        engine.load_checkpoint(source)
+    except SaplingError:
+        raise
+    except Exception as err:  # noqa: BLE001  (torch.load/DeepSpeed fail on a damaged or foreign file in many ways)
+        if isinstance(err, torch.OutOfMemoryError | MemoryError):
+            raise
+        bad = damaged_files(source)
+        what = (f"{source / bad[0]} (checkpoint {tag_dir.name}) is truncated or corrupt" if bad else
+                f"cannot load checkpoint {source} into this run: its files are damaged or were written for another "
+                "model or optimizer")
+        raise CheckpointError(f"{what} ({_reason(err)}); {checkpoint_fix(tag_dir)}") from err
     rng = tag_dir / "rng" / f"rank{rank_world()[0]}.pt"
     if rng.exists():
-        set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+        set_rng_state(load_checkpoint_file(rng, "RNG state"))
     return state

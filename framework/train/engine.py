@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from sapling.dist import gathered
+from sapling.errors import CheckpointError
+from sapling.train.checkpoint import checkpoint_fix, load_checkpoint_file
 from sapling.train.optim import build_optimizer, build_scheduler, param_groups
 
 ENGINE_FILE = "engine.pt"
@@ -73,7 +75,7 @@ class LocalEngine:
         torch.save(self.state_dict(), Path(tag_dir) / ENGINE_FILE)
 
     def load_checkpoint(self, tag_dir: Path) -> None:
-        self.load_state_dict(torch.load(Path(tag_dir) / ENGINE_FILE, map_location="cpu", weights_only=False))
+        self.load_state_dict(load_checkpoint_file(Path(tag_dir) / ENGINE_FILE, "model and optimizer state"))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
@@ -166,7 +168,8 @@ class DeepSpeedEngine:
         path, _ = self.ds.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
         if path is None:
-            raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
+            raise CheckpointError(f"DeepSpeed found no loadable checkpoint in {tag_dir} (its model states file is "
+                                  f"missing); {checkpoint_fix(tag_dir)}")
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole student's weights on rank 0 (None elsewhere); every rank must call it. ZeRO-3 gathers

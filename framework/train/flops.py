@@ -48,6 +48,8 @@ from typing import Any
 
 import torch
 
+from sapling.errors import ConfigError, ModelSourceError
+
 __all__ = [
     "DecoderDims",
     "StepFlops",
@@ -79,7 +81,8 @@ class DecoderDims:
     def from_config(cls, config: Any) -> DecoderDims:
         """Read an HF config (``head_dim`` defaults to ``hidden_size // num_attention_heads``)."""
         if getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None):
-            raise ValueError(f"{type(config).__name__}: mixture-of-experts configs are not supported")
+            raise ModelSourceError(f"{type(config).__name__}: mixture-of-experts configs are not supported; fix: use a "
+                                   "dense model")
         heads = int(config.num_attention_heads)
         kv = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -227,7 +230,8 @@ def peak_flops(device: str | torch.device, dtype: torch.dtype, override: float |
     """
     if override:
         if override < 0:
-            raise ValueError(f"trainer.peak_flops must be > 0 FLOP/s (or unset), got {override!r}")
+            raise ConfigError("trainer.peak_flops", override, "must be > 0 FLOP/s",
+                              "unset it (known devices are looked up) or give the device's peak, e.g. 989e12")
         return float(override)
     dev = torch.device(device)
     if dev.type != "cuda" or not torch.cuda.is_available():

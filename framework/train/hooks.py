@@ -78,6 +78,6 @@ def eval_hook(ctx: HookContext) -> None:
     from sapling.eval.report import write_report
 
     rows = perplexity_rows([("teacher", ctx.teacher), ("student", ctx.student)], ctx.data.val, ctx.cfg.eval,
-                           ctx.device, ctx.metrics, event="eval_hook")
+                           ctx.device, ctx.metrics, event="eval_hook", progress=ctx.cfg.trainer.progress)
     write_report(ctx.output_dir / "report.md", "Sapling evaluation (validation split)",
                  [("Perplexity", PERPLEXITY_COLUMNS, rows)])

@@ -7,8 +7,9 @@ each, step once; log, validate and checkpoint on their schedules; save an HF che
 The same loop runs in one process (`deepspeed=none`, LocalEngine) and on N ranks under DeepSpeed ZeRO
 (`torchrun --nproc-per-node N -m sapling distill deepspeed=zero3 ...`): each rank reads its share of
 every global batch, the loss is a mean over the valid tokens of the whole global batch, and rank 0 alone
-writes metrics, the progress bar and the final HF export. SIGTERM or SIGUSR1 (Slurm preemption) makes
-every rank stop at the next step boundary, after a checkpoint.
+writes metrics, the progress bar and the final HF export. SIGTERM, SIGUSR1/2 (Slurm, submitit preemption)
+or Ctrl-C makes every rank stop at the next step boundary (the last one too), after a checkpoint; see
+`StopRequest`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from sapling.data import PackedData, ResumableLoader
 from sapling.dist import any_across_ranks, barrier, rank_world, sum_across_ranks
 from sapling.distill.features import FeatureDistiller, StudentWithFeatures, student_weights
 from sapling.distill.step import count_valid, loss_on_batch
+from sapling.errors import CheckpointError
 from sapling.eval.perplexity import evaluate_lm
 from sapling.models import save_hf_checkpoint
 from sapling.train.checkpoint import latest_tag, load_checkpoint, needs_universal, read_state, save_checkpoint
@@ -38,10 +40,19 @@ from sapling.train.engine import build_engine, prepare_teacher
 from sapling.train.flops import distill_step_flops, kd_head_flops_per_row, peak_flops
 from sapling.train.metrics import MetricsLogger
 
-# USR1: Slurm's --signal (launchers/slurm.sbatch); USR2: submitit's; TERM: preemption and scancel.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-# Test-only fault injection: rank 0 sends itself SIGUSR1 after this optimizer step.
+# USR1: Slurm's --signal (launchers/slurm.sbatch); USR2: submitit's; TERM: preemption and scancel; INT: Ctrl-C.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+# Test-only fault injection: rank 0 raises signals after an optimizer step. SAPLING_FAULT_SIGNAL_AT_STEP:
+# the step, `N` (any loop) or `DESC:N` (only the loop with that `desc`: a pipeline stage such as
+# `distill:3`); SAPLING_FAULT_SIGNAL: the signals, in turn, e.g. `INT` or `INT,INT` (default USR1).
 FAULT_SIGNAL_ENV = "SAPLING_FAULT_SIGNAL_AT_STEP"
+FAULT_SIGNAL_NAME_ENV = "SAPLING_FAULT_SIGNAL"
+
+
+def _fault_step(desc: str) -> int:
+    """The step after which to raise the test-only fault signals in the loop named `desc` (0: never)."""
+    where, _, step = os.environ.get(FAULT_SIGNAL_ENV, "").rpartition(":")
+    return int(step or 0) if where in ("", desc) else 0
 
 
 @dataclass
@@ -55,27 +66,56 @@ class TrainResult:
     stopped: bool = False  # stopped early by a STOP_SIGNALS signal after a checkpoint; rerun to resume
     signal: int | None = None  # the signal that stopped it (None: another rank's)
     model: torch.nn.Module | None = None  # the trained student (under ZeRO-3 still partitioned: call on all ranks)
+    already_finished: bool = False  # a rerun of a run that had finished at max_steps: nothing was trained
 
 
 class StopRequest:
-    """Records SIGTERM/SIGUSR1/SIGUSR2 instead of dying, so the loop can checkpoint and exit at a step boundary."""
+    """Sapling's one signal policy: a stop signal (STOP_SIGNALS) asks for a stop at the next safe point.
 
-    def __init__(self) -> None:
+    The handler only records the signal; the code inside the `with` block polls `signum` at its safe points
+    (the loop after each optimizer step: checkpoint, then return `stopped`; the pipeline between stages) and
+    the CLI exits with EXIT_STOPPED (3). One line on stderr says so. A second Ctrl-C raises
+    KeyboardInterrupt at once (the CLI exits 130 without a checkpoint). Nested requests share one state:
+    an inner one (the loop's inside the pipeline's) starts with the outer's pending signal and hands its own
+    back on exit, so a signal is never lost between stages.
+    """
+
+    def __init__(self, pause: str = "step") -> None:
         self.signum: int | None = None
+        self.interrupts = 0  # Ctrl-Cs seen: the second one aborts
+        self.pause = pause  # what finishes before the stop, for the one line printed
         self._previous: dict[int, Any] = {}
+        self._outer: StopRequest | None = None
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            outer = getattr(self._previous[signal.SIGINT], "__self__", None)
+            if isinstance(outer, StopRequest):
+                self._outer = outer
+                self.signum, self.interrupts = outer.signum, outer.interrupts
         return self
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        self.signum = signum
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt
+        first = self.signum is None
+        self.signum = self.signum or signum
+        if rank_world()[0] == 0 and (first or signum == signal.SIGINT):
+            again = "; Ctrl-C again to abort" if signum == signal.SIGINT else ""
+            lead = "\n" if sys.stderr.isatty() else ""  # off the progress bar's line
+            # os.write, not print: the handler may interrupt a write to sys.stderr (the progress bar).
+            os.write(2, f"{lead}sapling: {signal.Signals(signum).name}: stopping after this {self.pause}{again}\n".encode())
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._outer is not None:
+            self._outer.signum = self._outer.signum or self.signum
+            self._outer.interrupts = max(self._outer.interrupts, self.interrupts)
 
 
 def _step_flops(cfg: Any, model: torch.nn.Module, teacher: torch.nn.Module | None, seq_len: int,
@@ -144,8 +184,9 @@ def fit(
     resume_dir = latest_tag(ckpt_root) if t.resume else None
     state = read_state(resume_dir) if resume_dir is not None else None
     if state is not None and state.get("data_fingerprint", data.fingerprint) != data.fingerprint:
-        raise ValueError(f"{ckpt_root} was written for other data (fingerprint {state['data_fingerprint'][:12]}, "
-                         f"now {data.fingerprint[:12]}); use a new output_dir or trainer.resume=false")
+        raise CheckpointError(f"{resume_dir} was written for other data (fingerprint {state['data_fingerprint'][:12]}, "
+                              f"now {data.fingerprint[:12]}); fix: resume with the data.* settings it was written "
+                              "with, or train on the new data in a new output_dir (or with trainer.overwrite=true, which moves this run aside)")
     kind = "local" if cfg.deepspeed.name == "none" else "deepspeed"
     universal = state is not None and needs_universal(state, kind, int(cfg.deepspeed.stage))
     features = None
@@ -165,13 +206,15 @@ def fit(
         load_checkpoint(resume_dir, engine, universal=universal)
         loader.load_state_dict(state["loader"])
         start_step, tokens_seen = state["step"], state["tokens"]
+        if main:
+            print(f"sapling: resuming from step {start_step} of {t.max_steps} ({resume_dir})", file=sys.stderr)
         metrics.log({"event": "resume", "step": start_step, "tokens": tokens_seen, "from_world_size":
                      state.get("world_size", 1), "world_size": world, "universal": universal})
 
     def validate(step: int) -> dict[str, float]:
         # Every rank evaluates the same batches: under ZeRO-3 all ranks take part in each forward.
         val = evaluate_lm(model, data.val, micro_batch_size=t.micro_batch_size, max_batches=t.eval_batches,
-                          device=device)
+                          max_tokens=t.eval_tokens, device=device, progress=t.progress, desc="validation")
         # Cumulative model FLOPs so far: the student's training (6N per token + attention + head) and the
         # whole step's, which adds the online teacher's forward (a cached teacher's pass is not counted).
         metrics.log({"event": "eval", "step": step, "tokens": tokens_seen, "val_loss": val["loss"],
@@ -190,7 +233,7 @@ def fit(
     batches = iter(loader)
     bar = tqdm(total=t.max_steps, initial=start_step, desc=desc, disable=not (t.progress and main),
                dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    fault_step = int(os.environ.get(FAULT_SIGNAL_ENV, "0") or 0)
+    fault_step = _fault_step(desc)
     t0, window_t0, window_tokens = time.perf_counter(), time.perf_counter(), 0
     last_val: dict[str, float] = {}
     done, stopped, step_loss = start_step, False, float("nan")
@@ -221,7 +264,8 @@ def fit(
             window_tokens += tokens_per_step
             done = step + 1
             if main and fault_step == done:
-                os.kill(os.getpid(), signal.SIGUSR1)
+                for name in os.environ.get(FAULT_SIGNAL_NAME_ENV, "USR1").split(","):
+                    signal.raise_signal(signal.Signals["SIG" + name])  # its handler runs before this returns
 
             if done % t.log_every == 0 or done == t.max_steps:
                 now = time.perf_counter()
@@ -244,7 +288,9 @@ def fit(
             if saved:
                 checkpoint(done)
             bar.update(1)
-            if done != t.max_steps and any_across_ranks(stop.signum is not None, device):
+            # Also after the last step: the final validation, export and post-hooks (GPTQ) may outlast a
+            # preemption's grace period; the rerun resumes at max_steps, trains nothing and runs them.
+            if any_across_ranks(stop.signum is not None, device):
                 if not saved:
                     checkpoint(done)
                 stopped = True
@@ -252,6 +298,10 @@ def fit(
                              "signal": signal.Signals(stop.signum).name if stop.signum else "peer"})
                 break
     bar.close()
+    if not stopped and save_model and state is not None and not t.save_every and state["step"] != t.max_steps:
+        # A resumed run keeps `latest` at its final state: otherwise a rerun would train again from the
+        # stale checkpoint it resumed from (and a larger max_steps could not continue from the end).
+        checkpoint(t.max_steps)
 
     if stopped:
         return TrainResult(steps=done, tokens=tokens_seen, wall_s=time.perf_counter() - t0, final_loss=step_loss,

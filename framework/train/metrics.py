@@ -41,7 +41,10 @@ class MetricsLogger:
             step = record.get("step")
             data = {f"{self.prefix}{record.get('event', 'log')}/{k}": v for k, v in record.items()
                     if isinstance(v, (int, float)) and k not in ("step", "time")}
-            self._wandb.log(data, step=step if isinstance(step, int) else None)
+            # A record without a step (prune, quantize, eval events) joins wandb's current step: wandb.log
+            # without one would advance wandb's counter past the trainer's, and wandb would then drop the
+            # following training steps with a "less than the current step" warning each.
+            self._wandb.log(data, step=step if isinstance(step, int) else self._wandb.step)
 
     def close(self) -> None:
         self._file.close()
@@ -67,8 +70,11 @@ def _init_wandb(output_dir: Path, cfg: Any, run_config: dict, run_id: str | None
     import wandb
 
     mode = cfg.mode or os.environ.get("WANDB_MODE") or "offline"
+    # quiet: no version banner and no ~40-line history/summary panel at finish (the numbers are in
+    # metrics.jsonl); where the run is and its URL are still printed. WANDB_QUIET / WANDB_SILENT decide if set.
+    settings = None if {"WANDB_QUIET", "WANDB_SILENT"} & set(os.environ) else wandb.Settings(quiet=True)
     return wandb.init(project=cfg.project, name=cfg.run_name, mode=mode, dir=str(output_dir), config=run_config,
-                      reinit="finish_previous", id=run_id, resume="allow" if run_id else None)
+                      reinit="finish_previous", id=run_id, resume="allow" if run_id else None, settings=settings)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

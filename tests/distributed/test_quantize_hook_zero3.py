@@ -81,8 +81,12 @@ def test_quant_aware_distillation_under_zero3_matches_one_process(teacher_dir, c
           f"output_dir={plain}"], tmp_path, demo_cache)
     got, ref = _losses(zero3), _losses(single)
     assert len(got) == len(ref) == 3
+    # The first step is bit-equal; after an optimizer step ZeRO-3's partitioned AdamW and the local one
+    # differ in the last bits (deepspeed 0.19.8: 2.4e-4 relative on these ~1e-4 losses, the student being
+    # the teacher), far below the fake quantization's effect checked next.
+    assert got[0] == ref[0], (got, ref)
     for a, b in zip(got, ref):
-        assert abs(a - b) <= 1e-4 * abs(b), (got, ref)
+        assert abs(a - b) <= 1e-3 * abs(b), (got, ref)
     assert abs(got[0] - _losses(plain)[0]) > 1e-3 * abs(got[0])  # the fake quantization is in the forward
     q = next(r for r in map(json.loads, (zero3 / "metrics.jsonl").read_text().splitlines()) if r["event"] == "quantize")
     assert q["method"] == "rtn" and (zero3 / "model-w4a16" / "config.json").exists()
