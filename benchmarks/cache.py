@@ -36,7 +36,7 @@ the goal's row) and once more per extra --ce-weights value (default 0: pure logi
 top-k loss's unconstrained tail shows most). Same pruned student (the validation loss right after pruning is shown), same data
 order (trainer.seed 0). Validation loss is the mean next-token NLL (nats/token) over the whole held-out split;
 goal: the cached student within 2% of the online one. Wall time of each run (pruning, training and evaluation)
-and the one-time cost of writing the cache. Every run goes through the Python API (`sapling.commands`), so the
+and the one-time cost of writing the cache. Every run goes through the Python API (`sapling.recipes`), so the
 benchmark measures what users run. Below it, where any difference comes from, measured on the saved students
 (and the teacher) over the validation split: NLL on the positions whose next token is in the teacher's top-k
 and on the others, mean KL(teacher || model) over the full vocabulary and over the k+1 buckets the cached loss
@@ -79,9 +79,7 @@ from demo_assets import (  # noqa: E402  (benchmarks/ is not a package)
 )
 from machine import cpu_model, git_commit  # noqa: E402
 
-from sapling.commands import run_cache_teacher, run_distill
 from sapling.data import ResumableLoader
-from sapling.distill.step import final_hidden
 from sapling.distill.teacher_cache import ShardGeometry, TeacherCache, teacher_topk
 from sapling.distill.topk_format import (
     DEFAULT_VALUE_BITS,
@@ -92,7 +90,9 @@ from sapling.distill.topk_format import (
     encode_records,
     naive_bytes_per_token,
 )
-from sapling.models import decoder_and_head
+from sapling.models import decoder_and_head, final_hidden
+from sapling.recipes.cache_teacher import run_cache_teacher
+from sapling.recipes.distill import run_distill
 
 BYTES_K = (16, 64)
 BYTES_V = (32000, 128256)

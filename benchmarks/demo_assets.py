@@ -23,10 +23,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from sapling.commands import load_data, select_device
 from sapling.config import register_configs, validate
 from sapling.eval.perplexity import evaluate_lm
 from sapling.models import build_model, count_parameters, load_tokenizer, source_config
+from sapling.recipes.common import load_data, select_device
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,12 +88,13 @@ def demo_assets(cache_dir: str | None, work: Path, teacher_steps: int | None = N
                 corpus_bytes: int | None = None) -> DemoAssets:
     """The demo corpus, tokenizer and trained teacher, from the pipeline's cache (built there when missing).
 
-    Steps 1-2 of `sapling.pipeline.run_pipeline` (the same functions, so the same cache keys): a teacher
+    Steps 1-2 of `sapling.recipes.pipeline.run_pipeline` (the same functions, so the same cache keys): a teacher
     trained by `sapling pipeline experiment=demo` is reused and one trained here is reused by the pipeline.
     `teacher_steps` overrides `pipeline.teacher_steps` (another cache key: the demo's teacher is not touched);
     `corpus_bytes` builds a corpus of that size from the whole standard library (subpackages included).
     """
-    from sapling.pipeline import stdlib_corpus, train_bpe_tokenizer, trained_demo_teacher
+    from sapling.data.demo import stdlib_corpus, train_bpe_tokenizer
+    from sapling.recipes.pipeline import trained_demo_teacher
 
     overrides = ["command=pipeline", "experiment=demo", "logger=none", f"output_dir={work / 'teacher'}"]
     if cache_dir:

@@ -52,9 +52,10 @@ from demo_assets import (  # noqa: E402  (benchmarks/ is not a package)
 )
 from machine import cpu_model, git_commit  # noqa: E402
 
-from sapling.commands import run_distill, run_train
 from sapling.eval.plots import plot_validation_curves
 from sapling.models import source_config
+from sapling.recipes.distill import run_distill
+from sapling.recipes.train import run_train
 from sapling.train.flops import forward_flops_per_token
 
 RUNS = {"a": "pruned + distilled", "b": "CE from scratch", "c": "distilled from random init"}

@@ -6,7 +6,7 @@
 The teacher is the demo's (`conf/experiment/demo.yaml`: a 4-layer Llama trained on this Python's standard
 library sources); it is taken from the pipeline's cache (`$SAPLING_CACHE/demo`) or trained once and cached
 there exactly as `sapling pipeline experiment=demo` would. Every run is `sapling distill experiment=demo
-hooks.pre=[prune] teacher.path=<cached teacher> ...` through the Python API (`sapling.commands.run_distill`),
+hooks.pre=[prune] teacher.path=<cached teacher> ...` through the Python API (`sapling.recipes.distill.run_distill`),
 so the benchmark measures what users run. Validation loss is the mean next-token NLL (nats/token) over the
 whole held-out split (`trainer.eval_tokens=null`); the loss right after pruning is the one the
 prune hook logs (its `prune` event in metrics.jsonl), the loss after distillation the trainer's final one.
@@ -53,10 +53,9 @@ from demo_assets import (  # noqa: E402  (benchmarks/ is not a package)
 )
 from machine import cpu_model, git_commit  # noqa: E402
 
-from sapling.commands import run_distill
-from sapling.distill.step import final_hidden
 from sapling.kernels import fused_linear_kd_loss
-from sapling.models import decoder_and_head
+from sapling.models import decoder_and_head, final_hidden
+from sapling.recipes.distill import run_distill
 
 # Table 1: the example shape (of the demo teacher: 4 layers, hidden 256, MLP 768, 8 heads / 4 KV).
 IMPORTANCE_TARGET = {"num_hidden_layers": 3, "hidden_size": 192, "intermediate_size": 384}

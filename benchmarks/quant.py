@@ -4,7 +4,7 @@
 
 The demo student is made as `sapling pipeline experiment=demo` makes it: `sapling distill experiment=demo
 hooks.pre=[prune]` on the trained demo teacher for --steps steps (fp32 on CPU). Each row then runs what a user
-runs (`sapling.commands.run_quantize`, i.e. `sapling quantize model.path=<student> ...`) on that same saved
+runs (`sapling.recipes.quantize.run_quantize`, i.e. `sapling quantize model.path=<student> ...`) on that same saved
 student, with the demo corpus's training split for calibration (quant.calibration.samples sequences of
 seq_len 128, seed 0) and its whole held-out validation split for perplexity:
 
@@ -50,7 +50,8 @@ from demo_assets import (  # noqa: E402  (benchmarks/ is not a package)
 )
 from machine import cpu_model, git_commit  # noqa: E402
 
-from sapling.commands import run_distill, run_quantize  # noqa: E402
+from sapling.recipes.distill import run_distill  # noqa: E402
+from sapling.recipes.quantize import run_quantize  # noqa: E402
 
 DEMO_TARGET = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4,
                "num_key_value_heads": 2}

@@ -59,10 +59,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from sapling.config import DistillConfig
 from sapling.distill.step import loss_on_batch
+from sapling.models import IGNORE_INDEX
 from sapling.train import flops
 
 REPO = Path(__file__).resolve().parents[1]
-IGNORE_INDEX = -100
 
 # (teacher, student) decoder shapes; layers and batch/seq can be overridden on the command line
 CPU_SHAPES = dict(

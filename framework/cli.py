@@ -15,6 +15,7 @@ from importlib.resources import files
 import hydra
 from omegaconf import DictConfig
 
+from sapling import faults
 from sapling.config import COMMANDS, check_override_keys, register_configs, validate
 from sapling.errors import EXIT_ABORTED, EXIT_STOPPED, ConfigError, SaplingError, Stopped
 
@@ -55,35 +56,42 @@ log = logging.getLogger("sapling")
 
 
 def _dispatch(cfg: DictConfig) -> None:
+    """Hydra's task function (in this process, or in a sweep launcher's job): one command, with the test-only
+    fault seams its SAPLING_FAULT_* variables ask for (`sapling.faults`) installed for this run alone."""
+    with faults.from_env():
+        _run_command(cfg)
+
+
+def _run_command(cfg: DictConfig) -> None:
     result, stopped_in = None, None
     try:
         validate(cfg)
         if cfg.command == "pipeline":
-            from sapling.pipeline import run_pipeline
+            from sapling.recipes.pipeline import run_pipeline
 
             run_pipeline(cfg)
         elif cfg.command == "train":
-            from sapling.commands import run_train
+            from sapling.recipes.train import run_train
 
             result = run_train(cfg)
         elif cfg.command == "distill":
-            from sapling.commands import run_distill
+            from sapling.recipes.distill import run_distill
 
             result = run_distill(cfg)
         elif cfg.command == "prune":
-            from sapling.commands import run_prune
+            from sapling.recipes.prune import run_prune
 
             run_prune(cfg)
         elif cfg.command == "quantize":
-            from sapling.commands import run_quantize
+            from sapling.recipes.quantize import run_quantize
 
             run_quantize(cfg)
         elif cfg.command == "eval":
-            from sapling.commands import run_eval
+            from sapling.recipes.eval import run_eval
 
             run_eval(cfg)
         elif cfg.command == "cache-teacher":
-            from sapling.commands import run_cache_teacher
+            from sapling.recipes.cache_teacher import run_cache_teacher
 
             run_cache_teacher(cfg)
         if getattr(result, "stopped", False):
@@ -174,33 +182,19 @@ def _mark_stopped(cfg: DictConfig, steps: int) -> None:
 
 def _write_stop_file(cfg: DictConfig, steps: int, path: str) -> None:
     import json
-    from pathlib import Path
 
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps({"command": cfg.command, "steps": steps, "output_dir": str(cfg.output_dir)}) + "\n")
-    tmp.replace(target)
+    from sapling.io import write_text_atomically
+
+    write_text_atomically(path, json.dumps({"command": cfg.command, "steps": steps,
+                                            "output_dir": str(cfg.output_dir)}) + "\n")
 
 
 def _export(args: list[str]) -> int:
     """`sapling export checkpoint=<dir> [output=<dir>]` (no Hydra: two paths, no config tree)."""
-    keys = {}
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in ("checkpoint", "output"):
-            print(f"sapling: config error: {key}={value or None!r}: export takes no such argument; fix: pass "
-                  "checkpoint=<dir> [output=<dir>]", file=sys.stderr)
-            return 2
-        keys[key] = value
-    if "checkpoint" not in keys:
-        print("sapling: config error: checkpoint=None: export needs a checkpoint; fix: pass checkpoint=<output_dir, "
-              "its checkpoints/ folder or a global_step folder>", file=sys.stderr)
-        return 2
-    from sapling.train.export import export_checkpoint
+    from sapling.recipes.export import run_export
 
     try:
-        out = export_checkpoint(keys["checkpoint"], keys.get("output"))
+        out = run_export(args)
     except SaplingError as err:
         if os.environ.get("SAPLING_DEBUG"):
             raise

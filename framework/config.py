@@ -3,7 +3,9 @@
 Every field here is a key users can override on the command line (`trainer.lr=3e-4`). The YAML files in
 `conf/` select group options and set defaults; the dataclasses below give every key its type, so a
 typo or a wrong type fails in Hydra, and :func:`validate` catches wrong *values* with one line that
-names the key and the fix.
+names the key and the fix: each section's values by the `check_*` function beside its dataclass, then the keys
+that must fit together for the command (the cross-field checks, in one place: `validate`), then the model
+shapes.
 """
 
 from __future__ import annotations
@@ -23,8 +25,6 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from sapling.errors import ConfigError  # noqa: F401  (re-exported: `from sapling.config import ConfigError`)
 
 COMMANDS = ("pipeline", "train", "distill", "prune", "quantize", "eval", "cache-teacher")
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-FEATURE_LOSSES = ("cosine", "mse")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -36,6 +36,21 @@ HF_SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num
 
 def _shape_overrides() -> dict[str, Any]:
     return dict.fromkeys(HF_SHAPE_FIELDS)
+
+
+def _check(ok: bool, key: str, value: Any, problem: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, problem, fix)
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...], what: str, fix: str | None = None) -> None:
+    """A key that takes one of a few names (kept as strings, so configs compare and print as users wrote them)."""
+    _check(value in choices, key, value, f"unknown {what}", fix or f"use one of {', '.join(choices)}")
+
+
+SOURCE_INITS = ("auto", "pretrained", "random")
+SOURCE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 
 
 @dataclass
@@ -55,6 +70,23 @@ class ModelSourceConfig:
     cache: str | None = None  # teacher only: a `sapling cache-teacher` output to distil from, no teacher model
 
 
+def check_source(key: str, src: Any) -> None:
+    """`teacher`, `student` or `model` (`key`): known names, a loadable `path`, a known `tiny` config; only the
+    teacher comes from a cache (whether the command reads one: `validate`)."""
+    _check_choice(f"{key}.init", src.init, SOURCE_INITS, "init")
+    _check_choice(f"{key}.dtype", src.dtype, SOURCE_DTYPES, "dtype")
+    _check_choice(f"{key}.attn_implementation", src.attn_implementation, ATTN_IMPLEMENTATIONS,
+                  "attention implementation")
+    check_model_path(f"{key}.path", src.path, weights=src.init != "random")
+    if src.tiny is not None:
+        from sapling.models.tiny import TINY_CONFIGS
+
+        _check_choice(f"{key}.tiny", src.tiny, tuple(sorted(TINY_CONFIGS)), "tiny config")
+    if key != "teacher":
+        _check(src.cache is None, f"{key}.cache", src.cache, "only the teacher can come from a cache",
+               "use teacher.cache=<dir>")
+
+
 @dataclass
 class DataConfig:
     files: list[str] = field(default_factory=list)
@@ -69,6 +101,25 @@ class DataConfig:
     seed: int = 0
     num_proc: int = 1
     cache_dir: str | None = None  # defaults to <cache_dir>/data
+
+def check_data(data: Any, required: bool = False) -> None:
+    """`data.*` values, the files (they exist and hold text) and the tokenizer; `required`: some data is given."""
+    _check(data.seq_len > 0, "data.seq_len", data.seq_len, "must be > 0", "set data.seq_len to the block length, e.g. 256")
+    _check(0.0 <= data.val_fraction < 1.0, "data.val_fraction", data.val_fraction, "must be in [0, 1)",
+           "set data.val_fraction=0.05")
+    if data.max_tokens is not None:
+        _check(data.max_tokens > 0, "data.max_tokens", data.max_tokens, "must be > 0", "drop it or set a positive cap")
+    if required:
+        _check_data_given(data)
+    if data.files:
+        check_data_files(list(data.files))
+    if data.tokenizer is not None:
+        check_model_path("data.tokenizer", data.tokenizer, ("tokenizer.json", "tokenizer_config.json"))
+
+
+def _check_data_given(data: Any) -> None:
+    _check(bool(data.files) or data.hub_name is not None, "data.files", list(data.files), "no training data given",
+           "pass data.files=[a.txt,b.jsonl,c.parquet] or data.hub_name=org/dataset")
 
 
 @dataclass
@@ -85,6 +136,25 @@ class FeatureDistillConfig:
     layers: list[list[int]] | None = None
     normalize: bool = False
 
+def check_features(f: Any) -> None:
+    """`distill.features` values that need no model (layer ranges: sapling.distill.features.resolve_layer_map)."""
+    from sapling.distill.features import FEATURE_LOSSES  # the losses the distiller implements
+
+    _check(f.weight >= 0 and math.isfinite(f.weight), "distill.features.weight", f.weight, "must be a finite number >= 0",
+           "set distill.features.weight=0 (off) or e.g. 1.0")
+    _check_choice("distill.features.loss", f.loss, FEATURE_LOSSES, "feature loss")
+    if f.layers is None:
+        return
+    pairs = list(f.layers)
+    _check(len(pairs) > 0, "distill.features.layers", pairs, "empty list of layer pairs",
+           "give [[student_layer, teacher_layer], ...] or null for the default evenly spaced map")
+    for i, pair in enumerate(pairs):
+        _check(len(pair) == 2, f"distill.features.layers[{i}]", list(pair), "not a [student_layer, teacher_layer] pair",
+               "write each entry as two layer indices, e.g. distill.features.layers=[[0,1],[1,3]]")
+
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")  # sapling.kernels.DIVERGENCES (importing the kernels loads Triton)
+
 
 @dataclass
 class DistillConfig:
@@ -96,6 +166,15 @@ class DistillConfig:
     chunk_size: int | None = None  # tokens per loss chunk; None = let the kernel choose
     features: FeatureDistillConfig = field(default_factory=FeatureDistillConfig)
 
+def check_distill(d: Any) -> None:
+    """`distill.*` (that the loss has a term at all depends on the command: `validate`)."""
+    _check_choice("distill.divergence", d.divergence, DIVERGENCES, "divergence")
+    _check(d.temperature > 0, "distill.temperature", d.temperature, "must be > 0", "set distill.temperature=1.0")
+    _check(0.0 <= d.beta <= 1.0, "distill.beta", d.beta, "must be in [0, 1]", "set distill.beta=0.5")
+    _check(d.kd_weight >= 0, "distill.kd_weight", d.kd_weight, "must be >= 0", "set distill.kd_weight=1.0")
+    _check(d.ce_weight >= 0, "distill.ce_weight", d.ce_weight, "must be >= 0", "set distill.ce_weight=0.0")
+    check_features(d.features)
+
 
 @dataclass
 class PruneTargetConfig:
@@ -105,6 +184,8 @@ class PruneTargetConfig:
     num_attention_heads: int | None = None
     num_key_value_heads: int | None = None
     params: int | None = None
+
+AGGREGATIONS = ("mean_l2", "mean", "variance")
 
 
 @dataclass
@@ -125,6 +206,9 @@ class PruneSearchConfig:
     distill_top_k: int = 0  # > 0: briefly distil the best k before the final pick
     distill_steps: int = 20
 
+PRUNE_IMPORTANCES = ("activation", "magnitude", "random")
+DEPTH_METRICS = ("block_influence", "layer_loss")
+
 
 @dataclass
 class PruneConfig:
@@ -137,11 +221,52 @@ class PruneConfig:
     rounds: int = 1  # > 1: reach the target in R prune -> distill rounds (iterative pruning)
     round_steps: list[int] | None = None  # distil steps after each of the first R-1 rounds; None: max_steps // R each
 
+def check_prune(p: Any) -> None:
+    """`prune.*` values (which commands prune, and in rounds: `validate`)."""
+    c = p.calibration
+    _check(c.samples > 0, "prune.calibration.samples", c.samples, "must be > 0", "set prune.calibration.samples=1024")
+    _check(c.batch_size > 0, "prune.calibration.batch_size", c.batch_size, "must be > 0",
+           "set prune.calibration.batch_size=8")
+    _check_choice("prune.calibration.aggregation", c.aggregation, AGGREGATIONS, "aggregation")
+    _check_choice("prune.depth_metric", p.depth_metric, DEPTH_METRICS, "depth metric")
+    _check_choice("prune.importance", p.importance, PRUNE_IMPORTANCES, "importance")
+    t = p.target
+    if t.params is not None:
+        fixed = [k for k, v in t.items() if k != "params" and v is not None]
+        _check(not fixed, "prune.target.params", t.params, f"given together with prune.target.{fixed[0] if fixed else ''}",
+               "give either a parameter budget or explicit HF fields, not both")
+        _check(isinstance(t.params, int) and t.params > 0, "prune.target.params", t.params,
+               "must be a positive parameter count", "e.g. prune.target.params=4000000000")
+    ps = p.search
+    _check(ps.multiple is None or ps.multiple >= 1, "prune.search.multiple", ps.multiple, "must be >= 1",
+           "set e.g. prune.search.multiple=128, or null for automatic")
+    _check(0 < ps.tolerance < 1, "prune.search.tolerance", ps.tolerance, "must be in (0, 1)", "e.g. 0.01 (1%)")
+    _check(ps.max_candidates >= 1, "prune.search.max_candidates", ps.max_candidates, "must be >= 1", "e.g. 12")
+    _check(ps.eval_batches >= 1, "prune.search.eval_batches", ps.eval_batches, "must be >= 1", "e.g. 4")
+    _check(ps.distill_top_k >= 0 and ps.distill_steps >= 1, "prune.search.distill_top_k", ps.distill_top_k,
+           "distill_top_k must be >= 0 and distill_steps >= 1", "e.g. distill_top_k=3 distill_steps=20")
+    _check(p.rounds >= 1, "prune.rounds", p.rounds, "must be >= 1", "1 prunes in one shot; e.g. 2 for two rounds")
+    if p.round_steps is not None:
+        steps = list(p.round_steps)
+        _check(len(steps) == p.rounds - 1 and all(int(x) >= 1 for x in steps), "prune.round_steps", steps,
+               f"needs {p.rounds - 1} positive step counts (one per round before the last)",
+               "e.g. prune.rounds=3 prune.round_steps=[100,100], or null for an even split")
+    if p.rounds > 1:
+        _check(p.scores is None, "prune.scores", p.scores, "saved scores cannot be reused across rounds",
+               "drop prune.scores when prune.rounds > 1 (importance is re-estimated every round)")
+    if p.scores is not None:
+        _check(Path(os.path.expanduser(p.scores)).is_file(), "prune.scores", p.scores, "no such file",
+               "point it at the prune_scores.pt an earlier prune run wrote, or drop it")
+
 
 @dataclass
 class QuantCalibrationConfig:
     samples: int = 128  # sequences from the training split (GPTQ's Hessians, guided saliency)
     batch_size: int = 8
+
+QUANT_SCHEMES = ("w4a16", "w8a16")
+QUANT_METHODS = ("auto", "gptq", "rtn")
+QUANT_DTYPES = ("bfloat16", "float16", "float32")
 
 
 @dataclass
@@ -165,6 +290,24 @@ class QuantConfig:
     eval: bool = True  # validation perplexity before and after, in the report
     output: str | None = None  # post-hook export dir; null: <output_dir>/model-<scheme>
 
+def check_quant(q: Any) -> None:
+    """`quant.*` values (what quantizes, and with which teacher and data: `validate`)."""
+    _check_choice("quant.scheme", q.scheme, QUANT_SCHEMES, "scheme",
+                  "use w4a16 (int4, groups of quant.group_size) or w8a16 (int8 per channel)")
+    _check(q.group_size >= 1 and q.group_size % 8 == 0, "quant.group_size", q.group_size,
+           "must be a positive multiple of 8", "use 128 (what serving kernels expect) or 64/32")
+    _check_choice("quant.method", q.method, QUANT_METHODS, "method")
+    _check_choice("quant.dtype", q.dtype, QUANT_DTYPES, "export dtype", "use bfloat16 (or float16, float32)")
+    _check(q.guided_groups >= 1, "quant.guided_groups", q.guided_groups, "must be >= 1", "e.g. 4")
+    _check(q.block_size >= 1, "quant.block_size", q.block_size, "must be >= 1", "use 128")
+    _check(0 < q.damp < 1, "quant.damp", q.damp, "must be in (0, 1)", "use 0.01")
+    _check(q.calibration.samples >= 1 and q.calibration.batch_size >= 1, "quant.calibration.samples",
+           q.calibration.samples, "samples and batch_size must be >= 1", "e.g. quant.calibration.samples=128")
+    if q.aware:
+        _check(q.method in ("auto", "rtn") and not q.guided, "quant.method", q.method,
+               "quantization-aware training learns the round-to-nearest export; GPTQ/guided would change the weights",
+               "drop quant.method and quant.guided (auto exports with rtn after quant.aware)")
+
 
 @dataclass
 class CacheConfig:
@@ -177,6 +320,20 @@ class CacheConfig:
     shard_sequences: int = 256  # sequences per shard file (the unit of resume and of the per-rank split)
     micro_batch_size: int | None = None  # teacher forward batch; None: trainer.micro_batch_size
     verify: bool = True  # sha256 every shard when a run opens the cache (split over the ranks)
+
+def check_cache(c: Any) -> None:
+    """`cache.*` values (`sapling cache-teacher`; who reads `teacher.cache`: `validate`)."""
+    _check(c.top_k is None or c.top_k >= 1, "cache.top_k", c.top_k, "must be >= 1", "e.g. cache.top_k=64")
+    _check(c.temperature is None or c.temperature > 0, "cache.temperature", c.temperature, "must be > 0",
+           "drop it (distill.temperature is used) or e.g. cache.temperature=1.0")
+    _check(2 <= c.value_bits <= 24, "cache.value_bits", c.value_bits, "must be in [2, 24]", "keep the default 12")
+    _check(c.shard_sequences >= 1, "cache.shard_sequences", c.shard_sequences, "must be >= 1", "e.g. 256")
+    _check(c.micro_batch_size is None or c.micro_batch_size >= 1, "cache.micro_batch_size", c.micro_batch_size,
+           "must be >= 1", "drop it (trainer.micro_batch_size is used) or e.g. 16")
+
+
+DEEPSPEED_PRESETS = ("none", "zero1", "zero2", "zero3", "zero3_offload")
+DEEPSPEED_COMMANDS = ("train", "distill", "cache-teacher")
 
 
 @dataclass
@@ -196,6 +353,27 @@ class DeepSpeedConfig:
     teacher_offload_param: bool = False  # teacher weights in CPU memory between uses (teacher_stage 3)
     param_persistence_threshold: int = 100_000  # ZeRO-3: tensors with fewer elements stay whole on every rank
     extra: dict[str, Any] = field(default_factory=dict)  # merged into the student engine's DeepSpeed config
+
+def check_deepspeed(ds: Any) -> None:
+    """`deepspeed=...`: a known preset and a consistent stage/offload combination (which commands: `validate`)."""
+    _check_choice("deepspeed", ds.name, DEEPSPEED_PRESETS, "preset",
+                  "use deepspeed=none, zero1, zero2, zero3 or zero3_offload")
+    if ds.name == "none":
+        _check(ds.stage == 0, "deepspeed.stage", ds.stage, "a stage needs a DeepSpeed preset",
+               "choose deepspeed=zero1|zero2|zero3 instead of setting deepspeed.stage")
+        return
+    _check(ds.stage in (1, 2, 3), "deepspeed.stage", ds.stage, "ZeRO stage must be 1, 2 or 3", "e.g. deepspeed.stage=3")
+    _check(not ds.offload_param or ds.stage == 3, "deepspeed.offload_param", ds.offload_param,
+           "parameter offload needs ZeRO stage 3", "use deepspeed=zero3_offload")
+    _check(ds.teacher_stage in (0, 3), "deepspeed.teacher_stage", ds.teacher_stage,
+           "the teacher is replicated (0) or partitioned (3)", "use deepspeed.teacher_stage=3 for large teachers")
+    _check(not ds.teacher_offload_param or ds.teacher_stage == 3, "deepspeed.teacher_offload_param",
+           ds.teacher_offload_param, "parameter offload needs teacher_stage=3", "set deepspeed.teacher_stage=3")
+    _check(ds.param_persistence_threshold >= 0, "deepspeed.param_persistence_threshold",
+           ds.param_persistence_threshold, "must be >= 0", "e.g. 100000 (0 partitions every tensor)")
+
+
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -226,6 +404,33 @@ class TrainerConfig:
     activation_checkpointing: bool = False  # recompute decoder layers in backward (less memory, ~1/3 more compute)
     peak_flops: float | None = None  # one device's peak FLOP/s for MFU; None: datasheet table (A100/H100/H200)
 
+def check_trainer(t: Any) -> None:
+    """`trainer.*` values."""
+    _check(t.max_steps >= 0, "trainer.max_steps", t.max_steps, "must be >= 0", "set trainer.max_steps=1000")
+    _check(t.micro_batch_size > 0, "trainer.micro_batch_size", t.micro_batch_size, "must be > 0",
+           "set trainer.micro_batch_size=8")
+    _check(t.grad_accum > 0, "trainer.grad_accum", t.grad_accum, "must be > 0", "set trainer.grad_accum=1")
+    _check(t.lr > 0, "trainer.lr", t.lr, "must be > 0", "set trainer.lr=1e-3")
+    _check(0.0 <= t.min_lr_ratio <= 1.0, "trainer.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]",
+           "set trainer.min_lr_ratio=0.1")
+    _check(t.warmup_steps >= 0, "trainer.warmup_steps", t.warmup_steps, "must be >= 0", "set trainer.warmup_steps=10")
+    _check(t.grad_clip >= 0, "trainer.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)",
+           "set trainer.grad_clip=1.0")
+    _check(t.log_every > 0, "trainer.log_every", t.log_every, "must be > 0", "set trainer.log_every=10")
+    _check(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0 (0 disables)", "set trainer.eval_every=50")
+    _check(t.save_every >= 0, "trainer.save_every", t.save_every, "must be >= 0 (0: final model only)",
+           "set trainer.save_every=0")
+    if t.eval_tokens is not None:
+        _check(t.eval_tokens > 0, "trainer.eval_tokens", t.eval_tokens, "must be > 0 (null: the whole validation "
+               "split)", "set trainer.eval_tokens=32768")
+    if t.eval_batches is not None:
+        _check(t.eval_batches > 0, "trainer.eval_batches", t.eval_batches, "must be > 0 (null: no cap)",
+               "drop it (trainer.eval_tokens sets the budget) or set trainer.eval_batches=16")
+    _check_choice("trainer.device", t.device, DEVICES, "device")
+
+
+LOGGERS = ("wandb", "none")
+
 
 @dataclass
 class LoggerConfig:
@@ -233,6 +438,9 @@ class LoggerConfig:
     project: str = "sapling"
     run_name: str | None = None
     mode: str | None = None  # None: $WANDB_MODE if set, else offline
+
+def check_logger(lg: Any) -> None:
+    _check_choice("logger", lg.name, LOGGERS, "logger", "use logger=wandb or logger=none")
 
 
 @dataclass
@@ -260,6 +468,20 @@ class EvalConfig:
     task_paths: list[str] = field(default_factory=list)
     num_fewshot: int | None = None
     limit: float | None = None  # examples per task (a fraction when < 1); None: all
+
+def check_eval(e: Any, seq_len: int) -> None:
+    """`eval.*` for `sapling eval` (the window defaults to `data.seq_len`)."""
+    window = e.window or seq_len
+    _check(window >= 2, "eval.window", e.window, "a window needs at least 2 tokens", "set eval.window=1024")
+    if e.stride is not None:
+        _check(1 <= e.stride <= window, "eval.stride", e.stride, f"must be between 1 and the window ({window})",
+               f"set eval.stride={max(1, window // 2)}")
+    if e.max_tokens is not None:
+        _check(e.max_tokens >= 2, "eval.max_tokens", e.max_tokens, "must be >= 2", "drop it to evaluate everything")
+    _check(e.micro_batch_size > 0, "eval.micro_batch_size", e.micro_batch_size, "must be > 0", "set eval.micro_batch_size=8")
+    for key in ("gen_tokens", "gen_batch", "gen_prompt_len"):
+        _check(e[key] >= (0 if key == "gen_tokens" else 1), f"eval.{key}", e[key], "out of range",
+               f"set eval.{key}={EvalConfig.__dataclass_fields__[key].default}")
 
 
 @dataclass
@@ -308,26 +530,7 @@ def register_configs() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# validation
-
-
-def check_eval(e: Any, seq_len: int) -> None:
-    window = e.window or seq_len
-    _check(window >= 2, "eval.window", e.window, "a window needs at least 2 tokens", "set eval.window=1024")
-    if e.stride is not None:
-        _check(1 <= e.stride <= window, "eval.stride", e.stride, f"must be between 1 and the window ({window})",
-               f"set eval.stride={max(1, window // 2)}")
-    if e.max_tokens is not None:
-        _check(e.max_tokens >= 2, "eval.max_tokens", e.max_tokens, "must be >= 2", "drop it to evaluate everything")
-    _check(e.micro_batch_size > 0, "eval.micro_batch_size", e.micro_batch_size, "must be > 0", "set eval.micro_batch_size=8")
-    for key in ("gen_tokens", "gen_batch", "gen_prompt_len"):
-        _check(e[key] >= (0 if key == "gen_tokens" else 1), f"eval.{key}", e[key], "out of range",
-               f"set eval.{key}={EvalConfig.__dataclass_fields__[key].default}")
-
-
-def _check(ok: bool, key: str, value: Any, problem: str, fix: str) -> None:
-    if not ok:
-        raise ConfigError(key, value, problem, fix)
+# checkpoints, files and the hub (used by the section checks above)
 
 
 def is_hub_id(path: str) -> bool:
@@ -469,291 +672,8 @@ def check_data_files(files: list[str]) -> None:
            "every file is empty or blank", "pass files that hold text")
 
 
-def check_data(data: Any, required: bool) -> None:
-    _check(data.seq_len > 0, "data.seq_len", data.seq_len, "must be > 0", "set data.seq_len to the block length, e.g. 256")
-    _check(0.0 <= data.val_fraction < 1.0, "data.val_fraction", data.val_fraction, "must be in [0, 1)",
-           "set data.val_fraction=0.05")
-    if data.max_tokens is not None:
-        _check(data.max_tokens > 0, "data.max_tokens", data.max_tokens, "must be > 0", "drop it or set a positive cap")
-    if required:
-        _check(bool(data.files) or data.hub_name is not None, "data.files", list(data.files), "no training data given",
-               "pass data.files=[a.txt,b.jsonl,c.parquet] or data.hub_name=org/dataset")
-    if data.files:
-        check_data_files(list(data.files))
-    if data.tokenizer is not None:
-        check_model_path("data.tokenizer", data.tokenizer, ("tokenizer.json", "tokenizer_config.json"))
-
-
 # --------------------------------------------------------------------------------------------------
-# model shapes: the one place every teacher, student, model and prune-target shape is checked, on its HF
-# config, before any weights load (so a run never trains for hours and then fails to save)
-
-SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "vocab_size")
-# Which field a user-given value is blamed on first when the shape as a whole is refused.
-_BLAME_ORDER = ("num_key_value_heads", "num_attention_heads", "head_dim", "hidden_size", "intermediate_size",
-                "num_hidden_layers", "vocab_size", "max_position_embeddings")
-_COUNTS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads")  # small: every valid value is listed
-_SCAN = 256  # widths: how far from the given value the nearest valid ones are searched
-
-
-def _hf_problem(model_cfg: Any) -> str | None:
-    """What transformers' own config class says of `model_cfg`: the checks `save_pretrained` and loading run."""
-    try:
-        from huggingface_hub.errors import StrictDataclassError
-    except ImportError:  # pragma: no cover - older huggingface_hub: no strict dataclasses
-        StrictDataclassError = ValueError  # noqa: N806
-    try:
-        rebuilt = type(model_cfg).from_dict(model_cfg.to_dict())
-        if callable(getattr(rebuilt, "validate", None)):
-            rebuilt.validate()
-    except (ValueError, TypeError, AttributeError, StrictDataclassError) as err:
-        cause = err.__cause__ or err
-        text = " ".join(str(cause).split()) or type(cause).__name__
-        return f"transformers' {type(model_cfg).__name__} refuses this shape ({text[:200]})"
-    return None
-
-
-def shape_problem(model_cfg: Any, teacher: Any = None) -> tuple[str, str, str] | None:
-    """The first rule `model_cfg` breaks, as (field or "", problem, fix), or None. `teacher`: the config a
-    prune target is cut from (nothing may grow)."""
-    for name in SHAPE_FIELDS:
-        val = getattr(model_cfg, name, None)
-        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val <= 0):
-            return name, "must be > 0" if isinstance(val, int) else "must be a positive integer", "a positive integer"
-    heads = getattr(model_cfg, "num_attention_heads", None)
-    kv = getattr(model_cfg, "num_key_value_heads", None) or heads
-    hidden = getattr(model_cfg, "hidden_size", None)
-    if heads and kv and heads % kv:
-        return ("num_attention_heads", f"not divisible by num_key_value_heads={kv}",
-                f"a multiple of num_key_value_heads={kv}")
-    if heads and hidden and getattr(model_cfg, "head_dim", None) is None and hidden % heads:
-        return ("hidden_size", f"not divisible by num_attention_heads={heads}",
-                f"a multiple of num_attention_heads={heads} (or give head_dim explicitly)")
-    if teacher is not None:
-        for name in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                     "num_key_value_heads"):
-            val, limit = getattr(model_cfg, name, None), getattr(teacher, name, None)
-            if val is not None and limit is not None and val > limit:
-                return (name, f"larger than the teacher's {limit} (pruning only removes structures)",
-                        f"a value <= {limit}")
-    problem = _hf_problem(model_cfg)
-    return ("", problem, "") if problem else None
-
-
-def _valid_values(field_name: str, value: Any, vary: Any, teacher: Any, limit: int | None) -> str | None:
-    """The fix for `field_name`: the values that make the shape valid with everything else as given."""
-    def ok(v: int) -> bool:
-        try:
-            return shape_problem(vary(field_name, v), teacher) is None
-        except (ConfigError, ValueError, TypeError):
-            return False
-
-    if field_name in _COUNTS:
-        top = limit or max(2 * value if isinstance(value, int) and value > 0 else 0, 64)
-        good = [v for v in range(1, min(top, 512) + 1) if ok(v)]
-        if not good:
-            return None
-        shown = ", ".join(map(str, good[:16])) + (f", ... ({len(good)} in all)" if len(good) > 16 else "")
-        return f"valid values: {shown}"
-    if not isinstance(value, int):
-        return None
-    top = limit or value + _SCAN
-    below = next((v for v in range(value - 1, max(0, value - _SCAN), -1) if ok(v)), None)
-    above = next((v for v in range(value + 1, min(top, value + _SCAN) + 1) if ok(v)), None)
-    near = [str(v) for v in (below, above) if v is not None]
-    return f"nearest valid values: {' or '.join(near)}" if near else None
-
-
-def check_shape(key: str, model_cfg: Any, *, teacher: Any = None, seq_len: int | None = None,
-                given: dict[str, Any] | None = None, vary: Any = None) -> None:
-    """Every rule an HF config must meet before weights load; ConfigError naming `key.<field>` and the fix.
-
-    `key`: where the shape comes from (`student.config`, `model.config`, `teacher.config`, `prune.target`).
-    Sapling's rules (positive sizes, heads divisible by KV heads, head_dim derivable, a prune target no
-    larger than `teacher`), then transformers' own validation of the config class (what `save_pretrained`
-    would refuse after training), then `data.seq_len` against `max_position_embeddings` (positions are
-    never extended). `given`: the fields the user set, so the error names one of those; `vary(field, v)`: the
-    config with that field set to v, used to list the values that would work.
-    """
-    problem = shape_problem(model_cfg, teacher)
-    if problem is not None:
-        name, text, want = problem
-        given = given or {}
-        blame, fix = name, (f"set {key}.{name} to {want}" if name else f"choose another {key} shape")
-        if vary is not None:
-            suspects = [name] if name in given else []
-            suspects += [f for f in _BLAME_ORDER if f in given and f not in suspects]
-            for f in suspects:
-                limit = getattr(teacher, f, None) if teacher is not None else None
-                if f == "num_key_value_heads" and teacher is not None:
-                    limit = limit or getattr(teacher, "num_attention_heads", None)
-                found = _valid_values(f, given[f], vary, teacher, limit)
-                if found:
-                    blame, fix = f, f"{found} (other {key} fields as given)"
-                    break
-        value = given.get(blame, getattr(model_cfg, blame, None)) if blame else (given or None)
-        raise ConfigError(f"{key}.{blame}" if blame else key, value, text, fix)
-    limit = getattr(model_cfg, "max_position_embeddings", None)
-    if seq_len is not None and isinstance(limit, int) and seq_len > limit:
-        whose = {"prune": "pruned student", "teacher": "teacher", "student": "student"}.get(key.split(".")[0], "model")
-        raise ConfigError("data.seq_len", seq_len, f"longer than the {whose}'s max_position_embeddings ({limit}): "
-                          "it has no positions beyond that", f"set data.seq_len={limit} or less")
-
-
-def check_source_shape(key: str, src: Any, model_cfg: Any, *, base: Any = None, seq_len: int | None = None) -> None:
-    """`check_shape` for a model source's config (`<role>.config` overrides applied to `path`, `tiny` or `base`)."""
-    from sapling.models.hf import source_config
-
-    given = {k: v for k, v in OmegaConf.to_container(src.config).items() if v is not None} if src.config else {}
-
-    def vary(name: str, value: int) -> Any:
-        return source_config(OmegaConf.merge(src, {"config": {name: value}}), base=base)
-
-    check_shape(key, model_cfg, seq_len=seq_len, given=given, vary=vary)
-
-
-def check_prune_shape(teacher_cfg: Any, target: dict[str, Any], *, seq_len: int | None = None) -> dict[str, int]:
-    """The full student shape of an explicit `prune.target` (see prune.select.resolve_target), its HF config
-    built as the pruner will build it and checked by `check_shape` before the teacher's weights load."""
-    from sapling.prune.select import resolve_target, target_config
-
-    shape = resolve_target(teacher_cfg, target)
-    given = {k: v for k, v in target.items() if v is not None and k != "params"}
-
-    def vary(name: str, value: int) -> Any:
-        return target_config(teacher_cfg, resolve_target(teacher_cfg, {**given, name: value}))
-
-    try:
-        student_cfg = target_config(teacher_cfg, shape)
-    except ValueError as err:  # a teacher the slicer cannot cut (model type, per-layer shapes)
-        raise ConfigError("prune.target", given or None, f"cannot prune this teacher: {err}",
-                          "prune a Llama, Mistral, Qwen2 or Qwen3 checkpoint with the same shape in every layer") from err
-    check_shape("prune.target", student_cfg, teacher=teacher_cfg, seq_len=seq_len, given=given, vary=vary)
-    return shape
-
-
-def check_vocab(teacher_cfg: Any, student_cfg: Any) -> None:
-    vt, vs = teacher_cfg.vocab_size, student_cfg.vocab_size
-    _check(vt == vs, "student.config.vocab_size", vs, f"student vocab {vs} != teacher vocab {vt} (the KD loss compares "
-           "distributions over one vocabulary)", f"use a student with the teacher's tokenizer (vocab_size={vt})")
-
-
-def check_features(f: Any) -> None:
-    """`distill.features` values that need no model (layer ranges: sapling.distill.features.resolve_layer_map)."""
-    _check(f.weight >= 0 and math.isfinite(f.weight), "distill.features.weight", f.weight, "must be a finite number >= 0",
-           "set distill.features.weight=0 (off) or e.g. 1.0")
-    _check(f.loss in FEATURE_LOSSES, "distill.features.loss", f.loss, "unknown feature loss",
-           f"use one of {', '.join(FEATURE_LOSSES)}")
-    if f.layers is None:
-        return
-    pairs = list(f.layers)
-    _check(len(pairs) > 0, "distill.features.layers", pairs, "empty list of layer pairs",
-           "give [[student_layer, teacher_layer], ...] or null for the default evenly spaced map")
-    for i, pair in enumerate(pairs):
-        _check(len(pair) == 2, f"distill.features.layers[{i}]", list(pair), "not a [student_layer, teacher_layer] pair",
-               "write each entry as two layer indices, e.g. distill.features.layers=[[0,1],[1,3]]")
-
-
-def check_cache(cfg: DictConfig) -> None:
-    """`cache.*` for `sapling cache-teacher`, and `teacher.cache` for `sapling distill`."""
-    c, cmd = cfg.cache, cfg.command
-    _check(c.top_k is None or c.top_k >= 1, "cache.top_k", c.top_k, "must be >= 1", "e.g. cache.top_k=64")
-    _check(c.temperature is None or c.temperature > 0, "cache.temperature", c.temperature, "must be > 0",
-           "drop it (distill.temperature is used) or e.g. cache.temperature=1.0")
-    _check(2 <= c.value_bits <= 24, "cache.value_bits", c.value_bits, "must be in [2, 24]", "keep the default 12")
-    _check(c.shard_sequences >= 1, "cache.shard_sequences", c.shard_sequences, "must be >= 1", "e.g. 256")
-    _check(c.micro_batch_size is None or c.micro_batch_size >= 1, "cache.micro_batch_size", c.micro_batch_size,
-           "must be >= 1", "drop it (trainer.micro_batch_size is used) or e.g. 16")
-    if cmd == "cache-teacher":
-        _check(c.dir is not None, "cache.dir", None, "no output directory for the cache",
-               "pass cache.dir=<directory> (created if missing; a rerun resumes it)")
-        _check(cfg.teacher.cache is None, "teacher.cache", cfg.teacher.cache, "cache-teacher reads a teacher model",
-               "drop teacher.cache and pass teacher.path=<checkpoint>")
-    for key in ("student", "model"):
-        _check(cfg[key].cache is None, f"{key}.cache", cfg[key].cache, "only the teacher can come from a cache",
-               "use teacher.cache=<dir>")
-    t = cfg.teacher
-    if t.cache is None:
-        return
-    _check(cmd == "distill", "teacher.cache", t.cache, f"`sapling {cmd}` does not read teacher caches",
-           "use it with `sapling distill teacher.cache=<dir> ...`")
-    _check(Path(os.path.expanduser(t.cache)).is_dir(), "teacher.cache", t.cache, "no such directory",
-           "point it at a `sapling cache-teacher` cache.dir")
-    _check(cfg.distill.features.weight == 0, "distill.features.weight", cfg.distill.features.weight,
-           "feature distillation needs the teacher's hidden states, which a cache does not hold",
-           "set distill.features.weight=0, or distil from teacher.path without teacher.cache")
-    if "prune" in cfg.hooks.pre:
-        _check(t.path is not None or t.tiny is not None, "teacher.path", None,
-               "hooks.pre=[prune] prunes the teacher's weights, which a cache does not hold",
-               "also pass teacher.path=<the checkpoint the cache was written from> (used for pruning only)")
-
-
-def check_quant(cfg: DictConfig) -> None:
-    """`quant.*`, for `sapling quantize`, `hooks.post=[quantize]` and `quant.aware`."""
-    q, cmd = cfg.quant, cfg.command
-    _check(q.scheme in ("w4a16", "w8a16"), "quant.scheme", q.scheme, "unknown scheme",
-           "use w4a16 (int4, groups of quant.group_size) or w8a16 (int8 per channel)")
-    _check(q.group_size >= 1 and q.group_size % 8 == 0, "quant.group_size", q.group_size,
-           "must be a positive multiple of 8", "use 128 (what serving kernels expect) or 64/32")
-    _check(q.method in ("auto", "gptq", "rtn"), "quant.method", q.method, "unknown method", "use auto, gptq or rtn")
-    _check(q.dtype in ("bfloat16", "float16", "float32"), "quant.dtype", q.dtype, "unknown export dtype",
-           "use bfloat16 (or float16)")
-    _check(q.guided_groups >= 1, "quant.guided_groups", q.guided_groups, "must be >= 1", "e.g. 4")
-    _check(q.block_size >= 1, "quant.block_size", q.block_size, "must be >= 1", "use 128")
-    _check(0 < q.damp < 1, "quant.damp", q.damp, "must be in (0, 1)", "use 0.01")
-    _check(q.calibration.samples >= 1 and q.calibration.batch_size >= 1, "quant.calibration.samples",
-           q.calibration.samples, "samples and batch_size must be >= 1", "e.g. quant.calibration.samples=128")
-    quantizing = cmd == "quantize" or "quantize" in cfg.hooks.post or (cmd == "pipeline" and cfg.pipeline.quantize)
-    if q.aware:
-        _check(cmd in ("distill", "train"), "quant.aware", q.aware, f"`sapling {cmd}` does not train",
-               "use quant.aware=true with `sapling distill` (then hooks.post=[quantize] exports it)")
-        _check(q.method in ("auto", "rtn") and not q.guided, "quant.method", q.method,
-               "quantization-aware training learns the round-to-nearest export; GPTQ/guided would change the weights",
-               "drop quant.method and quant.guided (auto exports with rtn after quant.aware)")
-    if quantizing and q.guided:
-        _check(cfg.teacher.path is not None or cfg.teacher.tiny is not None or cmd == "pipeline", "quant.guided",
-               q.guided, "distillation-guided GPTQ needs the teacher's distributions on the calibration data",
-               "pass teacher.path=<teacher checkpoint>, or drop quant.guided")
-        _check(q.method != "rtn", "quant.method", q.method, "guided saliency weights GPTQ's Hessians; rtn has none",
-               "use quant.method=gptq (or auto) with quant.guided=true")
-    if cmd == "quantize":
-        _check(cfg.model.path is not None, "model.path", None, "quantize needs a model",
-               "pass model.path=<HF checkpoint dir, e.g. a distill run's output_dir/model>")
-        _check(not is_quantized_dir(cfg.model.path), "model.path", cfg.model.path,
-               "is already quantized (its config.json has a quantization_config)",
-               "quantize the full-precision model it was made from (e.g. the distill run's output_dir/model)")
-        gptq = q.method == "gptq" or (q.method == "auto" and not q.aware)
-        _check(not (gptq or q.eval) or bool(cfg.data.files) or cfg.data.hub_name is not None, "data.files", None,
-               "GPTQ calibration and the perplexity report need data", "pass data.files=[...] (or quant.method=rtn "
-               "quant.eval=false to quantize without data)")
-
-
-DEEPSPEED_COMMANDS = ("train", "distill", "cache-teacher")
-
-
-def check_deepspeed(cfg: DictConfig) -> None:
-    """`deepspeed=...`: a known preset, a consistent stage/offload combination, a command that supports it."""
-    ds = cfg.deepspeed
-    _check(ds.name in ("none", "zero1", "zero2", "zero3", "zero3_offload"), "deepspeed", ds.name, "unknown preset",
-           "use deepspeed=none, zero1, zero2, zero3 or zero3_offload")
-    if ds.name == "none":
-        _check(ds.stage == 0, "deepspeed.stage", ds.stage, "a stage needs a DeepSpeed preset",
-               "choose deepspeed=zero1|zero2|zero3 instead of setting deepspeed.stage")
-        return
-    _check(cfg.command in DEEPSPEED_COMMANDS, "deepspeed", ds.name, f"`sapling {cfg.command}` runs in one process",
-           f"drop deepspeed= (DeepSpeed engines drive {' and '.join(DEEPSPEED_COMMANDS)})")
-    _check(ds.stage in (1, 2, 3), "deepspeed.stage", ds.stage, "ZeRO stage must be 1, 2 or 3", "e.g. deepspeed.stage=3")
-    _check(not ds.offload_param or ds.stage == 3, "deepspeed.offload_param", ds.offload_param,
-           "parameter offload needs ZeRO stage 3", "use deepspeed=zero3_offload")
-    _check(ds.teacher_stage in (0, 3), "deepspeed.teacher_stage", ds.teacher_stage,
-           "the teacher is replicated (0) or partitioned (3)", "use deepspeed.teacher_stage=3 for large teachers")
-    _check(not ds.teacher_offload_param or ds.teacher_stage == 3, "deepspeed.teacher_offload_param",
-           ds.teacher_offload_param, "parameter offload needs teacher_stage=3", "set deepspeed.teacher_stage=3")
-    _check(ds.param_persistence_threshold >= 0, "deepspeed.param_persistence_threshold",
-           ds.param_persistence_threshold, "must be >= 0", "e.g. 100000 (0 partitions every tensor)")
-    _check(cfg.prune.rounds == 1, "prune.rounds", cfg.prune.rounds, "iterative pruning runs in one process",
-           "prune in rounds with deepspeed=none, then distil the result with deepspeed=...")
+# the whole config
 
 
 def check_known_keys(cfg: DictConfig) -> None:
@@ -811,142 +731,155 @@ def check_override_keys(overrides: list[str], groups: list[str]) -> None:
             if node is None:
                 break
 
-
 def validate(cfg: DictConfig) -> None:
-    """Value checks that need no model weights. Raises ConfigError (one line) on the first problem."""
+    """Value checks that need no model weights. Raises ConfigError (one line) on the first problem.
+
+    Unknown keys, then each section on its own (the `check_*` beside its dataclass), then the keys that must fit
+    together (the `_check_*` below: what the command needs, which options combine), then the model shapes.
+    """
     check_known_keys(cfg)
-    cmd = cfg.command
-    _check(cmd in COMMANDS, "command", cmd, "unknown command", f"use one of {', '.join(COMMANDS)}")
-    if "prune" in cfg.hooks.pre:
-        for src_key in ("path", "tiny"):
-            _check(cfg.student[src_key] is None, f"student.{src_key}", cfg.student[src_key],
-                   "hooks.pre=[prune] makes the student by pruning the teacher, so it would be ignored",
-                   f"drop student.{src_key} to prune the teacher, or drop hooks.pre=[prune] to distil that student")
-        shaped = {k: v for k, v in OmegaConf.to_container(cfg.student.config, resolve=True).items() if v is not None}
-        if shaped:
-            name, value = next(iter(shaped.items()))
-            _check(False, f"student.config.{name}", value, "hooks.pre=[prune] makes the student by pruning the "
-                   "teacher to prune.target, so it would be ignored",
-                   f"use prune.target.{name}={value}" if name in PruneTargetConfig.__dataclass_fields__ else
-                   f"drop student.config.{name} (or hooks.pre=[prune])")
-    d, t = cfg.distill, cfg.trainer
-    _check(d.divergence in DIVERGENCES, "distill.divergence", d.divergence, "unknown divergence",
-           f"use one of {', '.join(DIVERGENCES)}")
-    _check(d.temperature > 0, "distill.temperature", d.temperature, "must be > 0", "set distill.temperature=1.0")
-    _check(0.0 <= d.beta <= 1.0, "distill.beta", d.beta, "must be in [0, 1]", "set distill.beta=0.5")
-    _check(d.kd_weight >= 0, "distill.kd_weight", d.kd_weight, "must be >= 0", "set distill.kd_weight=1.0")
-    _check(d.ce_weight >= 0, "distill.ce_weight", d.ce_weight, "must be >= 0", "set distill.ce_weight=0.0")
-    check_features(d.features)
+    _check_choice("command", cfg.command, COMMANDS, "command")
+    check_distill(cfg.distill)
+    check_trainer(cfg.trainer)
+    check_logger(cfg.logger)
+    check_deepspeed(cfg.deepspeed)
+    if cfg.command == "eval":
+        check_eval(cfg.eval, cfg.data.seq_len)
+    check_prune(cfg.prune)
+    check_cache(cfg.cache)
+    check_quant(cfg.quant)
+    for key in ("teacher", "student", "model"):
+        check_source(key, cfg[key])
+    check_data(cfg.data)
+    _check_prune_hook(cfg)
+    _check_training(cfg)
+    _check_pruning(cfg)
+    _check_teacher(cfg)
+    _check_quantizing(cfg)
+    _check_inputs(cfg)
+    check_model_shapes(cfg)
+
+
+# Cross-field checks: keys of several sections (or a key and the command) that must fit together.
+
+
+def _check_prune_hook(cfg: DictConfig) -> None:
+    """`hooks.pre=[prune]` makes the student: nothing else may say what the student is."""
+    if "prune" not in cfg.hooks.pre:
+        return
+    for src_key in ("path", "tiny"):
+        _check(cfg.student[src_key] is None, f"student.{src_key}", cfg.student[src_key],
+               "hooks.pre=[prune] makes the student by pruning the teacher, so it would be ignored",
+               f"drop student.{src_key} to prune the teacher, or drop hooks.pre=[prune] to distil that student")
+    shaped = {k: v for k, v in OmegaConf.to_container(cfg.student.config, resolve=True).items() if v is not None}
+    if shaped:
+        name, value = next(iter(shaped.items()))
+        _check(False, f"student.config.{name}", value, "hooks.pre=[prune] makes the student by pruning the "
+               "teacher to prune.target, so it would be ignored",
+               f"use prune.target.{name}={value}" if name in PruneTargetConfig.__dataclass_fields__ else
+               f"drop student.config.{name} (or hooks.pre=[prune])")
+
+
+def _check_training(cfg: DictConfig) -> None:
+    """Distillation has a loss term; DeepSpeed drives only the commands that train (or run the teacher)."""
+    cmd, d, ds = cfg.command, cfg.distill, cfg.deepspeed
     if cmd in ("distill", "pipeline"):
         _check(d.kd_weight + d.ce_weight > 0, "distill.kd_weight", d.kd_weight, "kd_weight and ce_weight are both 0",
                "set distill.kd_weight=1.0")
-    _check(t.max_steps >= 0, "trainer.max_steps", t.max_steps, "must be >= 0", "set trainer.max_steps=1000")
-    _check(t.micro_batch_size > 0, "trainer.micro_batch_size", t.micro_batch_size, "must be > 0",
-           "set trainer.micro_batch_size=8")
-    _check(t.grad_accum > 0, "trainer.grad_accum", t.grad_accum, "must be > 0", "set trainer.grad_accum=1")
-    _check(t.lr > 0, "trainer.lr", t.lr, "must be > 0", "set trainer.lr=1e-3")
-    _check(0.0 <= t.min_lr_ratio <= 1.0, "trainer.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]",
-           "set trainer.min_lr_ratio=0.1")
-    _check(t.warmup_steps >= 0, "trainer.warmup_steps", t.warmup_steps, "must be >= 0", "set trainer.warmup_steps=10")
-    _check(t.grad_clip >= 0, "trainer.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)",
-           "set trainer.grad_clip=1.0")
-    _check(t.log_every > 0, "trainer.log_every", t.log_every, "must be > 0", "set trainer.log_every=10")
-    _check(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0 (0 disables)", "set trainer.eval_every=50")
-    _check(t.save_every >= 0, "trainer.save_every", t.save_every, "must be >= 0 (0: final model only)",
-           "set trainer.save_every=0")
-    if t.eval_tokens is not None:
-        _check(t.eval_tokens > 0, "trainer.eval_tokens", t.eval_tokens, "must be > 0 (null: the whole validation "
-               "split)", "set trainer.eval_tokens=32768")
-    if t.eval_batches is not None:
-        _check(t.eval_batches > 0, "trainer.eval_batches", t.eval_batches, "must be > 0 (null: no cap)",
-               "drop it (trainer.eval_tokens sets the budget) or set trainer.eval_batches=16")
-    _check(t.device in ("auto", "cpu", "cuda"), "trainer.device", t.device, "unknown device",
-           "use auto, cpu or cuda")
-    _check(cfg.logger.name in ("wandb", "none"), "logger", cfg.logger.name, "unknown logger", "use logger=wandb or logger=none")
-    check_deepspeed(cfg)
-    if cmd == "eval":
-        check_eval(cfg.eval, cfg.data.seq_len)
-    for key in ("teacher", "student", "model"):
-        src = cfg[key]
-        _check(src.init in ("auto", "pretrained", "random"), f"{key}.init", src.init, "unknown init",
-               "use auto, pretrained or random")
-        _check(src.dtype in ("auto", "float32", "bfloat16", "float16"), f"{key}.dtype", src.dtype, "unknown dtype",
-               "use auto, float32, bfloat16 or float16")
-        _check(src.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2"),
-               f"{key}.attn_implementation", src.attn_implementation, "unknown attention implementation",
-               "use auto, sdpa, eager or flash_attention_2")
-        check_model_path(f"{key}.path", src.path, weights=src.init != "random")
-        if src.tiny is not None:
-            from sapling.models.tiny import TINY_CONFIGS
+    if ds.name != "none":
+        _check(cmd in DEEPSPEED_COMMANDS, "deepspeed", ds.name, f"`sapling {cmd}` runs in one process",
+               f"drop deepspeed= (DeepSpeed engines drive {' and '.join(DEEPSPEED_COMMANDS)})")
+        _check(cfg.prune.rounds == 1, "prune.rounds", cfg.prune.rounds, "iterative pruning runs in one process",
+               "prune in rounds with deepspeed=none, then distil the result with deepspeed=...")
 
-            _check(src.tiny in TINY_CONFIGS, f"{key}.tiny", src.tiny, "unknown tiny config",
-                   f"use one of {', '.join(sorted(TINY_CONFIGS))}")
-    p = cfg.prune
-    _check(p.calibration.samples > 0, "prune.calibration.samples", p.calibration.samples, "must be > 0",
-           "set prune.calibration.samples=1024")
-    _check(p.calibration.batch_size > 0, "prune.calibration.batch_size", p.calibration.batch_size, "must be > 0",
-           "set prune.calibration.batch_size=8")
-    _check(p.calibration.aggregation in ("mean_l2", "mean", "variance"), "prune.calibration.aggregation",
-           p.calibration.aggregation, "unknown aggregation", "use mean_l2, mean or variance")
-    _check(p.depth_metric in ("block_influence", "layer_loss"), "prune.depth_metric", p.depth_metric,
-           "unknown depth metric", "use block_influence or layer_loss")
-    _check(p.importance in ("activation", "magnitude", "random"), "prune.importance", p.importance,
-           "unknown importance", "use activation, magnitude or random")
-    t = p.target
-    if t.params is not None:
-        fixed = [k for k, v in t.items() if k != "params" and v is not None]
-        _check(not fixed, "prune.target.params", t.params, f"given together with prune.target.{fixed[0] if fixed else ''}",
-               "give either a parameter budget or explicit HF fields, not both")
-        _check(isinstance(t.params, int) and t.params > 0, "prune.target.params", t.params,
-               "must be a positive parameter count", "e.g. prune.target.params=4000000000")
-    ps = p.search
-    _check(ps.multiple is None or ps.multiple >= 1, "prune.search.multiple", ps.multiple, "must be >= 1",
-           "set e.g. prune.search.multiple=128, or null for automatic")
-    _check(0 < ps.tolerance < 1, "prune.search.tolerance", ps.tolerance, "must be in (0, 1)", "e.g. 0.01 (1%)")
-    _check(ps.max_candidates >= 1, "prune.search.max_candidates", ps.max_candidates, "must be >= 1", "e.g. 12")
-    _check(ps.eval_batches >= 1, "prune.search.eval_batches", ps.eval_batches, "must be >= 1", "e.g. 4")
-    _check(ps.distill_top_k >= 0 and ps.distill_steps >= 1, "prune.search.distill_top_k", ps.distill_top_k,
-           "distill_top_k must be >= 0 and distill_steps >= 1", "e.g. distill_top_k=3 distill_steps=20")
-    _check(p.rounds >= 1, "prune.rounds", p.rounds, "must be >= 1", "1 prunes in one shot; e.g. 2 for two rounds")
-    if p.round_steps is not None:
+
+def _check_pruning(cfg: DictConfig) -> None:
+    """Rounds only where the command distils between them, within trainer.max_steps; `sapling prune` has a target."""
+    cmd, p = cfg.command, cfg.prune
+    # (the pipeline's distill stage spends trainer.max_steps as `sapling distill` does)
+    if p.round_steps is not None and cmd in ("distill", "pipeline"):
         steps = list(p.round_steps)
-        _check(len(steps) == p.rounds - 1 and all(int(x) >= 1 for x in steps), "prune.round_steps", steps,
-               f"needs {p.rounds - 1} positive step counts (one per round before the last)",
-               "e.g. prune.rounds=3 prune.round_steps=[100,100], or null for an even split")
-        if cmd == "distill":
-            _check(sum(steps) < cfg.trainer.max_steps, "prune.round_steps", steps,
-                   f"uses all of trainer.max_steps={cfg.trainer.max_steps}", "leave steps for the last round")
+        _check(sum(steps) < cfg.trainer.max_steps, "prune.round_steps", steps,
+               f"uses all of trainer.max_steps={cfg.trainer.max_steps}", "leave steps for the last round")
     if p.rounds > 1:
         _check(cmd == "distill" or (cmd == "pipeline" and "prune" in cfg.hooks.pre), "prune.rounds", p.rounds,
                f"iterative pruning distils between rounds, which `sapling {cmd}` does not",
                "run `sapling distill hooks.pre=[prune] prune.rounds=R` (or keep prune.rounds=1)")
-        _check(p.scores is None, "prune.scores", p.scores, "saved scores cannot be reused across rounds",
-               "drop prune.scores when prune.rounds > 1 (importance is re-estimated every round)")
-    if p.scores is not None:
-        _check(Path(os.path.expanduser(p.scores)).is_file(), "prune.scores", p.scores, "no such file",
-               "point it at the prune_scores.pt an earlier prune run wrote, or drop it")
     if cmd == "prune":
         _check(any(v is not None for v in p.target.values()), "prune.target", None, "no target shape given",
                "set e.g. prune.target.intermediate_size=N or prune.target.num_hidden_layers=N")
-    cached = cfg.teacher.cache is not None
+
+
+def _check_teacher(cfg: DictConfig) -> None:
+    """The commands that need a teacher have one; `cache.dir` for `sapling cache-teacher`; `teacher.cache`
+    only for `sapling distill`, and only where nothing needs the teacher's weights or hidden states."""
+    cmd, t = cfg.command, cfg.teacher
+    cached = t.cache is not None
     if cmd in ("distill", "prune", "cache-teacher"):
-        _check(cfg.teacher.path is not None or cfg.teacher.tiny is not None or (cached and cmd == "distill"),
+        _check(t.path is not None or t.tiny is not None or (cached and cmd == "distill"),
                "teacher.path", None, f"{cmd} needs a teacher",
                "pass teacher.path=<HF checkpoint dir or hub id>" + (" or teacher.cache=<cache dir>" if cmd == "distill"
                                                                     else ""))
-    check_cache(cfg)
-    check_quant(cfg)
+    if cmd == "cache-teacher":
+        _check(cfg.cache.dir is not None, "cache.dir", None, "no output directory for the cache",
+               "pass cache.dir=<directory> (created if missing; a rerun resumes it)")
+        _check(not cached, "teacher.cache", t.cache, "cache-teacher reads a teacher model",
+               "drop teacher.cache and pass teacher.path=<checkpoint>")
+    if not cached:
+        return
+    _check(cmd == "distill", "teacher.cache", t.cache, f"`sapling {cmd}` does not read teacher caches",
+           "use it with `sapling distill teacher.cache=<dir> ...`")
+    _check(Path(os.path.expanduser(t.cache)).is_dir(), "teacher.cache", t.cache, "no such directory",
+           "point it at a `sapling cache-teacher` cache.dir")
+    _check(cfg.distill.features.weight == 0, "distill.features.weight", cfg.distill.features.weight,
+           "feature distillation needs the teacher's hidden states, which a cache does not hold",
+           "set distill.features.weight=0, or distil from teacher.path without teacher.cache")
+    if "prune" in cfg.hooks.pre:
+        _check(t.path is not None or t.tiny is not None, "teacher.path", None,
+               "hooks.pre=[prune] prunes the teacher's weights, which a cache does not hold",
+               "also pass teacher.path=<the checkpoint the cache was written from> (used for pruning only)")
+
+
+def _check_quantizing(cfg: DictConfig) -> None:
+    """`quant.aware` only where the command trains; guided GPTQ has a teacher; `sapling quantize` has a
+    full-precision model and (for GPTQ or the report) data."""
+    q, cmd = cfg.quant, cfg.command
+    quantizing = cmd == "quantize" or "quantize" in cfg.hooks.post or (cmd == "pipeline" and cfg.pipeline.quantize)
+    if q.aware:
+        _check(cmd in ("distill", "train"), "quant.aware", q.aware, f"`sapling {cmd}` does not train",
+               "use quant.aware=true with `sapling distill` (then hooks.post=[quantize] exports it)")
+    if quantizing and q.guided:
+        _check(cfg.teacher.path is not None or cfg.teacher.tiny is not None or cmd == "pipeline", "quant.guided",
+               q.guided, "distillation-guided GPTQ needs the teacher's distributions on the calibration data",
+               "pass teacher.path=<teacher checkpoint>, or drop quant.guided")
+        _check(q.method != "rtn", "quant.method", q.method, "guided saliency weights GPTQ's Hessians; rtn has none",
+               "use quant.method=gptq (or auto) with quant.guided=true")
+    if cmd == "quantize":
+        _check(cfg.model.path is not None, "model.path", None, "quantize needs a model",
+               "pass model.path=<HF checkpoint dir, e.g. a distill run's output_dir/model>")
+        _check(not is_quantized_dir(cfg.model.path), "model.path", cfg.model.path,
+               "is already quantized (its config.json has a quantization_config)",
+               "quantize the full-precision model it was made from (e.g. the distill run's output_dir/model)")
+        gptq = q.method == "gptq" or (q.method == "auto" and not q.aware)
+        _check(not (gptq or q.eval) or bool(cfg.data.files) or cfg.data.hub_name is not None, "data.files", None,
+               "GPTQ calibration and the perplexity report need data", "pass data.files=[...] (or quant.method=rtn "
+               "quant.eval=false to quantize without data)")
+
+
+def _check_inputs(cfg: DictConfig) -> None:
+    """`sapling train|eval` have a model, the hooks exist, the commands that read data have some."""
+    cmd = cfg.command
     if cmd in ("train", "eval"):
         _check(cfg.model.path is not None or cfg.model.tiny is not None, "model.path", None,
                f"{cmd} needs a model", "pass model.path=<HF checkpoint dir> (or model.tiny=<name> to train from scratch)")
-    from sapling.train.hooks import available
+    from sapling.recipes.hooks import available
 
     for stage in ("pre", "post"):
         for i, name in enumerate(cfg.hooks[stage]):
             _check(name in available(stage), f"hooks.{stage}[{i}]", name, f"no {stage}-hook of that name",
                    f"use one of {available(stage) or '(none yet)'}")
-    check_data(cfg.data, required=cmd in ("train", "prune", "eval", "cache-teacher") or (cmd == "distill" and not cached))
-    check_model_shapes(cfg)
+    if cmd in ("train", "prune", "eval", "cache-teacher") or (cmd == "distill" and cfg.teacher.cache is None):
+        _check_data_given(cfg.data)
 
 
 def _local_source(src: Any) -> bool:
@@ -959,12 +892,14 @@ def check_model_shapes(cfg: DictConfig) -> None:
     tiny names and local checkpoints, before the command imports its training stack or reads any data.
 
     The commands run the same checks again once every config is known (hub ids, `teacher.cache`, the
-    demo teacher's vocabulary): `sapling.commands.student_config` and `check_prune_target`.
+    demo teacher's vocabulary): `sapling.recipes.common.student_config` and `check_prune_target`.
     """
     cmd, seq_len = cfg.command, cfg.data.seq_len
     if cmd not in ("train", "distill", "prune", "cache-teacher", "pipeline"):
         return
     from sapling.models.hf import source_config
+    from sapling.models.shapes import check_shape, check_source_shape
+    from sapling.prune.select import check_prune_shape
 
     if cmd == "train":
         if _local_source(cfg.model):

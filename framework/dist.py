@@ -34,20 +34,18 @@ import datetime
 import os
 import re
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from sapling import faults
 from sapling.errors import LaunchError  # also `from sapling.dist import LaunchError`
 
 TIMEOUT_ENV = "SAPLING_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600.0
-# Test-only fault injection: the rank named here fails with a LaunchError right after joining the process
-# group, while the others go on into their first collective (a rank that meets a user error early).
-FAULT_FAIL_RANK_ENV = "SAPLING_FAULT_FAIL_RANK"
 
 
 @dataclass(frozen=True)
@@ -255,8 +253,7 @@ def init_distributed(device_type: str) -> DistEnv:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo",
                                    auto_mpi_discovery=False, verbose=False, timeout=dist_timeout())
-    if os.environ.get(FAULT_FAIL_RANK_ENV) == str(dist.get_rank()):
-        raise LaunchError(f"rank {dist.get_rank()} failed on purpose ({FAULT_FAIL_RANK_ENV} is set: a test hook)")
+    faults.after_join(dist.get_rank())  # test-only seam (sapling.faults), a no-op in real runs
     return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=launch.local_rank,
                    device=device)
 
@@ -278,14 +275,12 @@ def barrier() -> None:
             dist.barrier()
 
 
-def sum_across_ranks(values: list[float], device: torch.device | str = "cpu") -> list[float]:
-    """Element-wise sum of `values` over all ranks (float64, so integer counts stay exact)."""
-    if rank_world()[1] == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    with peer_failures("an all-reduce"):
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed element-wise over all ranks, in place on its device (no host sync); `t` as it is alone."""
+    if rank_world()[1] > 1:
+        with peer_failures("an all-reduce"):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
 
 
 def any_across_ranks(flag: bool, device: torch.device | str = "cpu") -> bool:
@@ -308,8 +303,9 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def gathered(params: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
-    """ZeRO-3 partitioned `params` whole (read-only) inside the block; a no-op for ordinary parameters."""
+def gathered(params: Iterable[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
+    """ZeRO-3 partitioned `params` whole (read-only: partitioned again on exit, nothing broadcast) inside the
+    block; a no-op for ordinary parameters. A collective when any is partitioned: every rank must enter it."""
     params = [p for p in params if hasattr(p, "ds_id")]
     if not params:
         return contextlib.nullcontext()

@@ -1,4 +1,6 @@
-"""Output safety: the one place that decides whether a command may write into a directory.
+"""Output safety: the one place that decides whether a command may write into a directory, and the
+atomic writers every output goes through (`write_atomically`, `write_bytes_atomically`,
+`write_text_atomically`, `write_dir_atomically`: a unique temp name beside the target, then a rename).
 
 The rules (README "What Sapling refuses and why"):
 
@@ -18,15 +20,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from sapling.errors import OutputError
 
 RUN_FILE = ".sapling-run.json"
+Buffer = bytes | bytearray | memoryview
 # What Hydra writes into its run dir before Sapling starts: not a user's files.
 _HYDRA_ENTRIES = (".hydra",)
 
@@ -55,22 +60,90 @@ def write_run(out: str | os.PathLike, **fields: Any) -> dict[str, Any]:
     return record
 
 
-def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to a unique temp file beside `path`, then rename it over `path` (mode follows the umask)."""
+def _temp_name(path: Path, kind: str = "tmp") -> Path:
+    """A hidden name beside `path` no other writer uses: `.<name>.<kind>-<random>`."""
+    return path.with_name(f".{path.name}.{kind}-{uuid.uuid4().hex[:12]}")
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object], *,
+                     fsync: bool = True) -> Path:
+    """`write(f)` fills a unique temp file beside `path` (opened "wb"), which then replaces `path`.
+
+    On any error (or a signal's exception) the temp file is removed and `path` is left as it was; a process
+    killed outright leaves at most a hidden `.<name>.tmp-*` file, never a partial `path`. The mode follows
+    the umask, as for open(); `fsync` flushes the data to disk before the rename (checkpoints, caches).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        publish(tmp)  # mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_bytes_atomically(path: str | os.PathLike, data: Buffer | Iterable[Buffer], *,
+                           fsync: bool = True) -> Path:
+    """:func:`write_atomically` of `data`: one bytes-like object or several written one after another."""
+    chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+
+    def write(f: BinaryIO) -> None:
+        for chunk in chunks:
+            f.write(chunk)
+
+    return write_atomically(path, write, fsync=fsync)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str, *, fsync: bool = True) -> Path:
+    """:func:`write_atomically` of `text` (UTF-8)."""
+    return write_bytes_atomically(path, text.encode("utf-8"), fsync=fsync)
+
+
+def write_dir_atomically(out: str | os.PathLike, build: Callable[[Path], object], *,
+                         keep_existing: bool = False) -> Path:
+    """`build(tmp)` fills a unique temp dir beside `out`, which then replaces `out` (an old `out` is moved
+    aside first and removed only after the rename); on any error the temp dir is removed and `out` is left
+    as it was. Modes follow the umask (mkdtemp's 0700 and safetensors' 0600 are undone by :func:`publish`).
+
+    `keep_existing`: for caches keyed by content, an `out` that another process finished meanwhile is kept
+    (ours is dropped), so a reader of it never sees it replaced.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        build(tmp)
+        publish(tmp)
+        if keep_existing:
+            try:
+                os.rename(tmp, out)  # fails on a non-empty `out`: someone else's finished copy
+            except OSError:
+                if not out.exists():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+        elif out.exists():
+            old = _temp_name(out, "old")
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def current_umask() -> int:

@@ -157,7 +157,7 @@ def chunk_loss_scaled(
     kd_weight: float,
     ce_weight: float,
     ignore_index: int,
-    scale: float,
+    scale: float | Tensor,
     teacher_topk: tuple[Tensor, Tensor] | None = None,
     need_grad: bool = True,
     scratch: Tensor | None = None,
@@ -288,7 +288,7 @@ def _chunk_loss_general(
     kd_weight: float,
     ce_weight: float,
     ignore_index: int,
-    scale: float,
+    scale: float | Tensor,
     teacher_topk: tuple[Tensor, Tensor] | None = None,
     need_grad: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -307,9 +307,10 @@ def _chunk_loss_general(
         safe = labels.long() if valid is None else torch.where(valid, labels, 0).long()
         ce_rows = -lp1.gather(1, safe[:, None]).squeeze(1)
         if need_grad and ce_weight != 0:
-            w = float(scale) * float(ce_weight)
+            w = scale * float(ce_weight)  # a device scalar stays one (no host sync on a GPU)
             grad = lp1.exp().mul_(w)
-            grad.scatter_add_(1, safe[:, None], grad.new_full((c, 1), -w))
+            minus_w = (-w).to(grad.dtype).expand(c, 1) if isinstance(w, Tensor) else grad.new_full((c, 1), -w)
+            grad.scatter_add_(1, safe[:, None], minus_w)
         if t == 1.0:
             lp_t_scaled = lp1
 
@@ -323,7 +324,7 @@ def _chunk_loss_general(
             d, dlp = _topk(lp_t_scaled, teacher_topk[0], teacher_topk[1], divergence, beta, want_grad)
         kd_rows = d * (t * t)
         if dlp is not None:
-            dlp.mul_(float(scale) * float(kd_weight) * t)  # d(T^2 D)/dz = T * dD/du
+            dlp.mul_(scale * float(kd_weight) * t)  # d(T^2 D)/dz = T * dD/du
             grad = dlp if grad is None else grad.add_(dlp)
 
     if valid is not None:

@@ -300,8 +300,11 @@ def fused_linear_kd_loss(
         denom: Tensor | float = float(max(n_valid, 1))
         scale = 1.0 / denom
     elif isinstance(num_valid_tokens, Tensor):
-        denom = num_valid_tokens.detach().to(device=student_hidden.device, dtype=torch.float32)
-        scale = 1.0 / float(denom)
+        # A count on the device stays there: the scale is a float64 device scalar (exactly 1.0 / count, as
+        # for an int), so the training step reads nothing back from the GPU here.
+        count = num_valid_tokens.detach().to(device=student_hidden.device)
+        denom = count.to(torch.float32)
+        scale = 1.0 / count.to(torch.float64)
     else:
         denom = float(num_valid_tokens)
         scale = 1.0 / denom

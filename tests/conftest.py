@@ -42,14 +42,14 @@ def demo_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def corpus_file(demo_cache) -> Path:
-    from sapling.pipeline import stdlib_corpus
+    from sapling.data.demo import stdlib_corpus
 
     return stdlib_corpus(demo_cache, 250_000)
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(corpus_file, demo_cache) -> Path:
-    from sapling.pipeline import train_bpe_tokenizer
+    from sapling.data.demo import train_bpe_tokenizer
 
     return train_bpe_tokenizer(corpus_file, 384, demo_cache)
 

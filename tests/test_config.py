@@ -79,8 +79,8 @@ def test_checkpoint_dir_without_config_json(tmp_path):
 
 
 def test_shape_checks():
-    from sapling.config import check_shape, check_vocab
     from sapling.models import apply_overrides, tiny_config
+    from sapling.models.shapes import check_shape, check_vocab
 
     base = tiny_config("llama-tiny")
     with pytest.raises(ConfigError, match=r"^student\.config\.num_attention_heads=6: not divisible by num_key_v"):
@@ -169,3 +169,56 @@ def test_quant_configs_that_are_fine(tmp_path):
     validate(composed("command=distill", "teacher.tiny=llama-tiny", f"data.files=[{data}]", "quant.aware=true",
                       "hooks.post=[quantize]"))
     validate(composed("command=pipeline", "experiment=demo"))  # the demo quantizes with quant.guided=true
+
+
+def test_prune_round_steps_leave_steps_for_the_pipeline_distill_stage():
+    """The pipeline's distill stage spends trainer.max_steps on the rounds first, as `sapling distill` does:
+    rounds that use them all would leave its last run none."""
+    cfg = composed("command=pipeline", "experiment=demo", "trainer.max_steps=300", "prune.rounds=2",
+                   "prune.round_steps=[300]")
+    with pytest.raises(ConfigError, match=r"prune\.round_steps=\[300\]: uses all of trainer.max_steps=300"):
+        validate(cfg)
+    validate(composed("command=pipeline", "experiment=demo", "trainer.max_steps=300", "prune.rounds=2",
+                      "prune.round_steps=[299]"))
+
+
+@pytest.fixture(scope="module")
+def pipeline_cfg():
+    return composed("command=pipeline")
+
+
+@pytest.mark.parametrize(("key", "shown", "choices"), [
+    ("command", "command", "COMMANDS"),
+    ("distill.divergence", "distill.divergence", "DIVERGENCES"),
+    ("distill.features.loss", "distill.features.loss", None),
+    ("prune.importance", "prune.importance", "PRUNE_IMPORTANCES"),
+    ("prune.depth_metric", "prune.depth_metric", "DEPTH_METRICS"),
+    ("prune.calibration.aggregation", "prune.calibration.aggregation", "AGGREGATIONS"),
+    ("quant.scheme", "quant.scheme", "QUANT_SCHEMES"),
+    ("quant.method", "quant.method", "QUANT_METHODS"),
+    ("quant.dtype", "quant.dtype", "QUANT_DTYPES"),
+    ("teacher.init", "teacher.init", "SOURCE_INITS"),
+    ("student.dtype", "student.dtype", "SOURCE_DTYPES"),
+    ("model.attn_implementation", "model.attn_implementation", "ATTN_IMPLEMENTATIONS"),
+    ("trainer.device", "trainer.device", "DEVICES"),
+    ("logger.name", "logger", "LOGGERS"),
+    ("deepspeed.name", "deepspeed", "DEEPSPEED_PRESETS"),
+])
+def test_unknown_names_list_the_valid_ones(pipeline_cfg, key, shown, choices):
+    """Every key that takes one of a few names (checked by the validator beside its dataclass): one line naming
+    the key, the value and every valid name."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    import sapling.config as config
+    from sapling.distill.features import FEATURE_LOSSES
+
+    cfg = copy.deepcopy(pipeline_cfg)
+    OmegaConf.update(cfg, key, "bogus")
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    msg = str(err.value)
+    assert msg.startswith(f"{shown}='bogus': unknown ") and "fix:" in msg and "\n" not in msg
+    for name in getattr(config, choices) if choices else FEATURE_LOSSES:
+        assert name in msg.split("fix:", 1)[1], (name, msg)

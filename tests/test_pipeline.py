@@ -81,3 +81,15 @@ def test_pipeline_with_random_student_shape(cli, tmp_path):
 
 def _events(run, event: str) -> list[dict]:
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == event]
+
+
+def test_pipeline_distill_stage_runs_the_post_hooks(sapling_main, tmp_path):
+    """The distill stage is `sapling distill`'s code path: its hooks.post run there (they were ignored)."""
+    out = tmp_path / "hooked"
+    code, err = sapling_main("pipeline", *TOY, "hooks.post=[eval]", "pipeline.scratch_baseline=false",
+                             "pipeline.quantize=false", "eval.gen_tokens=0", f"hydra.run.dir={out}")
+    assert code == 0, err[-3000:]
+    assert (out / "distill" / "report.md").exists()  # the eval post-hook's report, in the stage's directory
+    hooks = [(r["stage"], r["name"]) for r in _events(out / "distill", "hook")]
+    assert hooks == [("pre", "prune"), ("post", "eval")]
+    assert (out / "prune_scores.pt").exists() and _events(out, "prune")

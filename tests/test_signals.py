@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from sapling.errors import EXIT_ABORTED, EXIT_STOPPED
-from sapling.train.loop import FAULT_SIGNAL_ENV, FAULT_SIGNAL_NAME_ENV, StopRequest
+from sapling.faults import FAULT_SIGNAL_ENV, FAULT_SIGNAL_NAME_ENV
+from sapling.train.loop import StopRequest
 
 
 def _records(run: Path, event: str) -> list[dict]:

@@ -122,6 +122,32 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, tokenizer, packed, monkey
         assert torch.equal(a, b), name
 
 
+def test_fault_seam_stops_an_in_process_run(tmp_path, tokenizer, packed, monkeypatch):
+    """The loop calls `faults.after_step` after every step; a test installs a fault there, no env needed."""
+    import signal
+
+    from sapling import faults
+
+    cfg = _cfg(tmp_path, "teacher.tiny=llama-tiny", "student.config.num_hidden_layers=1", "trainer.max_steps=4",
+               "trainer.micro_batch_size=2", "trainer.eval_batches=1")
+    teacher, student = _models(cfg, tokenizer)
+    calls = []
+
+    def after_step(done: int, desc: str) -> None:
+        calls.append((done, desc))
+        if done == 2:
+            signal.raise_signal(signal.SIGUSR1)
+
+    monkeypatch.setattr(faults, "after_step", after_step)
+    m = MetricsLogger(tmp_path, None)
+    result = fit(cfg, student=student, teacher=teacher, tokenizer=tokenizer, data=packed, output_dir=tmp_path,
+                 metrics=m, device=torch.device("cpu"), desc="distill")
+    m.close()
+    assert calls == [(1, "distill"), (2, "distill")]
+    assert result.stopped and result.steps == 2 and result.signal == signal.SIGUSR1
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "global_step2"
+
+
 def test_lr_schedule_shape():
     f = [lr_factor(s, warmup_steps=10, max_steps=100, min_lr_ratio=0.1) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
@@ -141,7 +167,7 @@ def test_metrics_jsonl_is_one_object_per_line(tmp_path):
 
 def test_trainer_fused_loss_matches_reference_loss(tmp_path, tokenizer, packed, monkeypatch):
     """A short distillation with the fused loss (the default) gives the reference loss's losses."""
-    import sapling.distill.head as head_mod
+    import sapling.models.kd_head as head_mod
     from sapling.kernels import fused_linear_kd_loss, kd_loss_reference
 
     assert head_mod.fused_linear_kd_loss is fused_linear_kd_loss

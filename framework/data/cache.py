@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from typing import Any
 
 import numpy as np
+
+from sapling.io import write_atomically, write_text_atomically
 
 CACHE_FORMAT_VERSION = 1
 _FILES = ("train.npy", "val.npy", "meta.json")
@@ -38,24 +39,12 @@ def fingerprint(payload: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_entry(entry_dir: str, train: np.ndarray, val: np.ndarray, meta: dict[str, Any]) -> None:
     """Atomically write one cache entry (meta.json last)."""
     os.makedirs(entry_dir, exist_ok=True)
-    _atomic_write(os.path.join(entry_dir, "train.npy"), lambda f: np.save(f, train))
-    _atomic_write(os.path.join(entry_dir, "val.npy"), lambda f: np.save(f, val))
-    blob = json.dumps(meta, indent=2, sort_keys=True).encode("utf-8")
-    _atomic_write(os.path.join(entry_dir, "meta.json"), lambda f: f.write(blob))
+    write_atomically(os.path.join(entry_dir, "train.npy"), lambda f: np.save(f, train))
+    write_atomically(os.path.join(entry_dir, "val.npy"), lambda f: np.save(f, val))
+    write_text_atomically(os.path.join(entry_dir, "meta.json"), json.dumps(meta, indent=2, sort_keys=True))
 
 
 def load_entry(entry_dir: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]] | None:

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sapling.config import FEATURE_LOSSES
-from sapling.errors import ConfigError, ModelSourceError
+from sapling.errors import ConfigError
+from sapling.models import IGNORE_INDEX, decoder_layers
 
-IGNORE_INDEX = -100
+FEATURE_LOSSES = ("cosine", "mse")  # `distill.features.loss` (sapling.config validates against this)
 _KEY = "distill.features.layers"
 
 
@@ -76,24 +76,6 @@ def resolve_layer_map(layers: Sequence[Sequence[int]] | None, n_student: int,
     return pairs
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of an HF causal LM, also through a DeepSpeed engine / DDP / StudentWithFeatures."""
-    while not hasattr(model, "base_model_prefix"):
-        if isinstance(model, StudentWithFeatures):
-            model = model.model
-        elif isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
-        else:
-            break
-    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ModelSourceError(f"{type(model).__name__}: no decoder layers at <base model>.layers; feature "
-                               "distillation supports HF decoder-only causal LMs (Llama, Mistral, Qwen, Gemma); fix: "
-                               "set distill.features.weight=0 for this model")
-    return layers
-
-
 @contextlib.contextmanager
 def capture_layer_outputs(model: nn.Module, layers: Sequence[int]) -> Iterator[list[Tensor]]:
     """Within the block, record the outputs of decoder `layers` of `model` (one forward pass).
@@ -104,7 +86,7 @@ def capture_layer_outputs(model: nn.Module, layers: Sequence[int]) -> Iterator[l
     the layer's `forward`, inside these hooks, so its recomputation in backward records nothing. A layer
     that did not run raises RuntimeError on exit.
     """
-    modules = decoder_layers(model)
+    modules = decoder_layers(model, fix="set distill.features.weight=0 for this model")
     out: list[Any] = [None] * len(layers)
     slots: dict[int, list[int]] = {}
     for k, idx in enumerate(layers):
@@ -143,12 +125,15 @@ class FeatureDistiller(nn.Module):
     `hidden_index` (optional, length `student_hidden`) is the teacher channel each student channel was
     sliced from (`KeepPlan.hidden` of a width-pruned student); `W` then starts as that truncated identity
     (a student channel lands on its own teacher channel). Otherwise `W` starts as a random (seeded)
-    semi-orthogonal matrix. Both keep token norms (`|W s| = |s|` when the student is not wider).
+    semi-orthogonal matrix. Both keep token norms (`|W s| = |s|` when the student is not wider). `W` is made
+    on `device` in `dtype` (give the student's: it trains beside the student), computed in float32 on the CPU
+    first so that every rank and device starts from the same matrix.
     """
 
     def __init__(self, student_hidden: int, teacher_hidden: int, layer_map: Sequence[tuple[int, int]], *,
                  loss: str = "cosine", normalize: bool = False, weight: float = 1.0,
-                 hidden_index: Tensor | Sequence[int] | None = None, seed: int = 0) -> None:
+                 hidden_index: Tensor | Sequence[int] | None = None, seed: int = 0,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if loss not in FEATURE_LOSSES:
             raise ValueError(f"loss={loss!r}: use one of {', '.join(FEATURE_LOSSES)}")
@@ -166,17 +151,20 @@ class FeatureDistiller(nn.Module):
         if self.student_hidden == self.teacher_hidden and identity:
             self.proj: nn.Parameter | None = None  # same space: no projection
         else:
-            self.proj = nn.Parameter(self._initial_projection(index, seed))
+            self.proj = nn.Parameter(self._initial_projection(index, seed).to(device=device, dtype=dtype))
 
     @classmethod
     def from_config(cls, cfg: Any, student_config: Any, teacher_config: Any, *,
-                    hidden_index: Tensor | Sequence[int] | None = None, seed: int = 0) -> FeatureDistiller | None:
+                    hidden_index: Tensor | Sequence[int] | None = None, seed: int = 0,
+                    device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> FeatureDistiller | None:
         """From `distill.features` and the two HF configs (no weights read); None when `cfg.weight == 0`."""
         if cfg.weight == 0:
             return None
         layer_map = resolve_layer_map(cfg.layers, student_config.num_hidden_layers, teacher_config.num_hidden_layers)
         return cls(student_config.hidden_size, teacher_config.hidden_size, layer_map, loss=cfg.loss,
-                   normalize=cfg.normalize, weight=cfg.weight, hidden_index=hidden_index, seed=seed)
+                   normalize=cfg.normalize, weight=cfg.weight, hidden_index=hidden_index, seed=seed, device=device,
+                   dtype=dtype)
 
     def _initial_projection(self, index: Tensor | None, seed: int) -> Tensor:
         w = torch.zeros(self.teacher_hidden, self.student_hidden)

@@ -1,8 +1,8 @@
 """One distillation (or plain LM) loss computation on a batch of packed token blocks.
 
-The student's final hidden states go through its lm_head (a KDHead, see head.py), whose forward runs
-`fused_linear_kd_loss` with the teacher's final hidden states and lm_head weight, so the loss never
-needs full [tokens x vocab] logits from the models themselves.
+The student's final hidden states go through its lm_head (a KDHead, see sapling.models.kd_head), whose
+forward runs `fused_linear_kd_loss` with the teacher's final hidden states and lm_head weight, so the loss
+never needs full [tokens x vocab] logits from the models themselves.
 """
 
 from __future__ import annotations
@@ -13,26 +13,12 @@ import torch
 
 from sapling.dist import gathered
 from sapling.distill.features import FeatureDistiller, capture_layer_outputs, feature_positions
-from sapling.distill.head import install_kd_head
-from sapling.models import decoder_and_head
-
-IGNORE_INDEX = -100
+from sapling.models import IGNORE_INDEX, decoder_and_head, final_hidden, install_kd_head, shifted_targets
 
 
-def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
-    """Next-token targets for positions 0..L-2 of each block, flattened."""
-    return labels[:, 1:].reshape(-1)
-
-
-def count_valid(labels: torch.Tensor) -> int:
-    return int((shifted_targets(labels) != IGNORE_INDEX).sum())
-
-
-def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Final (post-norm) hidden states for positions that predict a next token: [B*(L-1), H]."""
-    decoder, _ = decoder_and_head(model)
-    hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
-    return hidden[:, :-1].reshape(-1, hidden.shape[-1])
+def count_valid(labels: torch.Tensor) -> torch.Tensor:
+    """The number of next-token targets that count (0-d int64 on the labels' device: no host sync)."""
+    return (shifted_targets(labels) != IGNORE_INDEX).sum()
 
 
 def loss_on_batch(
@@ -41,15 +27,16 @@ def loss_on_batch(
     batch: dict[str, torch.Tensor],
     distill_cfg: Any,
     *,
-    num_valid_tokens: int | None = None,
+    num_valid_tokens: int | torch.Tensor | None = None,
     features: FeatureDistiller | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """kd_weight * T^2 * D(teacher || student) + ce_weight * CE, summed over valid tokens / num_valid_tokens.
 
     With `teacher=None` only the CE term is computed (training from scratch or fine-tuning), unless the
     batch carries the teacher's cached top-k (`teacher_lp`, `teacher_idx` from a teacher cache): then the
     fused loss's top-k path stands in for the teacher. `features` adds `distill.features.weight` x the
-    intermediate-layer loss (normalised by the same token count).
+    intermediate-layer loss (normalised by the same token count). The parts (`kd`, `ce`, `top1_agree`,
+    `feat`) are detached device tensors, so a step reads them back once, when it is logged.
     """
     input_ids, labels = batch["input_ids"], batch["labels"]
     if "teacher_records" in batch:
@@ -93,11 +80,11 @@ def loss_on_batch(
         if kd_weight > 0 and not cached:
             kd.update(teacher_hidden=ht, teacher_weight=t_head.weight, teacher_bias=t_head.bias)
         loss, parts = head(hs, kd=kd)
-    out = {"kd": float(parts["kd"]), "ce": float(parts["ce"])}
+    out = {"kd": parts["kd"].detach(), "ce": parts["ce"].detach()}
     if "top1_agree" in parts:  # rows where the student's and the teacher's argmax agree
-        out["top1_agree"] = float(parts["top1_agree"])
+        out["top1_agree"] = parts["top1_agree"]
     if features is not None:  # through the module's call, so ZeRO-3 gathers the projection
         f_loss, f_parts = features(s_feats, t_feats, feature_positions(labels), num_valid_tokens=num_valid_tokens)
         loss = loss + f_loss
-        out["feat"] = float(f_parts["feat"])
+        out["feat"] = f_parts["feat"]
     return loss, out

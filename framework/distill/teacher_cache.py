@@ -25,11 +25,8 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
-import tempfile
 import time
-import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,18 +36,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sapling import faults
 from sapling.data.blocks import PackedBlocks, PackedData
 from sapling.dist import barrier, broadcast_object, gathered, rank_world
 from sapling.distill.topk_format import RecordLayout, decode_records, encode_records
 from sapling.errors import DataError
+from sapling.io import (
+    write_atomically,
+    write_bytes_atomically,
+    write_dir_atomically,
+    write_text_atomically,
+)
 
 log = logging.getLogger("sapling")
 
 FORMAT = "sapling-teacher-topk"
 VERSION = 1
 DEFAULT_TOP_K = 64
-# Test-only fault injection: the writer kills itself (SIGKILL) after writing this many shards.
-FAULT_KILL_ENV = "SAPLING_FAULT_KILL_AFTER_SHARDS"
 # Plan fields a rerun must agree on (the rest: bookkeeping).
 PLAN_KEYS = ("format", "version", "data_fingerprint", "tokenizer_hash", "teacher_hash", "top_k", "temperature",
              "layout", "seq_len", "num_sequences", "num_val_sequences", "shard_sequences", "token_dtype")
@@ -142,22 +144,8 @@ def _sequence_crc(tokens: np.ndarray, records: np.ndarray) -> int:
                       zlib.crc32(tokens.data if tokens.flags.c_contiguous else tokens.tobytes()))
 
 
-def _atomic_bytes(path: Path, chunks: list[bytes | memoryview | np.ndarray]) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            for c in chunks:
-                f.write(c)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _atomic_json(path: Path, obj: Any) -> None:
-    _atomic_bytes(path, [json.dumps(obj, indent=2, sort_keys=True).encode()])
+    write_text_atomically(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -177,8 +165,7 @@ def teacher_topk(teacher: torch.nn.Module, input_ids: torch.Tensor, top_k: int, 
     Logits are formed chunk by chunk from the final hidden states (float32 softmax), so [tokens x vocab]
     never exists; the tail is the logsumexp of everything outside the top k (no 1 - sum cancellation).
     """
-    from sapling.distill.step import final_hidden
-    from sapling.models import decoder_and_head
+    from sapling.models import decoder_and_head, final_hidden
 
     hidden = final_hidden(teacher, input_ids)
     _, head = decoder_and_head(teacher)
@@ -244,42 +231,21 @@ def _prepare(root: Path, plan: dict[str, Any], data: PackedData, tokenizer: Any,
         if diff:
             raise CacheError(f"cache.dir={root} holds a teacher cache written for other inputs ({'; '.join(diff)}); "
                              "use a new cache.dir, or delete this one to rebuild it")
-    for stale in (root / "shards").glob("*.tmp-*"):  # a killed writer's partial file
+    for stale in (root / "shards").glob("*.tmp-*"):  # a killed writer's partial file (sapling.io's temp names)
         stale.unlink()
     if not (root / "teacher" / "config.json").exists():
-        tmp = Path(tempfile.mkdtemp(prefix=".teacher.tmp-", dir=root))
-        teacher_config.to_json_file(tmp / "config.json")
-        _publish_dir(tmp)
-        os.replace(tmp, root / "teacher")
+        write_dir_atomically(root / "teacher", lambda tmp: teacher_config.to_json_file(tmp / "config.json"))
     if not (root / "tokenizer").exists():
-        tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.tmp-", dir=root))
-        tokenizer.save_pretrained(tmp)
-        _publish_dir(tmp)
-        os.replace(tmp, root / "tokenizer")
+        write_dir_atomically(root / "tokenizer", tokenizer.save_pretrained)
     if not (root / "val_tokens.npy").exists():
         val = np.ascontiguousarray(data.val.array)
-        _atomic_bytes(root / "val_tokens.npy", [_npy_bytes(val)])
+        write_atomically(root / "val_tokens.npy", lambda f: np.save(f, val))
     if not plan_path.exists():
         _atomic_json(plan_path, plan)
     pending = [i for i in range(geo.num_shards) if not _shard_complete(root, geo, i)]
     if pending and (root / "manifest.json").exists():
         (root / "manifest.json").unlink()  # shards were deleted (e.g. a corrupted one): the cache is unfinished again
     return pending
-
-
-def _publish_dir(path: Path) -> None:
-    """mkdtemp makes 0700 directories; give them the permissions an ordinary mkdir would (shared caches)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, array)
-    return buf.getvalue()
 
 
 def write_teacher_cache(
@@ -324,7 +290,6 @@ def write_teacher_cache(
     mine = pending[rank::world]
     rounds = math.ceil(len(pending) / world)
     batches_per_shard = math.ceil(geo.shard_sequences / micro_batch_size)
-    kill_after = int(os.environ.get(FAULT_KILL_ENV, "0") or 0)
     todo = sum(len(geo.sequences(i)) for i in pending)
     bar = tqdm(total=todo, desc="cache-teacher", disable=not (progress and rank == 0), dynamic_ncols=True,
                unit="seq", mininterval=1.0 if sys.stderr.isatty() else 30.0)
@@ -358,7 +323,7 @@ def write_teacher_cache(
         digest = hashlib.sha256()
         for section in sections:  # hashed from memory: no second read of the file just written
             digest.update(section)
-        _atomic_bytes(path, sections)
+        write_bytes_atomically(path, sections)
         sidecar = {"shard": shard, "file": f"shards/{name}.bin", "first_sequence": seqs.start,
                    "num_sequences": len(seqs), "bytes": path.stat().st_size, "sha256": digest.hexdigest(),
                    "writer_rank": rank, "writer_world_size": world, "wall_s": round(time.perf_counter() - ts, 3)}
@@ -366,8 +331,7 @@ def write_teacher_cache(
         written += 1
         if metrics is not None:
             metrics.log({"event": "cache_shard", **sidecar})
-        if kill_after and written >= kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
+        faults.after_shard(written)  # test-only seam (sapling.faults), a no-op in real runs
     bar.close()
     barrier()
     manifest: Any = None

@@ -22,9 +22,7 @@ from typing import Any
 
 import torch
 
-from sapling.distill.head import install_kd_head
-from sapling.distill.step import IGNORE_INDEX, final_hidden
-from sapling.models import decoder_and_head
+from sapling.models import IGNORE_INDEX, decoder_and_head, final_hidden, install_kd_head
 
 
 def token_stream(blocks: Any, max_tokens: int | None = None) -> torch.Tensor:

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from sapling.distill.head import install_kd_head
-from sapling.distill.step import IGNORE_INDEX, final_hidden, shifted_targets
+from sapling.dist import all_reduce_sum, rank_world
+from sapling.models import IGNORE_INDEX, final_hidden, install_kd_head, shifted_targets
 from sapling.progress import progress as progress_bar
 
 
@@ -23,34 +23,49 @@ def evaluate_lm(
     device: torch.device | str = "cpu",
     progress: bool = False,
     desc: str = "eval",
+    shard: bool = False,
+    lockstep: bool = False,
 ) -> dict[str, float]:
     """Mean next-token NLL (nats) over the first blocks of `blocks` (all when both budgets are None).
 
     `max_tokens` takes the first max(1, max_tokens // block length) blocks, so the blocks evaluated do not
     depend on `micro_batch_size`; `max_batches` caps the number of batches too. `progress` shows a bar.
+
+    `shard=True` (call it on every rank of the process group): each rank evaluates every world-th batch from
+    its rank on, and the sums of NLL and tokens are all-reduced, so every rank returns the value one process
+    gets for all the batches. `lockstep=True` is for a ZeRO-3 model, whose every forward needs every rank:
+    all ranks run the same number of forwards, a rank short of one running batch 0 again with zero weight.
     """
     was_training = model.training
     model.eval()
     head = install_kd_head(model)  # the loss runs in the head's forward, so a ZeRO-3 head is gathered for it
-    total_nll, total_tokens = 0.0, 0
     n = len(blocks)
     if max_tokens is not None and n:
         n = min(n, max(1, max_tokens // blocks[0].numel()))
     batches = math.ceil(n / micro_batch_size)
     if max_batches is not None:
         batches = min(batches, max_batches)
-    for b in progress_bar(range(batches), desc=desc, unit="batch", enabled=progress, leave=False):
-        ids = torch.stack([blocks[i] for i in range(b * micro_batch_size, min(n, (b + 1) * micro_batch_size))])
+    rank, world = rank_world() if shard else (0, 1)
+    mine: list[int | None] = list(range(rank, batches, world))
+    if lockstep:
+        mine += [None] * (math.ceil(batches / world) - len(mine))  # None: a zero-weight forward
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # NLL sum, tokens: read once at the end
+    for b in progress_bar(mine, desc=desc, unit="batch", enabled=progress, leave=False):
+        first = 0 if b is None else b * micro_batch_size
+        ids = torch.stack([blocks[i] for i in range(first, min(n, first + micro_batch_size))])
         ids = ids.to(device)
         hidden = final_hidden(model, ids)
         targets = shifted_targets(ids)
         nll_sum = head(hidden, kd=dict(labels=targets, kd_weight=0.0, ce_weight=1.0, ignore_index=IGNORE_INDEX,
                                        num_valid_tokens=1))
-        total_nll += float(nll_sum)
-        total_tokens += int((targets != IGNORE_INDEX).sum())
+        if b is not None:
+            totals += torch.stack([nll_sum.double(), (targets != IGNORE_INDEX).sum().double()])
+    if world > 1:
+        all_reduce_sum(totals)
     model.train(was_training)
+    total_nll, total_tokens = totals.tolist()
     loss = total_nll / max(1, total_tokens)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": total_tokens}
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(total_tokens)}
 
 
 PERPLEXITY_COLUMNS = ["model", "params", "loss (nats/token)", "perplexity"]

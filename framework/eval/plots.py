@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sapling.io import write_atomically
+
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl; a half-written last line (a run killed mid-write) is skipped."""
@@ -59,9 +61,7 @@ def plot_validation_curves(runs: dict[str, list[dict[str, Any]]], path: str | os
             ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return write_atomically(path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sapling.io import write_text_atomically
+
 Section = tuple[str, list[str], list[list[Any]]] | tuple[str, str]
 
 
@@ -24,12 +26,3 @@ def write_report(path: str | os.PathLike, title: str, sections: list[Section]) -
         else:
             parts += [section[1], ""]
     return write_text_atomically(path, "\n".join(parts))
-
-
-def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to a hidden temp name beside `path`, then rename it over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path

@@ -20,7 +20,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from sapling.eval.plots import plot_validation_curves, read_metrics
-from sapling.eval.report import markdown_table, write_text_atomically
+from sapling.eval.report import markdown_table
+from sapling.io import write_text_atomically
 
 METRIC_COLUMNS = ["state", "step", "tokens", "train_loss", "val_loss", "best_val_loss", "val_ppl", "tokens_per_s",
                   "wall_s"]

@@ -10,17 +10,29 @@ from sapling.models.hf import (
     save_hf_checkpoint,
     source_config,
 )
+from sapling.models.init_scope import model_init_scope
+from sapling.models.kd_head import KDHead, install_kd_head
+from sapling.models.layers import IGNORE_INDEX, decoder_layers, final_hidden, shifted_targets
+from sapling.models.placement import place
 from sapling.models.tiny import TINY_CONFIGS, tiny_config
 
 __all__ = [
+    "IGNORE_INDEX",
     "TINY_CONFIGS",
+    "KDHead",
     "apply_overrides",
     "build_model",
     "count_parameters",
     "decoder_and_head",
+    "decoder_layers",
+    "final_hidden",
+    "install_kd_head",
     "load_tokenizer",
+    "model_init_scope",
+    "place",
     "resolve_dtype",
     "save_hf_checkpoint",
+    "shifted_targets",
     "source_config",
     "tiny_config",
 ]

@@ -7,9 +7,6 @@ import copy
 import dataclasses
 import difflib
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +20,9 @@ from transformers import (
 )
 
 from sapling.errors import ConfigError, ModelSourceError
-from sapling.io import publish
+from sapling.io import write_dir_atomically
+from sapling.models.init_scope import model_init_scope
+from sapling.models.placement import place
 from sapling.models.tiny import tiny_config
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -175,8 +174,6 @@ def build_model(
     built partitioned (`deepspeed.zero.Init`: weights go straight into each rank's shard) and left where
     DeepSpeed put it.
     """
-    from sapling.train.ds_config import model_init_scope
-
     dtype = resolve_dtype(src.dtype, device)
     attn = resolve_attn_implementation(src.attn_implementation, device, dtype)
     pretrained = src.init == "pretrained" or (src.init == "auto" and src.path is not None
@@ -197,7 +194,7 @@ def build_model(
                 config = copy.deepcopy(config)
                 config._attn_implementation = attn
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model if partitioned else model.to(device)
+    return model if partitioned else place(model, device)
 
 
 def _from_pretrained(path: str, **kwargs: Any) -> torch.nn.Module:
@@ -248,28 +245,6 @@ def save_hf_checkpoint(
             tokenizer.save_pretrained(tmp)
 
     return write_dir_atomically(out_dir, build)
-
-
-def write_dir_atomically(out_dir: str | os.PathLike, build: Callable[[Path], None]) -> Path:
-    """`build(tmp)` fills a temp dir beside `out_dir`, which then replaces `out_dir` (an old one is removed
-    only after the rename); on any error the temp dir is removed and `out_dir` is left as it was."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        build(tmp)
-        publish(tmp)  # mkdtemp's 0700 and safetensors' 0600 -> what the umask gives any other output
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sapling.prune.importance import ImportanceScores, decoder_layers, head_dim
+from sapling.models import decoder_layers
+from sapling.prune.importance import ImportanceScores, head_dim
 
 
 def _sq(w: Tensor) -> Tensor:

@@ -1,9 +1,10 @@
 """Pruning at scale: data-parallel reductions and ZeRO-3 partitioned teachers.
 
 Calibration is shared out over the ranks and the importance accumulators are summed with
-`all_reduce_sum`. A teacher whose parameters are ZeRO-3 partitioned (built under `deepspeed.zero.Init`,
-possibly wrapped by a DeepSpeed engine) is never gathered whole: it is processed one *gather unit* at a
-time, a unit being one decoder layer or one leaf module outside them (embeddings, final norm, lm_head).
+`sapling.dist.all_reduce_sum` (rank, world size and parameter gathering are `sapling.dist`'s too). A
+teacher whose parameters are ZeRO-3 partitioned (built under `deepspeed.zero.Init`, possibly wrapped by a
+DeepSpeed engine) is never gathered whole: it is processed one *gather unit* at a time, a unit being one
+decoder layer or one leaf module outside them (embeddings, final norm, lm_head).
 
 DeepSpeed is imported only when a partitioned model is actually seen, so ordinary models pay nothing.
 """
@@ -11,34 +12,19 @@ DeepSpeed is imported only when a partitioned model is actually seen, so ordinar
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
-
-def rank_and_world_size() -> tuple[int, int]:
-    """(rank, world size) of the default process group; (0, 1) when torch.distributed is not initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_reduce_sum(t: Tensor) -> Tensor:
-    """Sum `t` over all ranks, in place, and return it; a no-op without an initialised process group.
-
-    Usable as the `reduce` argument of the importance functions.
-    """
-    if rank_and_world_size()[1] > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+from sapling.dist import gathered, rank_world
 
 
 def max_across_ranks(value: int, device: torch.device | str = "cpu") -> int:
     """The largest `value` over all ranks (a collective: every rank must call it); `value` on one process."""
-    if rank_and_world_size()[1] == 1:
+    if rank_world()[1] == 1:
         return value
     t = torch.tensor([value], dtype=torch.long, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -87,17 +73,6 @@ def gather_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return units
 
 
-def gathered_parameters(params: Iterable[nn.Parameter]) -> contextlib.AbstractContextManager:
-    """`deepspeed.zero.GatheredParameters` over `params` (read-only: partitioned again on exit, nothing
-    broadcast); a null context when none of them is partitioned. A collective: every rank must enter it."""
-    params = [p for p in params if hasattr(p, "ds_id")]
-    if not params:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
 @contextlib.contextmanager
 def gathered_forward(model: nn.Module) -> Iterator[None]:
     """Let forward passes run on a ZeRO-3 partitioned model that no DeepSpeed engine manages.
@@ -115,7 +90,7 @@ def gathered_forward(model: nn.Module) -> Iterator[None]:
 
     def gather(module: nn.Module, _args: tuple) -> None:
         if id(module) not in open_contexts:
-            ctx = gathered_parameters(module.parameters())
+            ctx = gathered(module.parameters())
             ctx.__enter__()
             open_contexts[id(module)] = ctx
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -31,16 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sapling.data.calibration import calibration_batches
+from sapling.dist import all_reduce_sum, rank_world
 from sapling.errors import DataError, ModelSourceError
-from sapling.io import publish
+from sapling.io import write_atomically
+from sapling.models import IGNORE_INDEX, decoder_layers
 from sapling.progress import progress as progress_bar
-from sapling.prune.distributed import (
-    all_reduce_sum,
-    gathered_forward,
-    is_zero3_partitioned,
-    max_across_ranks,
-    rank_and_world_size,
-)
+from sapling.prune.distributed import gathered_forward, is_zero3_partitioned, max_across_ranks
 
 AGGREGATIONS = ("mean_l2", "mean", "variance")
 # Which accumulators each aggregation keeps per structure kind (besides the shared token/sample counts).
@@ -81,19 +77,7 @@ class ImportanceScores:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temp file in the same folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.state_dict(), f)
-            publish(tmp)  # mkstemp makes it 0600
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        return path
+        return write_atomically(path, lambda f: torch.save(self.state_dict(), f))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ImportanceScores:
@@ -102,11 +86,6 @@ class ImportanceScores:
 
 
 # ----------------------------------------------------------------------------------------------- model
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of an HF causal LM (`model.model.layers`)."""
-    return model.model.layers
 
 
 def head_dim(config: Any) -> int:
@@ -416,9 +395,7 @@ def distributed_importance(
     rounding. On one process it is exactly `estimate_importance(model, calibration_batches(...))`.
     `model` may be ZeRO-3 partitioned (pass a DeepSpeed engine's `.module`).
     """
-    from sapling.prune.hook import calibration_batches  # imported here: hook.py imports this module
-
-    rank, world_size = rank_and_world_size()
+    rank, world_size = rank_world()
     batches = calibration_batches(blocks, samples, batch_size, device, seed=seed, rank=rank,
                                   world_size=world_size)
     share = len(np.array_split(np.arange(min(samples, len(blocks))), world_size)[rank])  # this rank's blocks
@@ -464,13 +441,13 @@ def _loss_sums(model: nn.Module, batches: list[dict[str, Tensor]], passes: int =
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         labels = batch.get("labels")
         if labels is None:
-            labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
+            labels = ids if mask is None else ids.masked_fill(mask == 0, IGNORE_INDEX)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         target = labels[:, 1:]
-        ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=-100,
+        ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX,
                              reduction="none")
         total += ce.double().sum()
-        count += (target != -100).sum().double()
+        count += (target != IGNORE_INDEX).sum().double()
     for _ in range(passes - len(batches)):
         model(**_padding_batch(model), use_cache=False)
     return total, count

@@ -20,9 +20,10 @@ from torch import nn
 
 from sapling.errors import ConfigError, ModelSourceError
 from sapling.models import count_parameters
+from sapling.models.shapes import shape_problem
 from sapling.progress import progress as progress_bar
 from sapling.prune.importance import ImportanceScores, Reduce, _apply_reduce, _loss_sums
-from sapling.prune.select import TARGET_FIELDS, plan_from_scores
+from sapling.prune.select import TARGET_FIELDS, plan_from_scores, target_config
 from sapling.prune.slicing import SUPPORTED_MODEL_TYPES, slice_model
 
 # Candidate groups, in the order slots are dealt (see `candidate_shapes`): width-only, mixed and depth-only
@@ -149,10 +150,14 @@ class _Pool:
     Counts are linear in the number of layers and in the MLP width and increase with the hidden size,
     so for each (layers, attention) only a band of hidden sizes can reach the budget: it is found by
     bisection, which keeps the enumeration fast for any model size and multiple. `probe` stops at the
-    first shape within tolerance.
+    first shape within tolerance. Only shapes whose HF config the pruner can build are kept (`shape_problem`:
+    e.g. LlamaConfig wants hidden_size divisible by num_attention_heads even with an explicit head_dim);
+    `buildable` memoises that per attention width and may be shared by the pools of one teacher.
     """
 
-    def __init__(self, teacher_cfg: Any, budget: int, multiple: int, tolerance: float, probe: bool = False) -> None:
+    def __init__(self, teacher_cfg: Any, budget: int, multiple: int, tolerance: float, probe: bool = False,
+                 buildable: dict[tuple[int, ...], bool] | None = None) -> None:
+        self.teacher_cfg = teacher_cfg
         self.arch = _Arch.of(teacher_cfg)
         self.teacher = _shape_of(teacher_cfg)
         self.budget, self.multiple, self.slack = budget, multiple, tolerance * budget
@@ -160,11 +165,25 @@ class _Pool:
         self.below: int | None = None  # nearest counts seen on either side of the budget (for errors)
         self.above: int | None = None
         self._seen: set[tuple[int, ...]] = set()
+        self._buildable = {} if buildable is None else buildable
         self._probe = probe
         self._enumerate()
 
     def __len__(self) -> int:
         return sum(len(shapes) for shapes in self.found.values())
+
+    def _can_build(self, shape: dict[str, int]) -> bool:
+        """The pruned config of `shape` passes `shape_problem`. What the config classes refuse depends on the
+        attention widths (hidden size, query and KV heads), not on the depth or the MLP width (always within
+        the teacher's here), so each width is checked once, on a one-layer cut (target_config is per layer)."""
+        key = (shape["hidden_size"], shape["num_attention_heads"], shape["num_key_value_heads"])
+        if key not in self._buildable:
+            probe = {**shape, "num_hidden_layers": 1, "intermediate_size": self.teacher["intermediate_size"]}
+            try:
+                self._buildable[key] = shape_problem(target_config(self.teacher_cfg, probe), self.teacher_cfg) is None
+            except (ConfigError, ValueError, TypeError):
+                self._buildable[key] = False
+        return self._buildable[key]
 
     def _solve(self, shape: dict[str, int], field: str, step: int, low: int) -> None:
         """Add `shape` with `field` set to the allowed size nearest the budget, if within tolerance.
@@ -176,7 +195,7 @@ class _Pool:
         best: tuple[int, dict[str, int]] | None = None
         for v in _nearest((self.budget - base) / slope, self.teacher[field], step, low):
             candidate, n = {**shape, field: v}, base + slope * v
-            if candidate == self.teacher:
+            if candidate == self.teacher or not self._can_build(candidate):
                 continue
             if n <= self.budget:
                 self.below = n if self.below is None else max(self.below, n)
@@ -239,14 +258,15 @@ def _candidates(teacher_cfg: Any, budget: int, multiple: int | None, tolerance: 
     if multiple is not None and multiple < 1:
         raise ValueError(f"multiple must be >= 1, got {multiple}")
     m = default_multiple(teacher_cfg) if multiple is None else multiple
-    pool = _Pool(teacher_cfg, budget, m, tolerance)
+    buildable: dict[tuple[int, ...], bool] = {}
+    pool = _Pool(teacher_cfg, budget, m, tolerance, buildable=buildable)
     # Automatic: finer widths while too few shapes fit (tiny teachers), but never below _MIN_AUTO_MULTIPLE.
     while multiple is None and len(pool) < (max_candidates + 1) // 2 and m // 2 >= _MIN_AUTO_MULTIPLE:
         m //= 2
-        pool = _Pool(teacher_cfg, budget, m, tolerance)
+        pool = _Pool(teacher_cfg, budget, m, tolerance, buildable=buildable)
     if not len(pool):
         raise ConfigError(_KEY, budget, _no_shape_problem(pool, tolerance),
-                          _no_shape_fix(teacher_cfg, budget, pool, tolerance))
+                          _no_shape_fix(teacher_cfg, budget, pool, tolerance, buildable))
     found = {g: sorted(pool.found[g], key=_order) for g in GROUPS}
     quota = dict.fromkeys(GROUPS, 0)
     while sum(quota.values()) < max_candidates and any(quota[g] < len(found[g]) for g in GROUPS):
@@ -287,13 +307,14 @@ def _no_shape_problem(pool: _Pool, tolerance: float) -> str:
             f"nearest: {' and '.join(near) if near else 'none'}")
 
 
-def _no_shape_fix(teacher_cfg: Any, budget: int, pool: _Pool, tolerance: float) -> str:
+def _no_shape_fix(teacher_cfg: Any, budget: int, pool: _Pool, tolerance: float,
+                  buildable: dict[tuple[int, ...], bool]) -> str:
     nearest = pool.above if pool.below is None else pool.below
     fixes = [f"prune.target.params={nearest}"] if nearest is not None else []
     # Suggest finer widths down to _MIN_AUTO_MULTIPLE (or to 1 when already that fine).
     m, floor = pool.multiple // 2, _MIN_AUTO_MULTIPLE if pool.multiple > _MIN_AUTO_MULTIPLE else 1
     while m >= floor:
-        if len(_Pool(teacher_cfg, budget, m, tolerance, probe=True)):
+        if len(_Pool(teacher_cfg, budget, m, tolerance, probe=True, buildable=buildable)):
             fixes.append(f"prune.search.multiple={m}")
             break
         m //= 2
@@ -363,8 +384,10 @@ def search_target(
     log(f"prune search: {len(shapes)} candidate shapes within {100 * tolerance:g}% of {budget:,} parameters "
         f"(widths multiple of {multiple}), ranked by held-out LM loss")
 
-    def student(shape: dict[str, int]) -> nn.Module:
-        return slice_model(teacher, plan_from_scores(scores, cfg, shape, depth_metric=depth_metric))
+    where = batches[0]["input_ids"].device if batches else None  # also from a ZeRO-3 teacher (else on the CPU)
+
+    def student(shape: dict[str, int]) -> nn.Module:  # on the device of the batches it is ranked on
+        return slice_model(teacher, plan_from_scores(scores, cfg, shape, depth_metric=depth_metric), device=where)
 
     rows: list[dict[str, Any]] = []
     for idx, shape in enumerate(progress_bar(shapes, desc="prune search: candidates", unit="shape",

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from sapling.errors import ConfigError
+from sapling.models.shapes import check_shape
 from sapling.prune.importance import ImportanceScores
 from sapling.prune.slicing import KeepPlan, pruned_config
 
@@ -94,3 +95,21 @@ def plan_from_scores(scores: ImportanceScores, teacher_cfg: Any, shape: dict[str
             kept = [g * group + _top(scores.heads[i, g * group:(g + 1) * group], per_group) for g in groups.tolist()]
             plan.heads.append(torch.cat(kept))
     return plan
+
+
+def check_prune_shape(teacher_cfg: Any, target: dict[str, Any], *, seq_len: int | None = None) -> dict[str, int]:
+    """The full student shape of an explicit `prune.target` (see prune.select.resolve_target), its HF config
+    built as the pruner will build it and checked by `check_shape` before the teacher's weights load."""
+    shape = resolve_target(teacher_cfg, target)
+    given = {k: v for k, v in target.items() if v is not None and k != "params"}
+
+    def vary(name: str, value: int) -> Any:
+        return target_config(teacher_cfg, resolve_target(teacher_cfg, {**given, name: value}))
+
+    try:
+        student_cfg = target_config(teacher_cfg, shape)
+    except ValueError as err:  # a teacher the slicer cannot cut (model type, per-layer shapes)
+        raise ConfigError("prune.target", given or None, f"cannot prune this teacher: {err}",
+                          "prune a Llama, Mistral, Qwen2 or Qwen3 checkpoint with the same shape in every layer") from err
+    check_shape("prune.target", student_cfg, teacher=teacher_cfg, seq_len=seq_len, given=given, vary=vary)
+    return shape

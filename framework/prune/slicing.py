@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
+from sapling.dist import gathered
 from sapling.errors import ModelSourceError
-from sapling.prune.distributed import gather_units, gathered_parameters, is_zero3_partitioned
+from sapling.prune.distributed import gather_units, is_zero3_partitioned
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # Config fields holding one entry per decoder layer; subset with the kept layers.
@@ -232,7 +233,7 @@ def _teacher_state(model: PreTrainedModel) -> Iterator[tuple[str, torch.Tensor, 
     expected = set(model.state_dict(keep_vars=True))
     seen: set[str] = set()
     for prefix, unit in gather_units(model):
-        with gathered_parameters(unit.parameters()):
+        with gathered(unit.parameters()):
             for name, t in unit.state_dict(prefix=prefix, keep_vars=True).items():
                 seen.add(name)
                 # Gathered storage is freed and reused between units: identify parameters by their ZeRO id.

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sapling.models.hf import write_dir_atomically
+from sapling.io import write_dir_atomically
 from sapling.quant.layerwise import QuantResult
 from sapling.quant.numerics import dequantize
 

@@ -20,9 +20,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sapling.distill.step import final_hidden
 from sapling.kernels import fused_linear_kd_loss
-from sapling.models import decoder_and_head
+from sapling.models import decoder_and_head, final_hidden
 from sapling.quant.layerwise import saliency_groups
 
 

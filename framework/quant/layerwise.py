@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sapling.errors import ConfigError
-from sapling.models import decoder_and_head
+from sapling.models import decoder_and_head, decoder_layers
 from sapling.quant.gptq import gptq
 from sapling.quant.numerics import QuantSpec, dequantize, rtn_export
 
@@ -86,17 +86,9 @@ def plan_targets(model: nn.Module, spec: QuantSpec, ignore: Sequence[str] = ("lm
                 (f"use quant.group_size={divisors[0]}, " if divisors else "")
                 + "or set quant.skip_incompatible=true to leave such layers unquantized (16-bit)")
     if not targets:
-        raise ConfigError("quant.ignore", list(ignore), "no linear layer left to quantize (all ignored or skipped)",
+        raise ConfigError("quant.ignore", list(ignore), "no linear layer to quantize (all ignored or skipped)",
                           "ignore fewer layers (quant.ignore holds regexes of module names), or check quant.group_size")
     return targets, skipped, ignored
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    decoder, _ = decoder_and_head(model)
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise TypeError(f"{type(model).__name__}: no `layers` list in its decoder; layer-wise GPTQ needs one")
-    return layers
 
 
 class _Captured(Exception):
@@ -200,7 +192,7 @@ def quantize_model(
         raise ConfigError("data.files", None, "GPTQ needs calibration batches",
                           "pass data.files=[...] with quant.calibration.samples > 0 (or use quant.method=rtn)")
 
-    layers = decoder_layers(model)
+    layers = decoder_layers(model, fix="layer-wise GPTQ needs one: use quant.method=rtn for this model")
     decoder, _ = decoder_and_head(model)
     home = next(model.parameters()).device
     if offload:  # everything but the layers (embeddings, rotary tables) goes to the device for the capture

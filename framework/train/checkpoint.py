@@ -16,15 +16,12 @@ A checkpoint written at another world size or ZeRO stage is converted once with 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
 import os
 import random
 import shutil
-import tempfile
-import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -32,17 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from sapling import faults
 from sapling.dist import barrier, broadcast_object, rank_world
 from sapling.errors import CheckpointError, SaplingError
-from sapling.io import publish
+from sapling.io import write_atomically, write_dir_atomically, write_text_atomically
 
 LATEST = "latest"
 STATE_FILE = "sapling_state.pt"
 UNIVERSAL_DIR = "universal"
 TAG_PREFIX = "global_step"
-# Test-only fault injection: stall inside the save of this step (after the files are written, before the
-# commit), so a test can SIGKILL the run mid-save.
-FAULT_STALL_ENV = "SAPLING_FAULT_STALL_IN_SAVE"
 
 
 def rng_state() -> dict[str, Any]:
@@ -58,27 +53,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    publish(tmp)  # mkstemp makes it 0600
-    os.replace(tmp, path)
-
-
-def _torch_save_atomic(obj: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _step_of(tag_dir: Path) -> int:
@@ -206,15 +180,6 @@ def check_same_shape(tag_dir: str | os.PathLike, config: Any) -> None:
                               "output_dir (or with trainer.overwrite=true, which moves this run aside)")
 
 
-def _stall_if_asked(step: int, tmp: Path) -> None:
-    if os.environ.get(FAULT_STALL_ENV) == str(step):
-        parent = os.getppid()
-        (tmp.parent / f".stalled-{step}-rank{rank_world()[0]}").touch()
-        while os.getppid() == parent:  # until killed; a rank orphaned by its killed launcher dies too
-            time.sleep(0.5)
-        os._exit(1)
-
-
 def save_checkpoint(root: str | os.PathLike, step: int, engine: Any, client_state: dict, keep_last: int, *,
                     model: torch.nn.Module | None = None, tokenizer: Any = None) -> Path:
     """Write `root/global_step{step}` (all ranks call this), point `root/latest` at it, keep `keep_last` tags.
@@ -240,15 +205,16 @@ def save_checkpoint(root: str | os.PathLike, step: int, engine: Any, client_stat
             model.config.save_pretrained(tmp / "hf")
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / "hf")
-        _torch_save_atomic({**client_state, "step": step, "world_size": world, "engine": engine.kind,
-                            "zero_stage": getattr(engine, "stage", 0)}, tmp / STATE_FILE)
-    _stall_if_asked(step, tmp)
+        state = {**client_state, "step": step, "world_size": world, "engine": engine.kind,
+                 "zero_stage": getattr(engine, "stage", 0)}
+        write_atomically(tmp / STATE_FILE, lambda f: torch.save(state, f))
+    faults.in_save(step, tmp, rank)  # test-only seam: files written, not yet committed
     barrier()
     if rank == 0:
         if final.exists():  # committed earlier but never named by `latest` (killed between the two)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_text_atomic(root / LATEST, tag)
+        write_text_atomically(root / LATEST, tag)
         if keep_last > 0:
             for old in checkpoint_tags(root)[:-keep_last]:
                 if old.name != tag:
@@ -274,17 +240,13 @@ def universal_checkpoint(tag_dir: str | os.PathLike) -> Path:
     tag_dir = Path(tag_dir)
     out = tag_dir.parent / UNIVERSAL_DIR / tag_dir.name
     if rank_world()[0] == 0 and not out.exists():
-        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+        from sapling.train.ds_compat import to_universal
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".tmp-{out.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1,
-                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                  inject_missing_state=True)
-        with contextlib.redirect_stdout(io.StringIO()):  # the converter prints per-parameter progress
-            ds_to_universal(args)
-        os.replace(tmp, out)
+        def convert(tmp: Path) -> None:
+            with contextlib.redirect_stdout(io.StringIO()):  # the converter prints per-parameter progress
+                to_universal(tag_dir, tmp)
+
+        write_dir_atomically(out, convert)
     error = broadcast_object(None if out.exists() or rank_world()[0] != 0 else "conversion failed")
     if error:
         raise CheckpointError(f"DeepSpeed's ds_to_universal could not convert {tag_dir} ({error}); "

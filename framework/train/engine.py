@@ -22,54 +22,85 @@ import torch
 
 from sapling.dist import gathered
 from sapling.errors import CheckpointError
+from sapling.models import place
+from sapling.train import ds_compat
 from sapling.train.checkpoint import checkpoint_fix, load_checkpoint_file
-from sapling.train.optim import build_optimizer, build_scheduler, param_groups
+from sapling.train.optim import LossScaler, MasterWeights, build_optimizer, build_scheduler, param_groups
 
 ENGINE_FILE = "engine.pt"
 
 
 class LocalEngine:
+    """One process, PyTorch's AdamW. A 16-bit (bf16/fp16) module keeps its dtype for compute, gradients and
+    export while AdamW updates fp32 master weights (`MasterWeights`), as DeepSpeed does; fp16 adds dynamic
+    loss scaling (`LossScaler`). Checkpoints hold the masters and the scale, so a resume is exact."""
+
     kind = "local"
 
-    def __init__(self, module: torch.nn.Module, trainer_cfg) -> None:
-        self.module = module
-        self.optimizer = build_optimizer(module, trainer_cfg)
+    def __init__(self, module: torch.nn.Module, trainer_cfg, device: torch.device | str | None = None) -> None:
+        self.module = module if device is None else place(module, device)  # all of it: student and projections
+        groups = param_groups(self.module, trainer_cfg)
+        self.master = MasterWeights(groups)  # puts the fp32 masters of 16-bit parameters into the groups
+        self.optimizer = build_optimizer(groups, trainer_cfg)
         self.scheduler = build_scheduler(self.optimizer, trainer_cfg)
+        self.scaler = LossScaler() if self.master.fp16 else None
         self.grad_clip = trainer_cfg.grad_clip
         self.global_steps = 0
+        self.skipped_steps = 0  # fp16 steps skipped on inf/nan gradients
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate gradients. The caller normalises the loss over the whole accumulated batch."""
-        loss.backward()
+        (loss * self.scaler.scale if self.scaler is not None else loss).backward()
 
-    def step(self) -> float:
-        """Clip, update, advance the lr schedule; returns the pre-clip gradient norm."""
-        params = [p for p in self.module.parameters() if p.grad is not None]
+    def step(self) -> torch.Tensor:
+        """Clip, update, advance the lr schedule; returns the pre-clip gradient norm. Under fp16 a step with
+        inf/nan gradients is skipped (weights, optimizer state and lr schedule unchanged) and the scale halves."""
+        self.master.grads_to_masters()
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if self.scaler is not None:
+            for p in params:
+                p.grad.div_(self.scaler.scale)
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
-        self.optimizer.step()
-        self.scheduler.step()
+        overflow = self.scaler is not None and not bool(torch.isfinite(norm))
+        if overflow:
+            self.skipped_steps += 1
+        else:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.master.masters_to_params()
+        if self.scaler is not None:
+            self.scaler.update(overflow)
         self.optimizer.zero_grad(set_to_none=True)
         self.global_steps += 1
-        return float(norm)
+        return norm.detach()  # a device scalar: the loop reads it when it logs the step
 
     @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "module": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "global_steps": self.global_steps,
         }
+        if self.master.pairs:
+            state["master"] = self.master.state_dict()
+        if self.scaler is not None:
+            state["loss_scaler"] = {**self.scaler.state_dict(), "skipped_steps": self.skipped_steps}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])
+        self.master.load_state_dict(state.get("master"))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.global_steps = state["global_steps"]
+        if self.scaler is not None and "loss_scaler" in state:
+            self.scaler.load_state_dict(state["loss_scaler"])
+            self.skipped_steps = state["loss_scaler"]["skipped_steps"]
 
     def save_checkpoint(self, tag_dir: Path) -> None:
         torch.save(self.state_dict(), Path(tag_dir) / ENGINE_FILE)
@@ -132,12 +163,12 @@ class DeepSpeedEngine:
         if self._micro % self.grad_accum:
             self._end_micro_batch()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor | float:
         if not self.ds.is_gradient_accumulation_boundary():
             raise RuntimeError("DeepSpeedEngine.step() called before grad_accum micro-batches were backpropagated")
         self._end_micro_batch()
         norm = self.ds.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return norm if norm is not None else float("nan")  # read (float()) when the loop logs the step
 
     def _end_micro_batch(self) -> None:
         # The loop calls the module's parts (decoder, KD head), not the engine's forward, which is where
@@ -145,7 +176,7 @@ class DeepSpeedEngine:
         # accumulate rather than overwrite gradient partitions). Done here instead, at the same point:
         # after this micro-batch, before the next forward.
         self.ds.step()
-        self.ds.optimizer.clear_backward_seen_flag()
+        ds_compat.end_backward(self.ds)
 
     @property
     def lr(self) -> float:
@@ -177,7 +208,7 @@ class DeepSpeedEngine:
         import torch.distributed as dist
 
         if self.stage == 3:
-            return self.ds._zero3_consolidated_16bit_state_dict()
+            return ds_compat.zero3_full_state_dict(self.ds)
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()} if dist.get_rank() == 0 else None
 
     def gathered_head(self) -> contextlib.AbstractContextManager:
@@ -185,10 +216,11 @@ class DeepSpeedEngine:
         return gathered(list(self.module.get_output_embeddings().parameters()))
 
 
-def build_engine(module: torch.nn.Module, cfg: Any, world_size: int = 1, *,
-                 load_universal: bool = False) -> LocalEngine | DeepSpeedEngine:
+def build_engine(module: torch.nn.Module, cfg: Any, world_size: int = 1, *, load_universal: bool = False,
+                 device: torch.device | str | None = None) -> LocalEngine | DeepSpeedEngine:
+    """The engine training `module`: LocalEngine (moved to `device`) or DeepSpeed's (which places it itself)."""
     if cfg.deepspeed.name == "none":
-        return LocalEngine(module, cfg.trainer)
+        return LocalEngine(module, cfg.trainer, device)
     return DeepSpeedEngine(module, cfg, world_size, load_universal=load_universal)
 
 

@@ -14,7 +14,6 @@ or Ctrl-C makes every rank stop at the next step boundary (the last one too), af
 
 from __future__ import annotations
 
-import math
 import os
 import resource
 import signal
@@ -28,8 +27,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from sapling import faults
 from sapling.data import PackedData, ResumableLoader
-from sapling.dist import any_across_ranks, barrier, rank_world, sum_across_ranks
+from sapling.dist import all_reduce_sum, any_across_ranks, barrier, rank_world
 from sapling.distill.features import FeatureDistiller, StudentWithFeatures, student_weights
 from sapling.distill.step import count_valid, loss_on_batch
 from sapling.errors import CheckpointError
@@ -40,19 +40,10 @@ from sapling.train.engine import build_engine, prepare_teacher
 from sapling.train.flops import distill_step_flops, kd_head_flops_per_row, peak_flops
 from sapling.train.metrics import MetricsLogger
 
+# What a step sums over its micro-batches (and ranks): loss_on_batch's parts and the loss.
+STEP_STATS = ("loss", "kd", "ce", "feat", "top1_agree")
 # USR1: Slurm's --signal (launchers/slurm.sbatch); USR2: submitit's; TERM: preemption and scancel; INT: Ctrl-C.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
-# Test-only fault injection: rank 0 raises signals after an optimizer step. SAPLING_FAULT_SIGNAL_AT_STEP:
-# the step, `N` (any loop) or `DESC:N` (only the loop with that `desc`: a pipeline stage such as
-# `distill:3`); SAPLING_FAULT_SIGNAL: the signals, in turn, e.g. `INT` or `INT,INT` (default USR1).
-FAULT_SIGNAL_ENV = "SAPLING_FAULT_SIGNAL_AT_STEP"
-FAULT_SIGNAL_NAME_ENV = "SAPLING_FAULT_SIGNAL"
-
-
-def _fault_step(desc: str) -> int:
-    """The step after which to raise the test-only fault signals in the loop named `desc` (0: never)."""
-    where, _, step = os.environ.get(FAULT_SIGNAL_ENV, "").rpartition(":")
-    return int(step or 0) if where in ("", desc) else 0
 
 
 @dataclass
@@ -161,12 +152,14 @@ def fit(
     device: torch.device,
     desc: str = "train",
     save_model: bool = True,
+    hidden_index: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train `student` for `cfg.trainer.max_steps` optimizer steps (KD when `teacher` is given, else CE).
 
     With `cfg.deepspeed` set, every rank calls this (after `init_distributed`), the student becomes a ZeRO
     engine and the teacher a DeepSpeed engine without optimizer. `save_model=False` skips the final HF
-    checkpoint (short throwaway runs, e.g. ranking prune candidates).
+    checkpoint (short throwaway runs, e.g. ranking prune candidates). `hidden_index`: the teacher channel
+    each student hidden channel was sliced from (a width-pruned student), where feature projections start.
     """
     t = cfg.trainer
     rank, world = rank_world()
@@ -192,9 +185,11 @@ def fit(
     features = None
     if teacher is not None and cfg.distill.features.weight > 0:
         teacher_config = getattr(teacher, "module", teacher).config
-        features = FeatureDistiller.from_config(cfg.distill.features, student.config, teacher_config, seed=t.seed)
+        like = next(student.parameters())  # the projection is made beside the student
+        features = FeatureDistiller.from_config(cfg.distill.features, student.config, teacher_config, seed=t.seed,
+                                                hidden_index=hidden_index, device=like.device, dtype=like.dtype)
     trained = StudentWithFeatures(student, features) if features is not None else student
-    engine = build_engine(trained, cfg, world, load_universal=universal)
+    engine = build_engine(trained, cfg, world, load_universal=universal, device=device)
     # `model` is the HF student (validated and exported); the projections live beside it in the engine
     model, features = (engine.module.model, engine.module.features) if features is not None else (engine.module, None)
     cached_teacher = getattr(data.train, "has_teacher", False)  # a teacher cache: top-k comes with the batches
@@ -211,10 +206,24 @@ def fit(
         metrics.log({"event": "resume", "step": start_step, "tokens": tokens_seen, "from_world_size":
                      state.get("world_size", 1), "world_size": world, "universal": universal})
 
+    # [step, loss] of the first step whose loss was not finite (step 0: none), kept on the device so that no
+    # step waits for it; read (one small sync) wherever state leaves the loop: a logged or validated step,
+    # a checkpoint, the end. So a NaN stops the run before anything trained on it is validated or saved.
+    nonfinite = torch.zeros(2, dtype=torch.float64, device=device)
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+
+    def check_finite(read: list[float] | None = None) -> None:
+        bad_step, bad_loss = nonfinite.tolist() if read is None else read
+        if bad_step:
+            raise FloatingPointError(f"loss is {bad_loss} at step {int(bad_step)}; lower trainer.lr or check the data")
+
     def validate(step: int) -> dict[str, float]:
-        # Every rank evaluates the same batches: under ZeRO-3 all ranks take part in each forward.
+        check_finite()
+        # Each rank evaluates its share of the batches (the sums are all-reduced); under ZeRO-3 every rank
+        # takes part in each forward, so all ranks run as many forwards (lockstep).
         val = evaluate_lm(model, data.val, micro_batch_size=t.micro_batch_size, max_batches=t.eval_batches,
-                          max_tokens=t.eval_tokens, device=device, progress=t.progress, desc="validation")
+                          max_tokens=t.eval_tokens, device=device, progress=t.progress, desc="validation",
+                          shard=True, lockstep=engine.kind == "deepspeed" and int(cfg.deepspeed.stage) == 3)
         # Cumulative model FLOPs so far: the student's training (6N per token + attention + head) and the
         # whole step's, which adds the online teacher's forward (a cached teacher's pass is not counted).
         metrics.log({"event": "eval", "step": step, "tokens": tokens_seen, "val_loss": val["loss"],
@@ -222,6 +231,7 @@ def fit(
         return val
 
     def checkpoint(step: int) -> None:
+        check_finite()
         client = {"tokens": tokens_seen, "loader": loader.state_dict(), "data_fingerprint": data.fingerprint,
                   "wandb_run_id": getattr(metrics, "run_id", None)}
         save_checkpoint(ckpt_root, step, engine, client, t.keep_last, model=model, tokenizer=tokenizer)
@@ -233,7 +243,6 @@ def fit(
     batches = iter(loader)
     bar = tqdm(total=t.max_steps, initial=start_step, desc=desc, disable=not (t.progress and main),
                dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    fault_step = _fault_step(desc)
     t0, window_t0, window_tokens = time.perf_counter(), time.perf_counter(), 0
     last_val: dict[str, float] = {}
     done, stopped, step_loss = start_step, False, float("nan")
@@ -242,45 +251,49 @@ def fit(
             micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(t.grad_accum)]
             if cached_teacher:  # packed top-k records were copied; decode them on the device
                 micro = [data.train.decode(mb) for mb in micro]
-            valid = [count_valid(mb["labels"]) for mb in micro]
-            num_valid = int(sum_across_ranks([sum(valid)], device)[0])  # the whole global batch's valid tokens
-            step_loss, step_kd, step_ce, step_feat, step_top1 = 0.0, 0.0, 0.0, 0.0, 0.0
+            # Everything per step stays on the device (a GPU never waits for the host to read a number back)
+            # and is read once, when the step is logged or validated.
+            num_valid = all_reduce_sum(sum(count_valid(mb["labels"]) for mb in micro))  # the global batch's
+            stats = torch.zeros(len(STEP_STATS), dtype=torch.float64, device=device)
             for mb in micro:
                 loss, parts = loss_on_batch(model, teacher, mb, cfg.distill, num_valid_tokens=num_valid,
                                             features=features)
                 engine.backward(loss)
-                step_loss += float(loss.detach())  # each part is already normalised by num_valid
-                step_kd += parts["kd"]
-                step_ce += parts["ce"]
-                step_feat += parts.get("feat", 0.0)
-                step_top1 += parts.get("top1_agree", 0.0)
-            step_loss, step_kd, step_ce, step_feat, step_top1 = sum_across_ranks(
-                [step_loss, step_kd, step_ce, step_feat, step_top1], device)
-            if not math.isfinite(step_loss):
-                raise FloatingPointError(f"loss is {step_loss} at step {step + 1}; lower trainer.lr or check the data")
+                parts["loss"] = loss.detach()  # each part is already normalised by num_valid
+                stats += torch.stack([parts[k].double() if k in parts else zero for k in STEP_STATS])
+            all_reduce_sum(stats)
+            first_bad = (nonfinite[0] == 0) & ~torch.isfinite(stats[0])
+            nonfinite[1] = torch.where(first_bad, stats[0], nonfinite[1])
+            nonfinite[0] = torch.where(first_bad, float(step + 1), nonfinite[0])
             lr = engine.lr
             grad_norm = engine.step()
             tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
             done = step + 1
-            if main and fault_step == done:
-                for name in os.environ.get(FAULT_SIGNAL_NAME_ENV, "USR1").split(","):
-                    signal.raise_signal(signal.Signals["SIG" + name])  # its handler runs before this returns
+            if main:
+                faults.after_step(done, desc)  # test-only seam (sapling.faults), a no-op in real runs
 
-            if done % t.log_every == 0 or done == t.max_steps:
+            logged = done % t.log_every == 0 or done == t.max_steps
+            evaluating = bool(t.eval_every) and done % t.eval_every == 0 and done != t.max_steps
+            if logged or evaluating:  # this step's one host sync: its sums (all ranks) and the finite check
+                read = torch.cat([nonfinite, stats, num_valid.reshape(1).to(stats)]).tolist()
+                check_finite(read[:2])
+                step_loss, step_kd, step_ce, step_feat, step_top1 = read[2:-1]
+                n_valid = read[-1]
+            if logged:
                 now = time.perf_counter()
                 tok_s = window_tokens / max(1e-9, now - window_t0)
                 record = {"event": "train", "step": done, "tokens": tokens_seen, "loss": step_loss, "kd": step_kd,
-                          "ce": step_ce, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s}
+                          "ce": step_ce, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
                 if features is not None:
                     record["feat"] = step_feat
                 if (teacher is not None or cached_teacher) and cfg.distill.kd_weight > 0:
-                    record["top1_agreement"] = step_top1 / max(num_valid, 1)  # of this step's valid tokens
+                    record["top1_agreement"] = step_top1 / max(n_valid, 1)  # of this step's valid tokens
                 record.update(_speed_record(step_flops, tok_s / tokens_per_step, world, peak, device))
                 metrics.log(record)
                 window_t0, window_tokens = now, 0
                 bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-            if t.eval_every and done % t.eval_every == 0 and done != t.max_steps:
+            if evaluating:
                 last_val = validate(done)
                 bar.set_postfix(loss=f"{step_loss:.3f}", val=f"{last_val['loss']:.3f}", refresh=False)
             # With checkpointing on, the last step is saved too (`sapling export` of the final state).
@@ -293,7 +306,7 @@ def fit(
             if any_across_ranks(stop.signum is not None, device):
                 if not saved:
                     checkpoint(done)
-                stopped = True
+                stopped, step_loss = True, float(stats[0])
                 metrics.log({"event": "stopped", "step": done, "tokens": tokens_seen,
                              "signal": signal.Signals(stop.signum).name if stop.signum else "peer"})
                 break

@@ -15,12 +15,11 @@ from sapling.distill.features import (
     FeatureDistiller,
     StudentWithFeatures,
     capture_layer_outputs,
-    decoder_layers,
     default_layer_map,
     feature_positions,
     resolve_layer_map,
 )
-from sapling.models import tiny_config
+from sapling.models import decoder_layers, tiny_config
 
 VOCAB = 64
 

@@ -25,9 +25,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from sapling.distill.teacher_cache import FAULT_KILL_ENV, CacheError, TeacherCache, teacher_topk
+from sapling.distill.teacher_cache import CacheError, TeacherCache, teacher_topk
 from sapling.distill.topk_format import decode_codes, quantize_nll
-from sapling.train.loop import FAULT_SIGNAL_ENV
+from sapling.faults import FAULT_KILL_ENV, FAULT_SIGNAL_ENV
 
 STUDENT = ["student.config.hidden_size=32", "student.config.intermediate_size=64", "student.config.num_hidden_layers=1",
            "trainer.micro_batch_size=4", "trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_batches=2",
@@ -51,7 +51,7 @@ def _records(out: Path, event: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def packed(teacher_cache, tokenizer, demo_cache):
     """The packed data the cache was written from, built the same way the command does."""
-    from sapling.commands import load_data
+    from sapling.recipes.common import load_data
 
     d = dict(a.split("=", 1) for a in teacher_cache["args"] if a.startswith("data."))
     cfg = OmegaConf.create({"cache_dir": str(demo_cache), "data": {
@@ -149,7 +149,7 @@ def test_corrupted_truncated_and_missing_shards_are_named(teacher_cache, tmp_pat
 
 
 def test_distill_refuses_a_cache_that_does_not_match(teacher_cache, corpus_file, demo_cache, tmp_path):
-    from sapling.pipeline import train_bpe_tokenizer
+    from sapling.data.demo import train_bpe_tokenizer
 
     base = ["distill", f"teacher.cache={teacher_cache['dir']}", *STUDENT, "trainer.max_steps=1",
             f"hydra.run.dir={tmp_path / 'run'}"]
@@ -175,9 +175,9 @@ def test_distill_refuses_a_cache_that_does_not_match(teacher_cache, corpus_file,
 def test_cached_step_is_the_fused_topk_loss(teacher_cache):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sapling.distill.step import final_hidden, loss_on_batch, shifted_targets
+    from sapling.distill.step import loss_on_batch
     from sapling.kernels import fused_linear_kd_loss
-    from sapling.models import apply_overrides
+    from sapling.models import apply_overrides, final_hidden, shifted_targets
 
     cache = TeacherCache(teacher_cache["dir"], verify=False)
     torch.manual_seed(0)

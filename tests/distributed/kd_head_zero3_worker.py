@@ -19,8 +19,8 @@ from deepspeed.utils import safe_get_full_grad
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from sapling.distill.step import IGNORE_INDEX, count_valid, loss_on_batch
-from sapling.models import tiny_config
+from sapling.distill.step import count_valid, loss_on_batch
+from sapling.models import IGNORE_INDEX, tiny_config
 
 
 def main(out_path: str) -> None:

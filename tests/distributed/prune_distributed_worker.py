@@ -24,10 +24,11 @@ import torch.distributed as dist
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from transformers import AutoModelForCausalLM
 
+import sapling.dist
 import sapling.prune.distributed as prune_dist
 import sapling.prune.slicing as slicing
+from sapling.data.calibration import calibration_batches
 from sapling.models import tiny_config
-from sapling.prune.hook import calibration_batches
 from sapling.prune.importance import ImportanceScores, distributed_importance, estimate_importance
 from sapling.prune.select import plan_from_scores
 from sapling.prune.slicing import slice_model
@@ -83,24 +84,24 @@ def state_errors(student: torch.nn.Module, ref: torch.nn.Module) -> dict[str, ob
 @contextlib.contextmanager
 def peak_whole_params(model: torch.nn.Module, peak: list[int]):
     """Record in peak[0] the most parameters of `model` that are whole at once inside sapling's gathers."""
-    originals = {mod: mod.gathered_parameters for mod in (prune_dist, slicing)}
+    originals = {mod: mod.gathered for mod in (prune_dist, slicing)}
 
     def spy(params):
         @contextlib.contextmanager
         def ctx():
-            with originals[prune_dist](params):
+            with sapling.dist.gathered(params):
                 whole = sum(p.ds_status == ZeroParamStatus.AVAILABLE for p in model.parameters())
                 peak[0] = max(peak[0], whole)
                 yield
         return ctx()
 
     for mod in originals:
-        mod.gathered_parameters = spy
+        mod.gathered = spy
     try:
         yield
     finally:
         for mod, fn in originals.items():
-            mod.gathered_parameters = fn
+            mod.gathered = fn
 
 
 def main(out_path: str) -> None:

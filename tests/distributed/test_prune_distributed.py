@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from sapling.data.calibration import calibration_batches
+from sapling.dist import all_reduce_sum
 from sapling.models import tiny_config
-from sapling.prune.distributed import all_reduce_sum, gather_units, is_zero3_partitioned
-from sapling.prune.hook import calibration_batches
+from sapling.prune.distributed import gather_units, is_zero3_partitioned
 from sapling.prune.importance import distributed_importance, estimate_importance
 
 WORKER = Path(__file__).with_name("prune_distributed_worker.py")

@@ -15,8 +15,9 @@ import time
 
 import pytest
 
-from sapling.dist import FAULT_FAIL_RANK_ENV, TIMEOUT_ENV, dist_timeout
+from sapling.dist import TIMEOUT_ENV, dist_timeout
 from sapling.errors import LaunchError
+from sapling.faults import FAULT_FAIL_RANK_ENV
 
 
 def _free_port() -> int:

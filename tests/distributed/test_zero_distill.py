@@ -24,8 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sapling.train.checkpoint import FAULT_STALL_ENV
-from sapling.train.loop import FAULT_SIGNAL_ENV
+from sapling.faults import FAULT_SIGNAL_ENV, FAULT_STALL_ENV
 
 WORKER = Path(__file__).with_name("zero_distill_worker.py")
 STEPS = 6
@@ -116,6 +115,13 @@ def test_zero_stage_matches_single_process(runs, stage):
     assert ref[-1]["loss"] < ref[0]["loss"]  # the steps did something
     start = _records(runs[stage], "start")[0]
     assert start["student_params"] == _records(runs["single"], "start")[0]["student_params"]
+
+
+@pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3"])
+def test_sharded_validation_matches_single_process(runs, stage):
+    # each rank evaluates its share of the validation batches (ZeRO-3: in lockstep) and the sums are reduced
+    (ref,), (got,) = _records(runs["single"], "done"), _records(runs[stage], "done")
+    assert got["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-4), stage
 
 
 def test_zero3_export_gives_engine_logits(runs, demo_cache, tmp_path):

@@ -16,9 +16,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from sapling.commands import run_distill
 from sapling.config import register_configs, validate
 from sapling.dist import barrier, is_main, shutdown_distributed
+from sapling.recipes.distill import run_distill
 
 STAGES = {"zero1": [], "zero2": [], "zero3": ["deepspeed.param_persistence_threshold=0"]}  # 0: all partitioned
 PROBE = torch.arange(48).reshape(2, 24) % 300  # token ids for the logits comparison

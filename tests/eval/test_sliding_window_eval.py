@@ -103,7 +103,7 @@ def _report_rows(out: Path) -> list[dict]:
 
 def test_eval_command_on_checkpoint_and_quantized_export(cli, tmp_path, teacher_dir, corpus_file, tokenizer):
     from sapling.data import build_packed_data
-    from sapling.quant.hook import load_quantized
+    from sapling.quant.apply import load_quantized
 
     common = [f"data.files=[{corpus_file}]", "data.seq_len=32", "eval.window=24", "eval.stride=10",
               "eval.max_tokens=600", "eval.gen_tokens=4", "eval.gen_batch=2", "eval.gen_prompt_len=8", "logger=none"]

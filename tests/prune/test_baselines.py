@@ -173,7 +173,7 @@ def test_magnitude_of_a_bf16_model_matches_float32():
 def test_prune_importance_key_selects_the_baseline(kind):
     from omegaconf import OmegaConf
 
-    from sapling.prune.hook import importance_for
+    from sapling.prune.plan import importance_for
 
     model = make_model("llama-tiny")
     cfg = OmegaConf.create({"seed": 5, "prune": {"importance": kind}})

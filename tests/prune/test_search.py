@@ -193,6 +193,23 @@ def test_automatic_multiple_prefers_coarse_widths():
     _check_candidates(cfg, shapes, budget, 64)  # 64 (the default) gives enough shapes here
 
 
+def test_candidates_are_shapes_the_hf_config_class_accepts():
+    """A SmolLM2-135M-like teacher (9 heads of head_dim 64, hidden 576): LlamaConfig refuses a hidden size that
+    9 does not divide, even with head_dim given. The search used to propose hidden 512/448/384 with 9 heads."""
+    from transformers import LlamaConfig
+
+    from sapling.models.shapes import shape_problem
+    from sapling.prune.select import target_config
+
+    cfg = LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
+                      num_hidden_layers=30, vocab_size=49152, tie_word_embeddings=True, head_dim=64)
+    shapes = candidate_shapes(cfg, count_params(cfg) // 2, multiple=None)
+    assert shapes
+    for s in shapes:
+        assert shape_problem(target_config(cfg, s), cfg) is None, s
+        assert resolve_target(cfg, s) == s
+
+
 @pytest.mark.parametrize(("budget", "multiple", "text"), [
     (10**9, 64, "teacher's 3,246,336 parameters"),
     (0, 64, "must be between 0"),

@@ -11,8 +11,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from sapling.quant import export as export_mod
+from sapling.quant.apply import cast_parameters, load_quantized
 from sapling.quant.export import export_compressed, read_packed
-from sapling.quant.hook import cast_parameters, load_quantized
 from sapling.quant.layerwise import quantize_model
 from sapling.quant.numerics import QuantSpec
 
@@ -142,3 +142,22 @@ def test_export_does_not_modify_the_model(tmp_path):
     after = model.state_dict()
     assert set(after) == set(state) and all(torch.equal(after[k], v) for k, v in state.items())
     assert all(type(m) is not torch.nn.Linear or not hasattr(m, "weight_scale") for m in model.modules())
+
+
+def test_single_process_hides_the_process_group_from_compressed_tensors_only(tmp_path):
+    """Rank 0 exporting alone turns off compressed-tensors' collective paths, and nothing else: the process
+    group stays visible to torch.distributed's other users (the old switch patched it away process-wide)."""
+    import torch.distributed as dist
+    from compressed_tensors.distributed import is_distributed
+
+    from sapling.quant.apply import single_process
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert is_distributed()
+        with single_process():
+            assert dist.is_initialized() and dist.get_world_size() == 1
+            assert not is_distributed()
+        assert is_distributed() and dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from sapling.quant.apply import cast_parameters
 from sapling.quant.export import read_packed
-from sapling.quant.hook import cast_parameters
 from sapling.quant.numerics import QuantSpec, dequantize, rtn_export
 
 DATA = ["data.seq_len=32", "data.max_tokens=8000", "logger=none", "trainer.progress=false",

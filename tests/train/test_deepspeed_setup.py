@@ -10,7 +10,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from sapling.config import ConfigError, register_configs, validate
-from sapling.train.ds_config import model_init_scope, student_ds_config, teacher_ds_config
+from sapling.models import model_init_scope
+from sapling.train.ds_config import student_ds_config, teacher_ds_config
 
 
 def composed(*overrides: str):

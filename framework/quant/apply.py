@@ -1,4 +1,5 @@
-"""Quantize a trained student and export it: `hooks.post=[quantize]`, `sapling quantize`, the pipeline.
+"""Quantize a trained student and export it: the library behind `sapling quantize`, `hooks.post=[quantize]`
+and the pipeline (all three in `sapling.recipes`).
 
 `quantize_student` is the one recipe all three run: check every linear can be stored (before any work),
 take calibration batches from the training split, optionally the distillation-guided saliency from the
@@ -6,7 +7,7 @@ teacher, quantize layer by layer (GPTQ) or round to nearest, write the compresse
 then load that checkpoint back with transformers and measure its validation perplexity (the number
 reported is the served model's, not a simulation's).
 
-Under torchrun with ZeRO the post-hook quantizes on rank 0 from the consolidated checkpoint the
+Under torchrun with ZeRO the post-hook (`sapling.recipes.hooks.quantize_hook`) quantizes on rank 0 from the consolidated checkpoint the
 training loop saved (`output_dir/model`); the other ranks wait on a barrier without a deadline (GPTQ
 of a large model takes longer than a collective's timeout) and re-raise rank 0's error if it failed.
 """
@@ -14,7 +15,6 @@ of a large model takes longer than a collective's timeout) and re-raise rank 0's
 from __future__ import annotations
 
 import contextlib
-import datetime
 import logging
 import time
 from collections.abc import Iterator
@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from sapling.errors import ConfigError, LaunchError
+from sapling.data.calibration import calibration_batches
+from sapling.errors import ConfigError
 from sapling.quant.export import checkpoint_bytes, export_compressed
 from sapling.quant.layerwise import plan_targets, quantize_model
 from sapling.quant.numerics import QuantSpec, spec_from_config
-from sapling.train.hooks import HookContext, register_hook
 
 log = logging.getLogger("sapling")
 
@@ -82,7 +82,6 @@ def quantize_student(cfg: DictConfig, model: torch.nn.Module, *, teacher: torch.
     model stays where it is (CPU memory) and each decoder layer visits `device` in turn.
     """
     from sapling.eval.perplexity import evaluate_lm
-    from sapling.prune.hook import calibration_batches
 
     q = cfg.quant
     spec: QuantSpec = spec_from_config(q)
@@ -163,105 +162,25 @@ def summary_rows(summary: dict[str, Any]) -> list[list[str]]:
 SUMMARY_COLUMNS = ["model", "scheme", "val loss (nats/token)", "val perplexity", "weights on disk (MB)"]
 
 
-@contextlib.contextmanager
-def _alone() -> Iterator[None]:
-    """Rank 0 working by itself while the other ranks wait: hide the process group.
-
-    compressed-tensors (compression, and decompression when transformers loads the export) switches to
-    collective code paths (broadcasts from a source rank) whenever `torch.distributed` is initialised;
-    called on one rank only, those would wait forever for the others.
-    """
-    import torch.distributed as dist
-
-    original = dist.is_initialized
-    dist.is_initialized = lambda: False
-    try:
-        yield
-    finally:
-        dist.is_initialized = original
-
-
-def _long_barrier() -> Any:
-    """A gloo group whose collectives wait (almost) indefinitely: the ranks idle while rank 0 quantizes."""
-    import torch.distributed as dist
-
-    return dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
-
-
-@register_hook("quantize", "post")
-def quantize_hook(ctx: HookContext) -> None:
-    """Quantize the trained student (`output_dir/model`) into `quant.output` (default `model-<scheme>`)."""
-    import torch.distributed as dist
-
-    from sapling.dist import rank_world
-
-    cfg = ctx.cfg
-    rank, world = rank_world()
-    model_dir = ctx.result.model_dir if ctx.result is not None else None
-    out_dir = Path(cfg.quant.output) if cfg.quant.output else Path(cfg.output_dir) / f"model-{cfg.quant.scheme}"
-    group = _long_barrier() if world > 1 else None
-    error = None
-    if rank == 0:
-        try:
-            if model_dir is None:
-                raise ConfigError("hooks.post", "quantize", "needs the trained student's checkpoint (output_dir/model)",
-                                  "run it after a training command that saves its model")
-            with _alone():
-                summary = _quantize_saved(cfg, Path(model_dir), ctx, out_dir)
-            ctx.extras["quantize"] = summary
-            from sapling.eval.report import write_report
-
-            write_report(Path(cfg.output_dir) / "quantize_report.md", "Sapling quantization", [
-                ("Validation perplexity and size", SUMMARY_COLUMNS, summary_rows(summary)),
-                ("Export", f"- compressed-tensors pack-quantized checkpoint: {summary['model_dir']}\n"
-                           f"- load: `AutoModelForCausalLM.from_pretrained(\"{summary['model_dir']}\")` "
-                           "(transformers), or serve it with vLLM / SGLang"),
-            ])
-        except BaseException as e:  # the other ranks must learn of it instead of waiting forever
-            error = f"{type(e).__name__}: {e}"
-            if world == 1:
-                raise
-            status = [error]
-            dist.broadcast_object_list(status, src=0, group=group)
-            raise
-    if world > 1:
-        status = [error]
-        dist.broadcast_object_list(status, src=0, group=group)
-        if status[0] is not None:
-            raise LaunchError(f"rank {rank}: quantization on rank 0 failed ({status[0][:200]}); the cause is rank 0's "
-                              "own error above")
-
-
-def _quantize_saved(cfg: DictConfig, model_dir: Path, ctx: HookContext, out_dir: Path) -> dict[str, Any]:
-    """Rank 0: the saved student (consolidated weights) on this rank's device, quantized and exported."""
-    from transformers import AutoModelForCausalLM
-
-    device = ctx.device
-    student = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    student = student.to("cpu" if cfg.quant.offload else device)
-    teacher = None
-    if cfg.quant.guided:
-        teacher = _plain_teacher(cfg, ctx, device)
-    return quantize_student(cfg, student, teacher=teacher, data=ctx.data, tokenizer=ctx.tokenizer, device=device,
-                            out_dir=out_dir, metrics=ctx.metrics)
-
-
-def _plain_teacher(cfg: DictConfig, ctx: HookContext, device: torch.device) -> torch.nn.Module:
-    """The teacher as an ordinary module on this process: the one in memory, or loaded from teacher.*."""
-    from sapling.models import build_model, source_config
-
-    teacher = ctx.teacher
-    if teacher is not None and not any(hasattr(p, "ds_id") for p in teacher.parameters()):
-        return teacher
-    if cfg.teacher.path is None and cfg.teacher.tiny is None:
-        raise ConfigError("quant.guided", True, "needs the teacher", "pass teacher.path=<teacher checkpoint>, or drop quant.guided")
-    plain = OmegaConf.merge(cfg.teacher, {"cache": None})
-    return build_model(plain, source_config(plain), device, seed=cfg.seed)
-
-
 def quantized_ppl_note(summary: dict[str, Any]) -> str:
     """`ppl 16-bit -> quantized (+x%)` for logs."""
     a, b = summary.get("val_16bit"), summary.get("val_quantized")
     if not a or not b:
         return "no validation data"
     return f"perplexity {a['ppl']:.2f} -> {b['ppl']:.2f} ({(b['ppl'] / a['ppl'] - 1) * 100:+.1f}%)"
+
+
+@contextlib.contextmanager
+def single_process() -> Iterator[None]:
+    """compressed-tensors working in this process alone while the other ranks wait (rank 0 exporting, or
+    loading an export, in the quantize post-hook).
+
+    compressed-tensors takes collective code paths (broadcasts from a source rank) whenever `torch.distributed`
+    is initialised; called on one rank only, those would wait forever for the others. Its own switch
+    (`as_single_threaded`) turns them off for compressed-tensors alone: the process group, and all other code
+    that asks `torch.distributed.is_initialized()` (other threads included), see it as it is.
+    """
+    from compressed_tensors.offload import as_single_threaded
+
+    with as_single_threaded():
+        yield

@@ -1,4 +1,5 @@
-"""Pruning as a pre-hook (`hooks.pre=[prune]`) and as the body of `sapling prune`.
+"""Pruning a teacher into a student, the library behind `sapling prune` and `hooks.pre=[prune]` (both in
+`sapling.recipes`, which pass the training loop in as `distill_fn` where pruning needs training).
 
 Calibration batches come from the training split in a fixed order; importance scores are saved to
 `output_dir/prune_scores.pt` so pruning the same teacher to another size can reuse them
@@ -11,42 +12,33 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from sapling.errors import ConfigError, DataError, Stopped
-from sapling.models import count_parameters
-from sapling.prune.distributed import rank_and_world_size
+from sapling.data.calibration import heldout_batches
+from sapling.dist import rank_world
+from sapling.io import write_text_atomically
+from sapling.models import count_parameters, place
 from sapling.prune.importance import ImportanceScores, distributed_importance
 from sapling.prune.select import TARGET_FIELDS, plan_from_scores, resolve_target
 from sapling.prune.slicing import slice_model
-from sapling.train.hooks import HookContext, register_hook
-from sapling.train.loop import fit
-from sapling.train.metrics import MetricsLogger
 
 log = logging.getLogger("sapling")
 
 
-def calibration_batches(blocks: Any, samples: int, batch_size: int, device: torch.device, seed: int = 0,
-                        rank: int = 0, world_size: int = 1):
-    """Up to `samples` training blocks, drawn in a seeded order, as {"input_ids": [B, L]} batches.
+class DistillFn(Protocol):
+    """Distil `student` (in place) for `steps` optimizer steps; returns its final validation {"loss", "ppl"}.
 
-    With `world_size` > 1, this rank's share only: a contiguous slice of the same global order, the
-    shares disjoint and covering it, their sizes differing by at most one (a share may be empty).
+    `output_dir`: where a prune round checkpoints and saves its model (a rerun reloads a finished round from
+    `output_dir/model`); None: a throwaway run (re-ranking prune candidates), nothing kept.
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-    order = np.random.default_rng(seed).permutation(len(blocks))[: min(samples, len(blocks))]
-    order = np.array_split(order, world_size)[rank]
-    for start in range(0, len(order), batch_size):
-        ids = torch.stack([blocks[int(i)] for i in order[start:start + batch_size]]).to(device)
-        yield {"input_ids": ids}
+
+    def __call__(self, student: torch.nn.Module, *, steps: int, output_dir: Path | None,
+                 desc: str) -> dict[str, float]: ...
 
 
 @dataclass
@@ -57,6 +49,9 @@ class PruneOutcome:
     fit_cfg: Any
     shape: dict[str, int]
     search_rows: list[dict] | None = None
+    # The teacher hidden channel each student hidden channel was sliced from (None: all of them, in order, or
+    # not known): feature-distillation projections start as this channel selection (`fit(hidden_index=)`).
+    hidden_index: torch.Tensor | None = None
 
 
 def importance_for(cfg: Any, model: torch.nn.Module, data: Any, device: torch.device) -> ImportanceScores:
@@ -79,32 +74,27 @@ def importance_for(cfg: Any, model: torch.nn.Module, data: Any, device: torch.de
 
 def _save_scores(scores: ImportanceScores, path: Path) -> None:
     """Rank 0 writes (every rank holds the same all-reduced scores)."""
-    if rank_and_world_size()[0] == 0:
+    if rank_world()[0] == 0:
         scores.save(path)
 
 
-def heldout_batches(blocks: Any, cfg: Any, device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """`prune.search.eval_batches` batches of training blocks the calibration sample did not use."""
-    p = cfg.prune
-    order = np.random.default_rng(cfg.seed).permutation(len(blocks))
-    rest = order[min(p.calibration.samples, len(blocks)):]
-    want = p.search.eval_batches * p.calibration.batch_size
-    if len(rest) == 0:
-        raise DataError(f"no training blocks left after the {p.calibration.samples} calibration samples to rank "
-                        "prune candidates on; fix: lower prune.calibration.samples or add data")
-    rest = rest[:want]
-    bs = p.calibration.batch_size
-    return [{"input_ids": torch.stack([blocks[int(i)] for i in rest[j:j + bs]]).to(device)}
-            for j in range(0, len(rest), bs)]
-
-
-def slice_student(model: torch.nn.Module, scores: ImportanceScores, shape: dict[str, int],
-                  depth_metric: str) -> torch.nn.Module:
-    """`model` sliced to `shape` keeping the highest-scoring structures; trainable, in train mode."""
-    student = slice_model(model, plan_from_scores(scores, model.config, shape, depth_metric=depth_metric))
+def slice_student(model: torch.nn.Module, scores: ImportanceScores, shape: dict[str, int], depth_metric: str,
+                  device: torch.device) -> tuple[torch.nn.Module, torch.Tensor | None]:
+    """`model` sliced to `shape` keeping the highest-scoring structures, on `device` (also from a ZeRO-3
+    partitioned `model`); trainable, in train mode. Also returns the kept hidden channels (None: all)."""
+    plan = plan_from_scores(scores, model.config, shape, depth_metric=depth_metric)
+    student = slice_model(model, plan, device=device)
     student.requires_grad_(True)
     student.train()
-    return student
+    return student, plan.hidden
+
+
+def _through(index: torch.Tensor | None, kept: torch.Tensor | None) -> torch.Tensor | None:
+    """The teacher channels of a model sliced (`kept`) from one whose channels were teacher channels `index`."""
+    if kept is None:
+        return index
+    kept = torch.as_tensor(kept, dtype=torch.long).cpu()
+    return kept if index is None else index[kept]
 
 
 def round_shapes(start: dict[str, int], final: dict[str, int], rounds: int, multiple: int) -> list[dict[str, int]]:
@@ -136,7 +126,7 @@ def _lerp(a: float, b: float, f: float) -> float:
     return a + (b - a) * f
 
 
-def _sub_cfg(cfg: Any, **trainer: Any) -> Any:
+def sub_cfg(cfg: Any, **trainer: Any) -> Any:
     """A copy of `cfg` with some trainer keys replaced."""
     sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     for key, value in trainer.items():
@@ -159,13 +149,14 @@ def _log_prune(metrics: Any, teacher: torch.nn.Module, student: torch.nn.Module,
 
 
 def prune_teacher(cfg: Any, teacher: torch.nn.Module, data: Any, device: torch.device, output_dir: Path,
-                  metrics: Any, tokenizer: Any = None) -> PruneOutcome:
+                  metrics: Any, *, distill_fn: DistillFn | None = None) -> PruneOutcome:
     """Importance (or saved scores) -> target shape (explicit, or searched for `prune.target.params`) ->
     slice; with `prune.rounds=R`, R prune -> distill rounds, importance re-estimated on each distilled model.
 
     Rounds before the last distil for `prune.round_steps` steps each (default `trainer.max_steps // R`) in
     `output_dir/prune_rounds/roundN` (a finished round is reloaded, not redone, when the run restarts); the
-    returned `fit_cfg` leaves the rest of `trainer.max_steps` to the main training run.
+    returned `fit_cfg` leaves the rest of `trainer.max_steps` to the main training run. `distill_fn` trains
+    the rounds and the re-ranking of search candidates (`prune.search.distill_top_k`).
     """
     from sapling.eval.perplexity import evaluate_lm
 
@@ -191,49 +182,40 @@ def prune_teacher(cfg: Any, teacher: torch.nn.Module, data: Any, device: torch.d
 
         distill = None
         if p.search.distill_top_k > 0:
-            if tokenizer is None:
-                raise ValueError("prune.search.distill_top_k > 0 needs the tokenizer (internal caller error)")
+            if distill_fn is None:
+                raise ValueError("prune.search.distill_top_k > 0 needs a distill_fn (internal caller error)")
 
             def distill(student: torch.nn.Module) -> float:
-                sub = _sub_cfg(cfg, max_steps=p.search.distill_steps, save_every=0, eval_every=0, resume=False)
-                with tempfile.TemporaryDirectory(prefix="sapling-prune-search-") as tmp:
-                    quiet = MetricsLogger(tmp)
-                    try:
-                        res = fit(sub, student=student, teacher=teacher, tokenizer=tokenizer, data=data,
-                                  output_dir=tmp, metrics=quiet, device=device, desc="prune search",
-                                  save_model=False)
-                    finally:
-                        quiet.close()
-                if res.stopped:  # a throwaway run: nothing to keep, the rerun searches again
-                    raise Stopped("the pruning search", res)
-                return res.final_val["loss"]
+                return distill_fn(student, steps=p.search.distill_steps, output_dir=None, desc="prune search")["loss"]
 
         shape, search_rows = search_target(
-            teacher, scores, int(p.target.params), eval_batches=heldout_batches(data.train, cfg, device),
+            teacher, scores, int(p.target.params),
+            eval_batches=heldout_batches(data.train, p.calibration.samples, p.search.eval_batches,
+                                         p.calibration.batch_size, device, seed=cfg.seed),
             multiple=p.search.multiple, tolerance=p.search.tolerance, max_candidates=p.search.max_candidates,
             depth_metric=p.depth_metric, distill=distill, distill_top_k=p.search.distill_top_k, log=log.info,
             progress=cfg.trainer.progress)
-        (output_dir / "prune_search.md").write_text(format_table(search_rows) + "\n")
+        write_text_atomically(output_dir / "prune_search.md", format_table(search_rows) + "\n")
         for row in search_rows:
             metrics.log({"event": "prune_search", **row})
     else:
         shape = resolve_target(teacher.config, OmegaConf.to_container(p.target))
 
     if p.rounds <= 1:
-        student = slice_student(teacher, scores, shape, p.depth_metric)
+        student, hidden = slice_student(teacher, scores, shape, p.depth_metric, device)
         _log_prune(metrics, teacher, student, scores, val_loss(student), **_kept_layers(teacher, student, scores,
                                                                                         shape, p.depth_metric))
-        return PruneOutcome(student, cfg, shape, search_rows)
+        return PruneOutcome(student, cfg, shape, search_rows, hidden_index=_through(None, hidden))
 
-    if tokenizer is None:
-        raise ValueError("prune.rounds > 1 distils between rounds and needs the tokenizer (internal caller error)")
+    if distill_fn is None:
+        raise ValueError("prune.rounds > 1 distils between rounds and needs a distill_fn (internal caller error)")
     from sapling.prune.search import default_multiple
 
     multiple = p.search.multiple or default_multiple(teacher.config)
     start = {k: getattr(teacher.config, k) for k in TARGET_FIELDS}
     shapes = round_shapes(start, shape, p.rounds, multiple)
     steps = list(p.round_steps) if p.round_steps is not None else [cfg.trainer.max_steps // p.rounds] * (p.rounds - 1)
-    model, model_scores = teacher, scores
+    model, model_scores, index = teacher, scores, None  # index: the teacher channels of `model`'s
     for r, (round_shape, round_steps) in enumerate(zip(shapes[:-1], steps), start=1):
         round_dir = output_dir / "prune_rounds" / f"round{r}"
         if r > 1:
@@ -244,30 +226,26 @@ def prune_teacher(cfg: Any, teacher: torch.nn.Module, data: Any, device: torch.d
             from transformers import AutoModelForCausalLM
 
             log.info("prune round %d/%d: reusing the distilled model in %s", r, p.rounds, done_dir)
-            student = AutoModelForCausalLM.from_pretrained(done_dir, torch_dtype=torch.float32).to(device)
+            # as a fresh round would be: sliced from the teacher, in its dtype and attention implementation
+            student = AutoModelForCausalLM.from_pretrained(
+                done_dir, dtype=next(teacher.parameters()).dtype,
+                attn_implementation=teacher.config._attn_implementation)
+            place(student, device)
             student.requires_grad_(True)
             student.train()
+            hidden = plan_from_scores(model_scores, model.config, round_shape, depth_metric=p.depth_metric).hidden
         else:
-            student = slice_student(model, model_scores, round_shape, p.depth_metric)
+            student, hidden = slice_student(model, model_scores, round_shape, p.depth_metric, device)
             _log_prune(metrics, model, student, model_scores, val_loss(student), round=r, rounds=p.rounds)
-            sub = _sub_cfg(cfg, max_steps=int(round_steps))
-            round_metrics = MetricsLogger(round_dir)
-            try:
-                res = fit(sub, student=student, teacher=teacher, tokenizer=tokenizer, data=data,
-                          output_dir=round_dir, metrics=round_metrics, device=device,
-                          desc=f"prune round {r}/{p.rounds}")
-            finally:
-                round_metrics.close()
-            if res.stopped:  # checkpointed in round_dir: the rerun resumes this round
-                raise Stopped(f"prune round {r}/{p.rounds}", res)
+            val = distill_fn(student, steps=int(round_steps), output_dir=round_dir, desc=f"prune round {r}/{p.rounds}")
             metrics.log({"event": "prune_round", "round": r, "rounds": p.rounds, "steps": int(round_steps),
-                         "val_loss": res.final_val["loss"], "val_ppl": res.final_val["ppl"]})
-        model = student
+                         "val_loss": val["loss"], "val_ppl": val["ppl"]})
+        model, index = student, _through(index, hidden)
     final_scores = importance_for(cfg, model, data, device)
     _save_scores(final_scores, output_dir / "prune_rounds" / f"round{p.rounds}" / "prune_scores.pt")
-    student = slice_student(model, final_scores, shape, p.depth_metric)
+    student, hidden = slice_student(model, final_scores, shape, p.depth_metric, device)
     _log_prune(metrics, model, student, final_scores, val_loss(student), round=p.rounds, rounds=p.rounds)
-    return PruneOutcome(student, main_run_cfg(cfg), shape, search_rows)
+    return PruneOutcome(student, main_run_cfg(cfg), shape, search_rows, hidden_index=_through(index, hidden))
 
 
 def main_run_cfg(cfg: Any) -> Any:
@@ -277,7 +255,7 @@ def main_run_cfg(cfg: Any) -> Any:
     if p.rounds <= 1:
         return cfg
     steps = list(p.round_steps) if p.round_steps is not None else [cfg.trainer.max_steps // p.rounds] * (p.rounds - 1)
-    return _sub_cfg(cfg, max_steps=cfg.trainer.max_steps - sum(int(x) for x in steps))
+    return sub_cfg(cfg, max_steps=cfg.trainer.max_steps - sum(int(x) for x in steps))
 
 
 def resumed_student(cfg: Any, teacher: torch.nn.Module, shape_dir: Path, device: torch.device) -> PruneOutcome:
@@ -289,7 +267,7 @@ def resumed_student(cfg: Any, teacher: torch.nn.Module, shape_dir: Path, device:
     config = AutoConfig.from_pretrained(shape_dir)
     config._attn_implementation = teacher.config._attn_implementation
     dtype = next(teacher.parameters()).dtype
-    student = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+    student = place(AutoModelForCausalLM.from_config(config, dtype=dtype), device)
     student.requires_grad_(True)
     student.train()
     shape = {k: getattr(config, k) for k in TARGET_FIELDS}
@@ -304,20 +282,3 @@ def _kept_layers(teacher: torch.nn.Module, student: torch.nn.Module, scores: Imp
         return {}
     plan = plan_from_scores(scores, teacher.config, shape, depth_metric=depth_metric)
     return {"kept_layers": list(plan.layers or [])}
-
-
-@register_hook("prune", "pre")
-def prune_hook(ctx: HookContext) -> None:
-    """Make the student by pruning the teacher to `prune.target` (in `prune.rounds` rounds)."""
-    if ctx.teacher is None:
-        raise ConfigError("teacher.path", None, "hooks.pre=[prune] needs a teacher", "pass teacher.path=<HF checkpoint dir>")
-    shape_dir = ctx.extras.get("resume_shape_dir")  # a resumed run: the checkpoint knows the shape
-    if shape_dir is not None:
-        outcome = resumed_student(ctx.cfg, ctx.teacher, Path(shape_dir), ctx.device)
-        ctx.metrics.log({"event": "prune_resumed", "shape": outcome.shape, "from": str(shape_dir)})
-    else:
-        outcome = prune_teacher(ctx.cfg, ctx.teacher, ctx.data, ctx.device, ctx.output_dir, ctx.metrics,
-                                tokenizer=ctx.tokenizer)
-    ctx.student = outcome.student
-    if outcome.fit_cfg is not ctx.cfg:
-        ctx.extras["fit_cfg"] = outcome.fit_cfg

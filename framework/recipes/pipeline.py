@@ -1,4 +1,4 @@
-"""`sapling pipeline`: the whole recipe end to end on one machine.
+"""`sapling pipeline`: the whole recipe end to end on one machine, as a recipe of recipes.
 
 With `experiment=demo` (the default) it runs on CPU in minutes on a corpus every machine has, the
 Python standard library's own source files:
@@ -12,6 +12,11 @@ Python standard library's own source files:
    checkpoint (`model-w4a16/`), its perplexity measured on the export as transformers loads it;
 6. perplexities of all of them and of a unigram model on held-out files -> `report.md`.
 
+Each training stage runs its command's code path into its own sub-directory: the teacher (`teacher/`) and
+the baseline (`scratch/`) train as `sapling train` does, the student (`distill/`) as `sapling distill` does,
+with `hooks.pre` / `hooks.post` (so the prune pre-hook writes `distill/prune_scores.pt`, and a post-hook runs
+as it would after `sapling distill`); the export is `sapling quantize`'s `quantize_student`.
+
 A stop signal (SIGTERM, SIGUSR1/2, Ctrl-C) stops the whole pipeline at the next safe point: a training
 stage checkpoints at its next step boundary, any other stage finishes first; the CLI then exits 3. A rerun
 with the same output_dir skips the stages whose outputs are complete (`distill/model`, `scratch/model`,
@@ -20,44 +25,43 @@ with the same output_dir skips the stages whose outputs are complete (`distill/m
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
 import shutil
 import signal
 import sys
-import sysconfig
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sapling.commands import check_prune_target, load_data, prepare_output, select_device, student_config
-from sapling.config import check_shape
 from sapling.data import unigram_cross_entropy
-from sapling.errors import ConfigError, DataError, Stopped
+from sapling.data.demo import cached_dir, content_key, stdlib_corpus, train_bpe_tokenizer
+from sapling.errors import ConfigError, Stopped
 from sapling.eval.perplexity import evaluate_lm
 from sapling.eval.plots import plot_validation_curves, read_metrics
 from sapling.eval.report import write_report
-from sapling.io import publish
+from sapling.io import write_bytes_atomically, write_dir_atomically
 from sapling.models import apply_overrides, build_model, count_parameters, load_tokenizer, source_config
-from sapling.prune.hook import prune_teacher
-from sapling.train.loop import StopRequest, TrainResult, fit
+from sapling.models.shapes import check_shape
+from sapling.prune.plan import main_run_cfg
+from sapling.recipes.common import (
+    check_prune_target,
+    load_data,
+    prepare_output,
+    select_device,
+    student_config,
+    train_with_hooks,
+)
+from sapling.recipes.hooks import HookContext
+from sapling.train.loop import StopRequest, TrainResult
 from sapling.train.metrics import MetricsLogger
 
 log = logging.getLogger("sapling")
-EOS = "<|endoftext|>"
-
-
-def _sha(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(json.dumps(p, sort_keys=True, default=str).encode())
-    return h.hexdigest()
+PRUNED_EVAL = "pruned_eval"  # the distill stage's record of the pruned student's perplexity before training
+PRUNE_EVENTS = ("prune", "prune_search", "prune_round", PRUNED_EVAL)  # forwarded to the pipeline's metrics
 
 
 def _finished(stage_dir: Path, steps: int) -> bool:
@@ -68,84 +72,6 @@ def _finished(stage_dir: Path, steps: int) -> bool:
     return any(r.get("event") == "done" and r.get("step") == steps for r in read_metrics(stage_dir / "metrics.jsonl"))
 
 
-def _atomic_dir(final: Path, build) -> Path:
-    """Build a directory under a temp name with `build(tmp)`, then rename it to `final`."""
-    if final.exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        build(tmp)
-        publish(tmp)  # mkdtemp makes it 0700: give it the umask's modes (a shared cache)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
-def stdlib_corpus(cache: Path, max_bytes: int, subpackages: bool = False) -> Path:
-    """A jsonl of this Python's standard-library .py files (one document each), up to `max_bytes`.
-
-    The top-level modules hold about 4.7 MB on CPython 3.11; `subpackages` also takes the packages' modules
-    (asyncio/, email/, test/, ...; about 31 MB in all, site-packages excluded) for corpora larger than that.
-    """
-    root = Path(sysconfig.get_paths()["stdlib"])
-    if subpackages:
-        files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
-    else:
-        files = sorted(p for p in root.glob("*.py"))
-    docs, total = [], 0
-    for p in files:
-        try:
-            text = p.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        if total + len(text) > max_bytes:
-            continue
-        docs.append({"text": text, "source": str(p.relative_to(root))})
-        total += len(text)
-    if not docs:
-        raise DataError(f"no readable .py files under {root} for the demo corpus; fix: run the demo with a Python "
-                        "that ships its standard library sources, or pass data.files=[...] and data.tokenizer=<dir>")
-    key = _sha([d["source"] for d in docs], total, sys.version_info[:2])[:12]
-    final = cache / f"corpus-{key}.jsonl"
-    if not final.exists():
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        with open(tmp, "w") as f:
-            for d in docs:
-                f.write(json.dumps(d) + "\n")
-        os.replace(tmp, final)
-    return final
-
-
-def train_bpe_tokenizer(corpus: Path, vocab_size: int, cache: Path) -> Path:
-    """A byte-level BPE tokenizer trained on `corpus`, saved as a transformers tokenizer directory."""
-    key = _sha(corpus.name, vocab_size)[:12]
-
-    def build(tmp: Path) -> None:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-        from transformers import PreTrainedTokenizerFast
-
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-
-        def texts():
-            with open(corpus) as f:
-                for line in f:
-                    yield json.loads(line)["text"]
-
-        tok.train_from_iterator(texts(), trainer=trainer)
-        PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS,
-                                pad_token=EOS).save_pretrained(tmp)
-
-    return _atomic_dir(cache / f"tokenizer-{key}", build)
-
-
 def _stage_cfg(cfg: DictConfig, **trainer: Any) -> DictConfig:
     stage = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     for k, v in trainer.items():
@@ -153,15 +79,38 @@ def _stage_cfg(cfg: DictConfig, **trainer: Any) -> DictConfig:
     return stage
 
 
+def _in_dir(cfg: DictConfig, stage_dir: Path, *, hooks: bool) -> DictConfig:
+    """`cfg` for a command's code path run into `stage_dir`; without `hooks` (the teacher, the CE baseline)
+    no pre/post-hooks and no quantization-aware training, as before they existed."""
+    stage = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    stage.output_dir = str(stage_dir)
+    if not hooks:
+        stage.hooks.pre, stage.hooks.post, stage.quant.aware = [], [], False
+    return stage
+
+
+def _last_pruning(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of the last prune pre-hook in a distill stage's metrics that pruned (a resumed run takes
+    the shape from its checkpoint instead: the pruning it resumes is the one reported)."""
+    passes: list[list[dict[str, Any]]] = []
+    for r in records:
+        if r.get("event") == "hook" and r.get("name") == "prune":
+            passes.append([])
+        elif passes and r.get("event") in PRUNE_EVENTS:
+            passes[-1].append(r)
+    return next((p for p in reversed(passes) if any(r["event"] == "prune" for r in p)), [])
+
+
 def trained_demo_teacher(cfg: DictConfig, tokenizer: Any, data: Any, device: Any, out: Path) -> tuple[Path, Any, str]:
-    """The `teacher.config`-shaped teacher trained with CE for `pipeline.teacher_steps` on `data`, cached in
-    `cache_dir/demo` per (data, shape, schedule): (checkpoint dir, its config, a note saying whether it was
-    trained now). The benchmarks on the demo teacher get it here too, so they and the pipeline share it."""
+    """The `teacher.config`-shaped teacher trained with CE for `pipeline.teacher_steps` on `data` (as `sapling
+    train` trains, into `out`), cached in `cache_dir/demo` per (data, shape, schedule): (checkpoint dir, its
+    config, a note saying whether it was trained now). The benchmarks on the demo teacher get it here too, so
+    they and the pipeline share it."""
     cache = Path(cfg.cache_dir) / "demo"
     teacher_cfg = apply_overrides(source_config(cfg.teacher), {"vocab_size": len(tokenizer)})
     check_shape("teacher.config", teacher_cfg)
     tcfg = _stage_cfg(cfg, max_steps=cfg.pipeline.teacher_steps, lr=cfg.pipeline.teacher_lr, save_every=0)
-    key = _sha(data.fingerprint, teacher_cfg.to_dict(), OmegaConf.to_container(tcfg.trainer))[:12]
+    key = content_key(data.fingerprint, teacher_cfg.to_dict(), OmegaConf.to_container(tcfg.trainer))[:12]
     cached = cache / f"teacher-{key}"
     if (cached / "config.json").exists():
         return cached, teacher_cfg, f"cached: {cached}"
@@ -169,15 +118,12 @@ def trained_demo_teacher(cfg: DictConfig, tokenizer: Any, data: Any, device: Any
     src = OmegaConf.create({"path": None, "tiny": None, "config": {}, "init": "random", "dtype": cfg.teacher.dtype,
                             "attn_implementation": "sdpa"})
     model = build_model(src, teacher_cfg, device, seed=cfg.seed)
-    tm = MetricsLogger(out, cfg.logger, OmegaConf.to_container(tcfg), prefix="teacher/")
-    try:
-        res = fit(tcfg, student=model, teacher=None, tokenizer=tokenizer, data=data, output_dir=out, metrics=tm,
-                  device=device, desc="teacher")
-    finally:
-        tm.close()
+    res = train_with_hooks(_in_dir(tcfg, Path(out), hooks=False), "train", teacher=None, student=model,
+                           tokenizer=tokenizer, data=data, out=Path(out), device=device, desc="teacher",
+                           prefix="teacher/")
     if res.stopped:  # checkpointed in `out/checkpoints`; the rerun resumes it
         raise Stopped("the teacher's training", res)
-    _atomic_dir(cached, lambda tmp: shutil.copytree(res.model_dir, tmp, dirs_exist_ok=True))
+    cached_dir(cached, lambda tmp: shutil.copytree(res.model_dir, tmp, dirs_exist_ok=True))
     return cached, teacher_cfg, f"trained now ({cfg.pipeline.teacher_steps} steps), cached at {cached}"
 
 
@@ -185,7 +131,7 @@ def quantize_sections(summary: dict[str, Any] | None, out: Path) -> list[tuple]:
     """The report's quantization section: the student in 16 bits vs quantized, perplexity and size."""
     if summary is None:
         return []
-    from sapling.quant.hook import SUMMARY_COLUMNS, summary_rows
+    from sapling.quant.apply import SUMMARY_COLUMNS, summary_rows
 
     where = Path(summary["model_dir"]).relative_to(out) if Path(summary["model_dir"]).is_relative_to(out) else \
         summary["model_dir"]
@@ -205,7 +151,7 @@ def size_and_speed(cfg: DictConfig, models: dict[str, Any], dirs: dict[str, Path
     prompts = prompt_batch(token_stream(data.val, e.gen_batch * e.gen_prompt_len), e.gen_batch, e.gen_prompt_len)
     entries = [(name, model, dirs.get(name)) for name, model in models.items()]
     if quantized is not None and "model_dir" in quantized:
-        from sapling.quant.hook import load_quantized
+        from sapling.quant.apply import load_quantized
 
         qname = f"student ({quantized['format']} export)"
         entries.append((qname, load_quantized(quantized["model_dir"], device), Path(quantized["model_dir"])))
@@ -251,25 +197,26 @@ def _run_stages(cfg: DictConfig, stop: StopRequest) -> dict[str, Any]:
         if stop.signum is not None:  # a signal during (or before) this stage: stop before the next one
             raise stopped(name)
 
-    def train_stage(name: str, stage_cfg: DictConfig, model: Any, teacher_model: Any) -> Any:
-        """`fit` into `out/name` (resuming its checkpoint), or the model a finished earlier run exported there."""
+    def train_stage(name: str, command: str, stage_cfg: DictConfig, model: Any, teacher_model: Any, *, steps: int,
+                    hooks: bool, after_pre: Any = None) -> Any:
+        """`command`'s training code path (`train_with_hooks`) into `out/name`, resuming its checkpoint; or the
+        model a finished earlier run exported there."""
         stage_dir = out / name
-        if _finished(stage_dir, stage_cfg.trainer.max_steps):
+        if _finished(stage_dir, steps):
             log.info("stage %s: finished earlier, loading %s", name, stage_dir / "model")
             reused.add(name)
-            return build_model(OmegaConf.create({"path": str(stage_dir / "model"), "tiny": None, "config": {},
-                                                 "init": "pretrained", "dtype": cfg.student.dtype,
-                                                 "attn_implementation": cfg.student.attn_implementation}),
-                               model.config, device)
-        sm = MetricsLogger(stage_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), prefix=f"{name}/")
+            src = OmegaConf.create({"path": str(stage_dir / "model"), "tiny": None, "config": {}, "init": "pretrained",
+                                    "dtype": cfg.student.dtype, "attn_implementation": cfg.student.attn_implementation})
+            return build_model(src, source_config(src), device)
         try:
-            res = fit(stage_cfg, student=model, teacher=teacher_model, tokenizer=tokenizer, data=data,
-                      output_dir=stage_dir, metrics=sm, device=device, desc=name)
-        finally:
-            sm.close()
+            res = train_with_hooks(_in_dir(stage_cfg, stage_dir, hooks=hooks), command, teacher=teacher_model,
+                                   student=model, tokenizer=tokenizer, data=data, out=stage_dir, device=device,
+                                   desc=name, prefix=f"{name}/", after_pre=after_pre)
+        except Stopped as s:  # the training inside a pre-hook (prune rounds) stopped
+            raise stopped(name, s.result) from None
         if res.stopped:
             raise stopped(name, res)
-        return model
+        return res.model
 
     # 1. corpus, tokenizer, data
     t0 = time.perf_counter()
@@ -313,43 +260,56 @@ def _run_stages(cfg: DictConfig, stop: StopRequest) -> dict[str, Any]:
                                                 "config": {}, "tiny": None}), teacher_cfg, device)
     stage("teacher", t0)
 
-    # 3. student: the teacher pruned to prune.target (hooks.pre=[prune]), or its architecture at the
-    #    student.config shape with random weights; then distilled
+    # 3. student: the teacher pruned to prune.target by the distill stage's pre-hook (hooks.pre=[prune]), or
+    #    its architecture at the student.config shape with random weights; then distilled, as `sapling distill`
     t0 = time.perf_counter()
     evals: dict[str, dict[str, float]] = {}
     pruned = "prune" in cfg.hooks.pre
-    if pruned:
-        outcome = prune_teacher(cfg, teacher, data, device, out, metrics, tokenizer=tokenizer)
-        student, kd_cfg = outcome.student, outcome.fit_cfg  # prune.rounds > 1 spent part of the KD steps
-        student_cfg = student.config
-        evals["student (pruned, before KD)"] = evaluate_lm(student, data.val, micro_batch_size=cfg.eval.micro_batch_size,
-                                                           max_batches=cfg.eval.batches, device=device,
-                                                           progress=cfg.trainer.progress, desc="eval: pruned student")
-        stage("prune", t0)
-        t0 = time.perf_counter()
-    else:
-        student_cfg = student_config(cfg, teacher_cfg)
-        student = build_model(cfg.student, student_cfg, device, seed=cfg.seed + 1)
-        kd_cfg = cfg
+    student = None
+    if not pruned:
+        student = build_model(cfg.student, student_config(cfg, teacher_cfg), device, seed=cfg.seed + 1)
+
+    def eval_pruned(ctx: HookContext) -> None:
+        """After the pre-hooks: the pruned student's perplexity before distillation (a resumed stage took its
+        shape from the checkpoint, without pruned weights: the record of the run it resumes stands)."""
+        if "resume_shape_dir" in ctx.extras:
+            return
+        e = evaluate_lm(ctx.student, data.val, micro_batch_size=cfg.eval.micro_batch_size, max_batches=cfg.eval.batches,
+                        device=device, progress=cfg.trainer.progress, desc="eval: pruned student")
+        ctx.metrics.log({"event": PRUNED_EVAL, "val_loss": e["loss"], "val_ppl": e["ppl"]})
+
     kd_name = "student (pruned + distilled)" if pruned else "student (distilled)"
-    student = train_stage("distill", kd_cfg, student, teacher)
+    kd_steps = main_run_cfg(cfg).trainer.max_steps if pruned else cfg.trainer.max_steps  # rounds spend some
+    student = train_stage("distill", "distill", cfg, student, teacher, steps=kd_steps, hooks=True,
+                          after_pre=eval_pruned if pruned else None)
+    student_cfg = student.config
+    if pruned:  # the pruning's records and scores, where the pipeline's own outputs are
+        pruning = _last_pruning(read_metrics(out / "distill" / "metrics.jsonl"))
+        for r in pruning:
+            metrics.log({k: v for k, v in r.items() if k != "time"})
+        for before in [r for r in pruning if r["event"] == PRUNED_EVAL][-1:]:  # none: a stage of an older version
+            evals["student (pruned, before KD)"] = {"loss": before["val_loss"], "ppl": before["val_ppl"]}
+        scores = out / "distill" / "prune_scores.pt"
+        if scores.exists():
+            write_bytes_atomically(out / "prune_scores.pt", scores.read_bytes())
     stage("distill", t0)
 
-    # 4. the same shape from a random init, CE only, same steps
+    # 4. the same shape from a random init, CE only, same steps, as `sapling train`
     scratch = None
     if cfg.pipeline.scratch_baseline:
         t0 = time.perf_counter()
         random_src = OmegaConf.create({"path": None, "tiny": None, "config": {}, "init": "random",
                                        "dtype": cfg.student.dtype, "attn_implementation": cfg.student.attn_implementation})
         baseline = build_model(random_src, student_cfg, device, seed=cfg.seed + 1)
-        baseline = scratch = train_stage("scratch", cfg, baseline, None)
+        baseline = scratch = train_stage("scratch", "train", cfg, baseline, None, steps=cfg.trainer.max_steps,
+                                         hooks=False)
         stage("scratch", t0)
 
     # 5. the distilled student quantized (quant.*) and exported as compressed-tensors; its perplexity is the
     #    exported checkpoint's, loaded by transformers
     quantized = None
     if cfg.pipeline.quantize:
-        from sapling.quant.hook import quantize_student
+        from sapling.quant.apply import quantize_student
 
         t0 = time.perf_counter()
         export = out / f"model-{cfg.quant.scheme}"
@@ -379,7 +339,7 @@ def _run_stages(cfg: DictConfig, stop: StopRequest) -> dict[str, Any]:
                                   desc=f"eval: {name}")
         metrics.log({"event": "eval", "model": name, "params": count_parameters(model),
                      "val_loss": evals[name]["loss"], "val_ppl": evals[name]["ppl"]})
-    if pruned:
+    if "student (pruned, before KD)" in evals:
         name = "student (pruned, before KD)"
         metrics.log({"event": "eval", "model": name, "params": count_parameters(student),
                      "val_loss": evals[name]["loss"], "val_ppl": evals[name]["ppl"]})
@@ -393,7 +353,8 @@ def _run_stages(cfg: DictConfig, stop: StopRequest) -> dict[str, Any]:
          if path.exists()},
         out / "curves.png", title="student validation loss: distilled from the teacher vs trained from scratch")
     stage("eval", t0)
-    shutil.copytree(out / "distill" / "model", out / "model", dirs_exist_ok=True)
+    write_dir_atomically(out / "model",
+                         lambda tmp: shutil.copytree(out / "distill" / "model", tmp, dirs_exist_ok=True))
     timings["total"] = time.perf_counter() - t_start
     metrics.log({"event": "done", "wall_s": timings["total"]})
     metrics.close()
@@ -402,7 +363,7 @@ def _run_stages(cfg: DictConfig, stop: StopRequest) -> dict[str, Any]:
     teacher_steps = str(cfg.pipeline.teacher_steps) if cfg.teacher.path is None else "-"
     rows.append(["teacher", f"{count_parameters(teacher):,}", f"{evals['teacher']['loss']:.4f}",
                  f"{evals['teacher']['ppl']:.2f}", teacher_steps])
-    if pruned:
+    if "student (pruned, before KD)" in evals:
         e = evals["student (pruned, before KD)"]
         rows.append(["student (pruned, before KD)", f"{count_parameters(student):,}", f"{e['loss']:.4f}",
                      f"{e['ppl']:.2f}", "0"])

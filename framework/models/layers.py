@@ -1,0 +1,48 @@
+"""Where a causal LM's parts are, and the next-token view of a batch that every loss and metric shares.
+
+`final_hidden` runs the decoder stack only (no lm_head), so the logits are formed later, chunk by chunk,
+by the fused loss kernel or a top-k pass; `shifted_targets` are the labels those rows predict.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sapling.errors import ModelSourceError
+from sapling.models.hf import decoder_and_head
+
+IGNORE_INDEX = -100  # a label left out of every loss and count (HF's and torch's cross-entropy default)
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Next-token targets for positions 0..L-2 of each block, flattened."""
+    return labels[:, 1:].reshape(-1)
+
+
+def final_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Final (post-norm) hidden states for positions that predict a next token: [B*(L-1), H]."""
+    decoder, _ = decoder_and_head(model)
+    hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+    return hidden[:, :-1].reshape(-1, hidden.shape[-1])
+
+
+def decoder_layers(model: nn.Module,
+                   fix: str = "use a Llama, Mistral, Qwen or Gemma *ForCausalLM model") -> nn.ModuleList:
+    """The decoder layers of an HF causal LM (`<base model>.layers`), also through the wrappers training puts
+    around it: a DeepSpeed engine or DDP (`.module`), a module holding the HF model as `.model`
+    (`StudentWithFeatures`). A model without them is a ModelSourceError ending with `fix`."""
+    while not hasattr(model, "base_model_prefix"):
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "model", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ModelSourceError(f"{type(model).__name__}: no decoder layers at <base model>.layers; "
+                               "Sapling supports HF decoder-only causal LMs (Llama, Mistral, Qwen, Gemma); "
+                               f"fix: {fix}")
+    return layers
