@@ -145,3 +145,16 @@ def sapling_main(tmp_path, demo_cache, monkeypatch, capsys):
 
     return run
 
+
+@pytest.fixture
+def cli_in_process(sapling_main):
+    """`cli`'s interface (returncode, stderr) over `sapling_main`: for runs that fail or finish in seconds and
+    need no process of their own (no signals, no stdout), where a subprocess's imports would dominate."""
+    import types
+
+    def run(*args: str, env: dict | None = None, timeout: int | None = None) -> types.SimpleNamespace:
+        code, err = sapling_main(*args, env=env)
+        return types.SimpleNamespace(returncode=code, stderr=err, stdout="")
+
+    return run
+

@@ -20,6 +20,12 @@ from sapling.config import check_model_path
 from sapling.errors import ConfigError, ModelSourceError
 
 
+@pytest.fixture
+def cli(cli_in_process):
+    """In this process: every case here is refused or fails within seconds (see conftest.cli_in_process)."""
+    return cli_in_process
+
+
 def _config_error(res, *needles: str) -> str:
     assert res.returncode == 2, res.stderr[-3000:]
     assert "Traceback" not in res.stderr, res.stderr[-3000:]

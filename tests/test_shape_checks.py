@@ -7,6 +7,13 @@ import re
 
 import pytest
 
+
+@pytest.fixture
+def cli(cli_in_process):
+    """In this process: every case here is refused or fails within seconds (see conftest.cli_in_process)."""
+    return cli_in_process
+
+
 QUIET = ("logger=none", "trainer.progress=false", "trainer.max_steps=2")
 
 

@@ -20,6 +20,12 @@ from sapling.errors import CheckpointError
 from sapling.train.checkpoint import LATEST, STATE_FILE, latest_tag, load_checkpoint_file, read_state
 
 
+@pytest.fixture
+def cli(cli_in_process):
+    """In this process: every case here is refused or fails within seconds (see conftest.cli_in_process)."""
+    return cli_in_process
+
+
 def _train_args(tokenizer_dir: Path, text_files: list[Path]) -> list[str]:
     return ["model.tiny=qwen2-tiny", "model.config.vocab_size=384", f"data.tokenizer={tokenizer_dir}",
             f"data.files=[{text_files[-1]}]", "data.seq_len=32", "data.max_tokens=4000",
