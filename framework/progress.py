@@ -33,6 +33,10 @@ def mininterval() -> float:
 
 def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str, unit: str = "it",
              enabled: bool = True, leave: bool = True) -> tqdm:
-    """A tqdm bar over `iterable` (or updated by hand up to `total`); silent off rank 0 or when not `enabled`."""
+    """A tqdm bar over `iterable` (or updated by hand up to `total`); silent off rank 0 or when not `enabled`.
+
+    In a log file every bar draws on line 0: a nested bar (validation inside the training bar) would otherwise
+    move the cursor with terminal escapes (ESC[A) that a log cannot render."""
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled or _rank() != 0, leave=leave,
-                file=sys.stderr, dynamic_ncols=True, mininterval=mininterval())
+                file=sys.stderr, dynamic_ncols=True, mininterval=mininterval(),
+                position=None if sys.stderr.isatty() else 0)

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from sapling.kernels import fused_linear_kd_loss
 from sapling.models import decoder_and_head, final_hidden
+from sapling.progress import progress as progress_bar
 from sapling.quant.layerwise import saliency_groups
 
 
@@ -65,7 +65,7 @@ def distillation_saliency(
         t_device = next(teacher.parameters()).device
         t_weight = t_head.weight.detach().to(device)
         t_bias = None if t_head.bias is None else t_head.bias.detach().to(device)
-        for ids in tqdm(batches, desc="guided saliency", disable=not progress, leave=False):
+        for ids in progress_bar(batches, desc="guided saliency", unit="batch", enabled=progress, leave=False):
             outputs.clear()
             with torch.no_grad():
                 t_hidden = final_hidden(teacher, ids.to(t_device)).to(device)

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from sapling.errors import ConfigError
 from sapling.models import decoder_and_head, decoder_layers
+from sapling.progress import progress as progress_bar
 from sapling.quant.gptq import gptq
 from sapling.quant.numerics import QuantSpec, dequantize, rtn_export
 
@@ -182,7 +182,7 @@ def quantize_model(
         result.weights[name] = (q.cpu(), scale.cpu())
 
     if method == "rtn":
-        for name in tqdm(targets, desc="quantize (rtn)", disable=not progress, leave=False):
+        for name in progress_bar(targets, desc="quantize (rtn)", unit="linear", enabled=progress, leave=False):
             round_to_nearest(name)
         result.wall_s = time.perf_counter() - t0
         return result
@@ -201,7 +201,7 @@ def quantize_model(
                 child.to(device)
     hidden, kwargs = _capture_layer0_inputs(model, layers, batches, device if offload else home)
     prefix = {id(layer): name for name, layer in model.named_modules() if any(layer is x for x in layers)}
-    bar = tqdm(total=len(layers), desc="quantize (gptq)", disable=not progress, leave=False)
+    bar = progress_bar(total=len(layers), desc="quantize (gptq)", unit="layer", enabled=progress, leave=False)
     for index, layer in enumerate(layers):
         tl = time.perf_counter()
         if offload:

@@ -173,6 +173,15 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         return _run_stages(cfg, stop)
 
 
+def _prune_wall_s(records: list[dict[str, Any]]) -> float | None:
+    """Seconds from the last prune pre-hook's start to the training start after it (None: no such pair)."""
+    hooks = [i for i, r in enumerate(records) if r.get("event") == "hook" and r.get("name") == "prune"]
+    if not hooks:
+        return None
+    start = next((r for r in records[hooks[-1]:] if r.get("event") == "start"), None)
+    return None if start is None else start["time"] - records[hooks[-1]]["time"]
+
+
 def _run_stages(cfg: DictConfig, stop: StopRequest) -> dict[str, Any]:
     t_start = time.perf_counter()
     out = prepare_output(cfg)
@@ -284,7 +293,13 @@ def _run_stages(cfg: DictConfig, stop: StopRequest) -> dict[str, Any]:
                           after_pre=eval_pruned if pruned else None)
     student_cfg = student.config
     if pruned:  # the pruning's records and scores, where the pipeline's own outputs are
-        pruning = _last_pruning(read_metrics(out / "distill" / "metrics.jsonl"))
+        records = read_metrics(out / "distill" / "metrics.jsonl")
+        pruning = _last_pruning(records)
+        prune_s = _prune_wall_s(records)
+        if prune_s is not None and "distill" not in reused:  # reported as its own stage, as the table splits it
+            timings["prune"] = prune_s
+            metrics.log({"event": "stage", "name": "prune", "wall_s": prune_s})
+            t0 += prune_s
         for r in pruning:
             metrics.log({k: v for k, v in r.items() if k != "time"})
         for before in [r for r in pruning if r["event"] == PRUNED_EVAL][-1:]:  # none: a stage of an older version

@@ -42,6 +42,7 @@ class LocalEngine:
         groups = param_groups(self.module, trainer_cfg)
         self.master = MasterWeights(groups)  # puts the fp32 masters of 16-bit parameters into the groups
         self.optimizer = build_optimizer(groups, trainer_cfg)
+        self.trained = self.master.in_module_order(self.module)
         self.scheduler = build_scheduler(self.optimizer, trainer_cfg)
         self.scaler = LossScaler() if self.master.fp16 else None
         self.grad_clip = trainer_cfg.grad_clip
@@ -56,7 +57,7 @@ class LocalEngine:
         """Clip, update, advance the lr schedule; returns the pre-clip gradient norm. Under fp16 a step with
         inf/nan gradients is skipped (weights, optimizer state and lr schedule unchanged) and the scale halves."""
         self.master.grads_to_masters()
-        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        params = [p for p in self.trained if p.grad is not None]
         if self.scaler is not None:
             for p in params:
                 p.grad.div_(self.scaler.scale)

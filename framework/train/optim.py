@@ -38,6 +38,12 @@ class MasterWeights:
             group["params"] = [self._master_of(p) for p in group["params"]]
         self.fp16 = any(p.dtype == torch.float16 for p, _ in self.pairs)
 
+    def in_module_order(self, module: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """The optimizer's parameters (masters for 16-bit ones) in `module.parameters()` order: the order the
+        gradient norm is summed in, so that clipping gives the same bits whatever the param groups."""
+        masters = {id(p): master for p, master in self.pairs}
+        return [masters.get(id(p), p) for p in module.parameters() if p.requires_grad]
+
     def _master_of(self, p: torch.nn.Parameter) -> torch.nn.Parameter:
         if p.dtype not in HALF_DTYPES:
             return p
