@@ -30,6 +30,8 @@ commands:
              compressed-tensors checkpoint (output_dir/model) that vLLM/SGLang/transformers load
   eval       perplexity of model.path (and teacher.path) on data.files; writes report.md
   export     checkpoint=<dir> [output=<dir>]: an HF model from a training checkpoint (DeepSpeed ZeRO or not)
+  convert    input=<file.gguf> output=<dir>: a llama.cpp GGUF model as an HF checkpoint (every command also
+             reads .gguf paths directly, converted once into cache_dir/gguf)
   cache-teacher  one teacher pass writing its top-k distributions to cache.dir (distill teacher.cache=<dir>)
   sweep-report   <multirun dir> [output=<dir>]: a table (markdown + CSV) of a sweep's jobs and a PNG of their
                  validation curves
@@ -43,6 +45,7 @@ examples:
   sapling distill teacher.path=T student.path=S data.files=[a.jsonl] hooks.post=[quantize] quant.guided=true
   torchrun --nproc-per-node 8 -m sapling distill deepspeed=zero3 teacher.path=T student.path=S data.files=[a.jsonl]
   sapling export checkpoint=outputs/distill/.../checkpoints output=student_step1000
+  sapling convert input=SmolLM2-135M-Instruct.Q4_1.gguf output=smollm2-135m
   sapling cache-teacher teacher.path=T data.files=[a.jsonl] cache.top_k=64 cache.dir=cache/T-k64
   sapling distill teacher.cache=cache/T-k64 student.config.num_hidden_layers=8 trainer.max_steps=1000
   sapling distill -m distill.temperature=1,2 hydra/launcher=submitit_local ...   # a sweep, one job each
@@ -50,7 +53,7 @@ examples:
   sbatch --nodes=2 --gpus-per-node=8 launchers/slurm.sbatch distill deepspeed=zero3 ...
   sapling distill --cfg job          # print the composed config
   sapling distill --help             # what a command does, its main keys and their defaults, examples
-(valid commands: {", ".join((*COMMANDS, "export", "sweep-report"))})"""
+(valid commands: {", ".join((*COMMANDS, "export", "convert", "sweep-report"))})"""
 
 log = logging.getLogger("sapling")
 
@@ -58,7 +61,9 @@ log = logging.getLogger("sapling")
 def _dispatch(cfg: DictConfig) -> None:
     """Hydra's task function (in this process, or in a sweep launcher's job): one command, with the test-only
     fault seams its SAPLING_FAULT_* variables ask for (`sapling.faults`) installed for this run alone."""
-    with faults.from_env():
+    from sapling.models.gguf import conversion_cache
+
+    with faults.from_env(), conversion_cache(cfg.cache_dir):  # GGUF sources convert into cache_dir/gguf
         _run_command(cfg)
 
 
@@ -189,18 +194,21 @@ def _write_stop_file(cfg: DictConfig, steps: int, path: str) -> None:
                                             "output_dir": str(cfg.output_dir)}) + "\n")
 
 
-def _export(args: list[str]) -> int:
-    """`sapling export checkpoint=<dir> [output=<dir>]` (no Hydra: two paths, no config tree)."""
-    from sapling.recipes.export import run_export
-
+def _no_hydra(command: str, args: list[str]) -> int:
+    """`sapling export checkpoint=<dir> [output=<dir>]` and `sapling convert input=<gguf> output=<dir>`: a few
+    paths, no config tree, no Hydra."""
+    if command == "export":
+        from sapling.recipes.export import run_export as run
+    else:
+        from sapling.recipes.convert import run_convert as run
     try:
-        out = run_export(args)
+        out = run(args)
     except SaplingError as err:
         if os.environ.get("SAPLING_DEBUG"):
             raise
         print(f"sapling: {user_error_line(err)}", file=sys.stderr)
         return err.exit_code
-    print(f"sapling export: model in {out}", file=sys.stderr)
+    print(f"sapling {command}: model in {out}", file=sys.stderr)
     return 0
 
 
@@ -271,8 +279,8 @@ def main(argv: list[str] | None = None) -> None:
         from sapling.noise import choose_deepspeed_accelerator
 
         choose_deepspeed_accelerator()  # before anything imports deepspeed
-    if command == "export":
-        sys.exit(_export(rest))
+    if command in ("export", "convert"):
+        sys.exit(_no_hydra(command, rest))
     if command == "sweep-report":
         sys.exit(_sweep_report(rest))
     if command not in COMMANDS:

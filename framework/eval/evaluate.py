@@ -142,9 +142,11 @@ def is_quantized_checkpoint(path: str | os.PathLike | None) -> bool:
 
 
 def disk_bytes(path: str | os.PathLike | None) -> int | None:
-    """Bytes of a checkpoint's weight files on disk; None when there is no such directory."""
+    """Bytes of a checkpoint's weight files on disk (a GGUF file: its size); None when there is no such path."""
     from sapling.quant.export import checkpoint_bytes
 
+    if path is not None and str(path).lower().endswith(".gguf") and Path(os.path.expanduser(str(path))).is_file():
+        return Path(os.path.expanduser(str(path))).stat().st_size
     if path is None or not Path(os.path.expanduser(str(path))).is_dir():
         return None
     return checkpoint_bytes(os.path.expanduser(str(path)))

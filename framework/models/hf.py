@@ -21,6 +21,7 @@ from transformers import (
 
 from sapling.errors import ConfigError, ModelSourceError
 from sapling.io import write_dir_atomically
+from sapling.models.gguf import gguf_config, hf_checkpoint, is_gguf
 from sapling.models.init_scope import model_init_scope
 from sapling.models.placement import place
 from sapling.models.tiny import tiny_config
@@ -116,7 +117,10 @@ def _reason(err: BaseException) -> str:
 
 
 def load_config(path: str) -> PretrainedConfig:
-    """`AutoConfig` of a checkpoint directory or hub id; one that cannot be read is a ModelSourceError naming it."""
+    """`AutoConfig` of a checkpoint directory, hub id or GGUF file; one that cannot be read is a ModelSourceError
+    naming it."""
+    if is_gguf(path):
+        return gguf_config(path)
     try:
         return AutoConfig.from_pretrained(os.path.expanduser(path))
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -201,6 +205,8 @@ def _from_pretrained(path: str, **kwargs: Any) -> torch.nn.Module:
     """`AutoModelForCausalLM.from_pretrained`; a missing, truncated or mismatched checkpoint is a ModelSourceError."""
     from safetensors import SafetensorError
 
+    if is_gguf(path):
+        path = str(hf_checkpoint(path))  # converted once, then loaded like any checkpoint (in the source's dtype)
     try:
         return AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), **kwargs)
     except (SafetensorError, OSError, EOFError) as err:
@@ -215,7 +221,9 @@ def _from_pretrained(path: str, **kwargs: Any) -> torch.nn.Module:
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    """The tokenizer in `path` (a directory or hub id); one that cannot be loaded is a ModelSourceError."""
+    """The tokenizer in `path` (a directory, hub id or GGUF file); one that cannot be loaded is a ModelSourceError."""
+    if is_gguf(path):
+        path = str(hf_checkpoint(path))
     try:
         tok = AutoTokenizer.from_pretrained(os.path.expanduser(path))
     except Exception as err:  # noqa: BLE001  (`tokenizers` raises plain Exception on a damaged tokenizer.json)
