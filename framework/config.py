@@ -504,6 +504,13 @@ class PipelineConfig:
     teacher_lr: float = 2e-3
     scratch_baseline: bool = True  # also train the student shape from scratch with CE for the same steps
     quantize: bool = True  # end with the distilled student quantized (quant.*) and exported
+    sample_prompts: list[str] = field(default_factory=list)  # each model's greedy answer to these, in report.md
+    sample_tokens: int = 32  # new tokens per sample
+
+
+def check_pipeline(p: Any) -> None:
+    _check(p.teacher_steps > 0, "pipeline.teacher_steps", p.teacher_steps, "must be positive", "use e.g. 400")
+    _check(p.sample_tokens > 0, "pipeline.sample_tokens", p.sample_tokens, "must be positive", "use e.g. 32")
 
 
 @dataclass
@@ -759,6 +766,8 @@ def validate(cfg: DictConfig) -> None:
     check_prune(cfg.prune)
     check_cache(cfg.cache)
     check_quant(cfg.quant)
+    if cfg.command == "pipeline":
+        check_pipeline(cfg.pipeline)
     for key in ("teacher", "student", "model"):
         check_source(key, cfg[key])
     check_data(cfg.data)

@@ -72,11 +72,14 @@ def test_pipeline_with_random_student_shape(cli, tmp_path):
     out = tmp_path / "random"
     random_student = ["hooks.pre=[]", "student.config.hidden_size=32", "student.config.intermediate_size=64",
                       "student.config.num_hidden_layers=1", "student.config.num_attention_heads=2",
-                      "student.config.num_key_value_heads=1", "pipeline.scratch_baseline=false"]
+                      "student.config.num_key_value_heads=1", "pipeline.scratch_baseline=false",
+                      "pipeline.sample_prompts=['def f(x):']", "pipeline.sample_tokens=3"]
     res = cli("pipeline", *TOY, *random_student, f"hydra.run.dir={out}")
     assert res.returncode == 0, res.stderr[-3000:]
     report = (out / "report.md").read_text()
     assert "| student (distilled) |" in report and "pruned" not in report and "from scratch" not in report
+    samples = report.split("## Samples", 1)[1].split("\n## ", 1)[0]  # each model's answer to each prompt
+    assert "**def f(x):**" in samples and "- teacher: `" in samples and "- student (distilled): `" in samples
 
 
 def _events(run, event: str) -> list[dict]:

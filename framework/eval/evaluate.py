@@ -133,6 +133,28 @@ def generation_speed(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: 
     return {"gen_tokens_per_s": generated / max(wall, 1e-9), "gen_s": wall, "gen_tokens": generated}
 
 
+@torch.no_grad()
+def greedy_samples(model: torch.nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int,
+                   device: torch.device | str = "cpu") -> list[str]:
+    """Each prompt's greedy continuation (decoded, special tokens dropped), one prompt at a time. A tokenizer
+    with a chat template gets each prompt as a user turn (an instruct model answers it), else as raw text."""
+    model.eval()
+    texts = []
+    for prompt in prompts:
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                return_tensors="pt")
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        else:
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        ids = ids.to(device)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else
+                             tokenizer.eos_token_id)
+        texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return texts
+
+
 def is_quantized_checkpoint(path: str | os.PathLike | None) -> bool:
     """True for a checkpoint dir whose config.json carries a quantization_config (a compressed-tensors export)."""
     if path is None:

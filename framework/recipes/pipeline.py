@@ -142,10 +142,12 @@ def quantize_sections(summary: dict[str, Any] | None, out: Path) -> list[tuple]:
 
 
 def size_and_speed(cfg: DictConfig, models: dict[str, Any], dirs: dict[str, Path], quantized: dict | None,
-                   out: Path, data: Any, device: Any, metrics: Any) -> list[list[str]]:
+                   out: Path, data: Any, device: Any, metrics: Any,
+                   tokenizer: Any = None) -> tuple[list[list[str]], dict[str, list[str]]]:
     """Rows of (model, parameters, weights on disk, greedy generation tokens/s) for the report, the
-    quantized export loaded as transformers loads it (dequantized: its speed is not an int4 kernel's)."""
-    from sapling.eval.evaluate import disk_bytes, generation_speed, prompt_batch, token_stream
+    quantized export loaded as transformers loads it (dequantized: its speed is not an int4 kernel's); and
+    each model's greedy answers to `pipeline.sample_prompts`."""
+    from sapling.eval.evaluate import disk_bytes, generation_speed, greedy_samples, prompt_batch, token_stream
 
     e = cfg.eval
     prompts = prompt_batch(token_stream(data.val, e.gen_batch * e.gen_prompt_len), e.gen_batch, e.gen_prompt_len)
@@ -155,7 +157,7 @@ def size_and_speed(cfg: DictConfig, models: dict[str, Any], dirs: dict[str, Path
 
         qname = f"student ({quantized['format']} export)"
         entries.append((qname, load_quantized(quantized["model_dir"], device), Path(quantized["model_dir"])))
-    rows = []
+    rows, samples = [], {}
     for name, model, path in entries:
         speed = generation_speed(model, prompts, e.gen_tokens, device)["gen_tokens_per_s"] \
             if prompts is not None and e.gen_tokens > 0 else None
@@ -164,7 +166,26 @@ def size_and_speed(cfg: DictConfig, models: dict[str, Any], dirs: dict[str, Path
                      "gen_tokens_per_s": speed})
         rows.append([name, f"{count_parameters(model):,}", "" if size is None else f"{size / 2**20:.2f}",
                      "" if speed is None else f"{speed:,.0f}"])
-    return rows
+        if cfg.pipeline.sample_prompts and tokenizer is not None:
+            samples[name] = greedy_samples(model, tokenizer, list(cfg.pipeline.sample_prompts),
+                                           cfg.pipeline.sample_tokens, device)
+            metrics.log({"event": "samples", "model": name, "texts": samples[name]})
+    return rows, samples
+
+
+def _sample_sections(cfg: DictConfig, samples: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """One report section listing every model's greedy answer to each of `pipeline.sample_prompts`."""
+    if not samples:
+        return []
+    parts = [f"Greedy decoding, {cfg.pipeline.sample_tokens} new tokens at most (the chat template when the "
+             "tokenizer has one)."]
+    for i, prompt in enumerate(cfg.pipeline.sample_prompts):
+        parts.append(f"**{prompt}**\n")
+        for name, texts in samples.items():
+            flat = " ".join(texts[i].split()).replace("`", "'")  # one line, no code-span breaks
+            parts.append(f"- {name}: `{flat}`")
+        parts.append("")
+    return [("Samples", "\n".join(parts))]
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
@@ -238,7 +259,9 @@ def _run_stages(cfg: DictConfig, stop: StopRequest) -> dict[str, Any]:
     else:
         corpus = stdlib_corpus(cache, cfg.pipeline.corpus.max_bytes, cfg.pipeline.corpus.subpackages)
         corpus_note = f"Python {sys.version_info.major}.{sys.version_info.minor} standard library sources"
-        tok_path = str(train_bpe_tokenizer(corpus, cfg.pipeline.corpus.vocab_size, cache))
+        # a pretrained teacher brings its tokenizer; the demo's own teacher gets one trained on the corpus
+        tok_path = cfg.data.tokenizer or cfg.teacher.path or \
+            str(train_bpe_tokenizer(corpus, cfg.pipeline.corpus.vocab_size, cache))
         cfg = OmegaConf.merge(cfg, {"data": {"files": [str(corpus)]}})
     tokenizer = load_tokenizer(tok_path)
     data = load_data(cfg, tokenizer)
@@ -359,9 +382,9 @@ def _run_stages(cfg: DictConfig, stop: StopRequest) -> dict[str, Any]:
         metrics.log({"event": "eval", "model": name, "params": count_parameters(student),
                      "val_loss": evals[name]["loss"], "val_ppl": evals[name]["ppl"]})
     metrics.log({"event": "eval", "model": "unigram", "val_loss": unigram, "val_ppl": math.exp(unigram)})
-    size_rows = size_and_speed(cfg, models, {"teacher": teacher_dir, kd_name: out / "distill" / "model",
-                                             "student (CE from scratch)": out / "scratch" / "model"},
-                               quantized, out, data, device, metrics)
+    size_rows, samples = size_and_speed(cfg, models, {"teacher": teacher_dir, kd_name: out / "distill" / "model",
+                                                      "student (CE from scratch)": out / "scratch" / "model"},
+                                        quantized, out, data, device, metrics, tokenizer)
     curves = plot_validation_curves(
         {name: read_metrics(path) for name, path in ((kd_name, out / "distill" / "metrics.jsonl"),
                                                      ("student (CE from scratch)", out / "scratch" / "metrics.jsonl"))
@@ -418,6 +441,7 @@ def _run_stages(cfg: DictConfig, stop: StopRequest) -> dict[str, Any]:
         *quantize_sections(quantized, out),
         ("Size and speed", ["model", "params", "weights on disk (MB)", f"generation on {device.type} (tokens/s)"],
          size_rows),
+        *_sample_sections(cfg, samples),
         ("Validation curves", f"Validation loss against training tokens and training FLOPs (the distilled "
                               f"student's count the teacher's forward passes):\n\n![validation curves]({curves.name})"),
     ])

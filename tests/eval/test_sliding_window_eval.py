@@ -155,3 +155,22 @@ def test_harness_tasks_without_the_extra_fail_before_loading(monkeypatch, capsys
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "eval.tasks=['arc_easy']" in err and "sapling[eval]" in err
     assert not (tmp_path / "h" / "metrics.jsonl").exists()
+
+
+def test_greedy_samples_are_the_models_argmax_continuation(tokenizer):
+    """`pipeline.sample_prompts`: each answer is exactly the greedy continuation, decoded (raw text without a
+    chat template), and as long as asked."""
+    from sapling.eval.evaluate import greedy_samples
+
+    cfg = tiny_config("llama-tiny", vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).float()
+    prompts = ["def main():", "import os"]
+    texts = greedy_samples(model, tokenizer, prompts, 6)
+    for prompt, text in zip(prompts, texts):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        for _ in range(6):
+            with torch.no_grad():
+                ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+        expected = tokenizer.decode(ids[0, -6:], skip_special_tokens=True).strip()
+        assert text == expected
