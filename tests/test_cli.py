@@ -33,12 +33,12 @@ def test_config_error_is_one_line(cli, teacher_dir, text_files):
     assert "Traceback" not in res.stderr
 
 
-def test_vocab_mismatch_and_heads_fail_before_loading(cli, teacher_dir, text_files):
-    res = cli("distill", f"teacher.path={teacher_dir}", f"data.files=[{text_files[0]}]",
-              "student.config.vocab_size=100")
+def test_vocab_mismatch_and_heads_fail_before_loading(cli_in_process, teacher_dir, text_files):
+    res = cli_in_process("distill", f"teacher.path={teacher_dir}", f"data.files=[{text_files[0]}]",
+                         "student.config.vocab_size=100")
     assert res.returncode == 2 and "student.config.vocab_size=100" in res.stderr
-    res = cli("distill", f"teacher.path={teacher_dir}", f"data.files=[{text_files[0]}]",
-              "student.config.num_attention_heads=3")
+    res = cli_in_process("distill", f"teacher.path={teacher_dir}", f"data.files=[{text_files[0]}]",
+                         "student.config.num_attention_heads=3")
     assert res.returncode == 2 and "num_attention_heads=3" in res.stderr and "num_key_value_heads" in res.stderr
 
 
@@ -77,12 +77,12 @@ def test_train_from_scratch_with_wandb_offline(cli, tmp_path, tokenizer_dir, tex
     assert all(r["kd"] == 0 for r in _metrics(out) if r["event"] == "train")
 
 
-def test_runtime_input_error_is_one_line(cli, tmp_path, teacher_dir):
+def test_runtime_input_error_is_one_line(cli_in_process, tmp_path, teacher_dir):
     docs = [tmp_path / "a.txt", tmp_path / "b.txt"]
     for doc in docs:
         doc.write_text("too short for one block of 1024 tokens\n")
-    res = cli("distill", f"teacher.path={teacher_dir}", f"data.files=[{docs[0]},{docs[1]}]",
-              "data.seq_len=1024", "logger=none")  # fits the model (checked before it loads), not the data
+    res = cli_in_process("distill", f"teacher.path={teacher_dir}", f"data.files=[{docs[0]},{docs[1]}]",
+                         "data.seq_len=1024", "logger=none")  # fits the model (checked before it loads), not the data
     assert res.returncode == 1
     assert "sapling: error:" in res.stderr and "seq_len" in res.stderr
     assert "Traceback" not in res.stderr

@@ -148,7 +148,7 @@ def test_corrupted_truncated_and_missing_shards_are_named(teacher_cache, tmp_pat
         TeacherCache(cache_dir, verify=False)
 
 
-def test_distill_refuses_a_cache_that_does_not_match(teacher_cache, corpus_file, demo_cache, tmp_path):
+def test_distill_refuses_a_cache_that_does_not_match(teacher_cache, corpus_file, demo_cache, tmp_path, cli_in_process):
     from sapling.data.demo import train_bpe_tokenizer
 
     base = ["distill", f"teacher.cache={teacher_cache['dir']}", *STUDENT, "trainer.max_steps=1",
@@ -161,14 +161,14 @@ def test_distill_refuses_a_cache_that_does_not_match(teacher_cache, corpus_file,
         "distill.features.weight=1.0": "needs the teacher's hidden states",
     }
     for override, message in cases.items():
-        res = _sapling(demo_cache, *base, override)
+        res = cli_in_process(*base, override)  # refusals before any model loads: no process of their own
         assert res.returncode == 2, (override, res.stderr[-2000:])
         assert message in res.stderr, (override, res.stderr[-2000:])
 
     unfinished = tmp_path / "unfinished"
     shutil.copytree(teacher_cache["dir"], unfinished)
     (unfinished / "manifest.json").unlink()
-    res = _sapling(demo_cache, "distill", f"teacher.cache={unfinished}", *STUDENT, f"hydra.run.dir={tmp_path / 'u'}")
+    res = cli_in_process("distill", f"teacher.cache={unfinished}", *STUDENT, f"hydra.run.dir={tmp_path / 'u'}")
     assert res.returncode == 1 and "did not finish; rerun that same command" in res.stderr
 
 

@@ -41,14 +41,14 @@ def test_prune_command_writes_loadable_smaller_model(cli, tmp_path, teacher_dir,
     assert not (again / "prune_scores.pt").exists()
 
 
-def test_prune_bad_target_is_one_line(cli, teacher_dir, text_files):
-    res = cli("prune", f"teacher.path={teacher_dir}", f"data.files=[{text_files[0]}]",
+def test_prune_bad_target_is_one_line(cli_in_process, teacher_dir, text_files):
+    res = cli_in_process("prune", f"teacher.path={teacher_dir}", f"data.files=[{text_files[0]}]",
               "prune.target.intermediate_size=100000")
     assert res.returncode == 2
     assert "prune.target.intermediate_size=100000" in res.stderr and "larger than the teacher" in res.stderr
-    res = cli("prune", f"teacher.path={teacher_dir}", f"data.files=[{text_files[0]}]", "prune.target.depth=3")
+    res = cli_in_process("prune", f"teacher.path={teacher_dir}", f"data.files=[{text_files[0]}]", "prune.target.depth=3")
     assert res.returncode != 0 and "depth" in res.stderr
-    res = cli("prune", f"teacher.path={teacher_dir}", f"data.files=[{text_files[0]}]")
+    res = cli_in_process("prune", f"teacher.path={teacher_dir}", f"data.files=[{text_files[0]}]")
     assert res.returncode == 2 and "no target shape" in res.stderr
 
 
@@ -92,11 +92,11 @@ def test_prune_to_a_parameter_budget(cli, tmp_path, teacher_dir, text_files):
     assert (out / "prune_search.md").read_text().count("\n") >= len(ranked) + 2
 
 
-def test_impossible_budget_is_one_line(cli, teacher_dir, text_files):
-    res = cli("prune", f"teacher.path={teacher_dir}", f"data.files=[{text_files[0]}]", "prune.target.params=10")
+def test_impossible_budget_is_one_line(cli_in_process, teacher_dir, text_files):
+    res = cli_in_process("prune", f"teacher.path={teacher_dir}", f"data.files=[{text_files[0]}]", "prune.target.params=10")
     assert res.returncode == 2
     lines = [x for x in res.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "prune.target.params=10" in lines[0] and "fix:" in lines[0]
-    res = cli("prune", f"teacher.path={teacher_dir}", f"data.files=[{text_files[0]}]", "prune.target.params=1000",
-              "prune.target.hidden_size=32")
+    res = cli_in_process("prune", f"teacher.path={teacher_dir}", f"data.files=[{text_files[0]}]", "prune.target.params=1000",
+                         "prune.target.hidden_size=32")
     assert res.returncode == 2 and "not both" in res.stderr

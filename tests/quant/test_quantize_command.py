@@ -51,17 +51,17 @@ def test_quantize_command_writes_an_export_transformers_loads(cli, tmp_path, tea
     assert quant["bytes"] < quant["bytes_16bit"] and quant["val_quantized"]["ppl"] > 1
 
 
-def test_config_and_shape_errors_fail_fast(cli, tmp_path, teacher_dir, corpus_file):
+def test_config_and_shape_errors_fail_fast(cli_in_process, tmp_path, teacher_dir, corpus_file):
     base = [f"model.path={teacher_dir}", f"data.files=[{corpus_file}]", *DATA]
-    res = cli("quantize", *base, "quant.group_size=48", f"output_dir={tmp_path / 'a'}")
+    res = cli_in_process("quantize", *base, "quant.group_size=48", f"output_dir={tmp_path / 'a'}")
     assert res.returncode != 0
     assert "model.layers.0.self_attn.q_proj has input width 64" in res.stderr
     assert "quant.skip_incompatible=true" in res.stderr
     assert not (tmp_path / "a" / "model").exists()
-    res = cli("quantize", *base, "quant.guided=true", f"output_dir={tmp_path / 'b'}")
+    res = cli_in_process("quantize", *base, "quant.guided=true", f"output_dir={tmp_path / 'b'}")
     assert res.returncode != 0 and "quant.guided=True" in res.stderr and "teacher.path" in res.stderr
     # with skip_incompatible, group 48 divides none of this model's input widths: nothing left to quantize
-    res = cli("quantize", *base, "quant.group_size=48", "quant.skip_incompatible=true", f"output_dir={tmp_path / 'c'}")
+    res = cli_in_process("quantize", *base, "quant.group_size=48", "quant.skip_incompatible=true", f"output_dir={tmp_path / 'c'}")
     assert res.returncode != 0 and "no linear layer to quantize" in res.stderr
 
 
