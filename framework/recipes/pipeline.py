@@ -178,7 +178,7 @@ def _sample_sections(cfg: DictConfig, samples: dict[str, list[str]]) -> list[tup
     if not samples:
         return []
     parts = [f"Greedy decoding, {cfg.pipeline.sample_tokens} new tokens at most (the chat template when the "
-             "tokenizer has one)."]
+             "tokenizer has one).", ""]
     for i, prompt in enumerate(cfg.pipeline.sample_prompts):
         parts.append(f"**{prompt}**\n")
         for name, texts in samples.items():
