@@ -11,7 +11,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from sapling.quant import export as export_mod
-from sapling.quant.apply import cast_parameters, load_quantized
+from sapling.quant.apply import cast_parameters, cpu_float32, load_quantized
 from sapling.quant.export import export_compressed, read_packed
 from sapling.quant.layerwise import quantize_model
 from sapling.quant.numerics import QuantSpec
@@ -62,11 +62,14 @@ def test_transformers_loads_the_export_with_the_fake_quantized_logits(tmp_path, 
         expected = fake(ids).logits.float()
         served = AutoModelForCausalLM.from_pretrained(out)  # the compressed (serving-format) modules
         got_compressed = served(ids).logits.float()
-        got = load_quantized(out)(ids).logits.float()  # decompressed on load
+        # decompressed on load; on CPU its parameters are the same values in float32, and so is the reference's
+        got = load_quantized(out)(ids).logits.float()
+        assert next(load_quantized(out).parameters()).dtype == torch.float32
+        expected_fp32 = cpu_float32(fake)(ids).logits.float()
     # Tolerance: exact. The export stores the same integers and scales, and dequantization (q * scale in the
     # scale dtype) is the computation Sapling's fake quantization performs.
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
     torch.testing.assert_close(got_compressed, expected, rtol=0, atol=0)
+    torch.testing.assert_close(got, expected_fp32, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, 32, torch.bfloat16), QuantSpec(8, None, torch.bfloat16)],
@@ -114,8 +117,8 @@ def test_incompatible_width_names_the_layer_or_is_left_16bit(tmp_path):
     assert torch.equal(stored, before.to(torch.bfloat16))
     ids = torch.randint(0, 200, (2, 16))
     with torch.no_grad():
-        torch.testing.assert_close(load_quantized(out)(ids).logits, cast_parameters(model, torch.bfloat16)(ids).logits,
-                                   rtol=0, atol=0)
+        reference = cpu_float32(cast_parameters(model, torch.bfloat16))  # the stored values, computed as loaded
+        torch.testing.assert_close(load_quantized(out)(ids).logits, reference(ids).logits, rtol=0, atol=0)
 
 
 def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
