@@ -158,3 +158,24 @@ def cli_in_process(sapling_main):
 
     return run
 
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """`load_benchmark("efficiency")`: benchmarks/efficiency.py as a module (benchmarks/ is not a package; its
+    sibling imports resolve while it loads)."""
+    import importlib.util
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+
+    def load(name: str):
+        sys.path.insert(0, str(bench))
+        try:
+            spec = importlib.util.spec_from_file_location(f"{name}_bench", bench / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        finally:
+            sys.path.remove(str(bench))
+
+    return load

@@ -4,26 +4,14 @@ ratio table along the scratch run, and the `--target` parser, on synthetic curve
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def eff():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("efficiency_bench", BENCH / "efficiency.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(BENCH))
+def eff(load_benchmark):
+    return load_benchmark("efficiency")
 
 
 def _curve(losses: list[float], tokens_per_point: int, flops_per_token: float, start: int = 1) -> list[dict]:

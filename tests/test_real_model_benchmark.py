@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+@pytest.fixture(scope="module")
+def real_model(load_benchmark):
+    return load_benchmark("real_model")
 
 
 @pytest.fixture(scope="module")
-def real_model():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("real_model_bench", BENCH / "real_model.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(BENCH))
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
+def smol_like_dir(tmp_path_factory):
     """A SmolLM2-like toy: 9 query / 3 KV heads of 8 channels, tied embeddings, a vocabulary that dominates."""
     from transformers import LlamaConfig
 
@@ -35,21 +22,21 @@ def teacher_dir(tmp_path_factory):
     return d
 
 
-def test_budget_shapes_land_near_the_budget_and_count_exactly(real_model, teacher_dir):
+def test_budget_shapes_land_near_the_budget_and_count_exactly(real_model, smol_like_dir):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    total = real_model.count_shape(teacher_dir, {})
+    total = real_model.count_shape(smol_like_dir, {})
     budget = total // 2
-    shapes = real_model.budget_shapes(teacher_dir, budget)
+    shapes = real_model.budget_shapes(smol_like_dir, budget)
     assert set(shapes) == {"width", "depth", "mixed"}
     assert set(shapes["width"]) == {"hidden_size", "intermediate_size"} and shapes["width"]["hidden_size"] % 9 == 0
     assert shapes["width"]["hidden_size"] < 72
     assert set(shapes["depth"]) == {"num_hidden_layers"} and shapes["depth"]["num_hidden_layers"] < 6
     assert shapes["mixed"]["num_hidden_layers"] == 4 and shapes["mixed"]["intermediate_size"] < 192
     for name, shape in shapes.items():
-        count = real_model.count_shape(teacher_dir, shape)
+        count = real_model.count_shape(smol_like_dir, shape)
         assert abs(count - budget) < 0.2 * budget, (name, shape, count, budget)
-        config = AutoConfig.from_pretrained(teacher_dir, **shape, head_dim=8)  # a model built at it: same count
+        config = AutoConfig.from_pretrained(smol_like_dir, **shape, head_dim=8)  # a model built at it: same count
         model = AutoModelForCausalLM.from_config(config)
         assert count == sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
