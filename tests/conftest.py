@@ -108,15 +108,35 @@ TEACHER_CACHE_ARGS = ("data.seq_len=32", "data.max_tokens=12000", "cache.shard_s
 
 
 @pytest.fixture(scope="session")
-def teacher_cache(tmp_path_factory, teacher_dir, corpus_file, demo_cache) -> dict:
-    """`sapling cache-teacher` of the tiny teacher on the corpus (one process); {"dir", "args", "run"}."""
+def teacher_cache(tmp_path_factory, teacher_dir, corpus_file, run_sapling) -> dict:
+    """`sapling cache-teacher` of the tiny teacher on the corpus (one process: this one); {"dir", "args", "run"}."""
     root = tmp_path_factory.mktemp("teacher_cache")
     args = [f"teacher.path={teacher_dir}", f"data.files=[{corpus_file}]", *TEACHER_CACHE_ARGS]
-    env = {**os.environ, "SAPLING_CACHE": str(demo_cache), "PYTHONUNBUFFERED": "1"}
-    res = subprocess.run([sys.executable, "-m", "sapling", "cache-teacher", *args, f"cache.dir={root / 'cache'}",
-                          f"hydra.run.dir={root / 'run'}"], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    code = run_sapling(root, "cache-teacher", *args, f"cache.dir={root / 'cache'}", f"hydra.run.dir={root / 'run'}")
+    assert code == 0, "sapling cache-teacher failed (its stderr is in the captured output)"
     return {"dir": root / "cache", "args": args, "run": root / "run"}
+
+
+@pytest.fixture(scope="session")
+def run_sapling(demo_cache):
+    """`run_sapling(cwd, *args)`: `sapling ...` through `sapling.cli.main` in this process, for fixtures wider than
+    one test (which `sapling_main` cannot serve) whose runs need no process of their own; returns the exit code
+    (the run's stderr goes to pytest's captured output, shown when the fixture fails)."""
+
+    def run(cwd: Path, *args: str) -> int:
+        from sapling.cli import main
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(cwd)
+            mp.setenv("SAPLING_CACHE", str(demo_cache))
+            mp.setattr(sys, "argv", list(sys.argv))  # main() rewrites it for Hydra
+            try:
+                main(list(args))
+            except SystemExit as exc:
+                return int(exc.code or 0)
+        return 0
+
+    return run
 
 
 @pytest.fixture

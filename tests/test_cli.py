@@ -42,7 +42,8 @@ def test_vocab_mismatch_and_heads_fail_before_loading(cli_in_process, teacher_di
     assert res.returncode == 2 and "num_attention_heads=3" in res.stderr and "num_key_value_heads" in res.stderr
 
 
-def test_distill_then_eval(cli, tmp_path, teacher_dir, text_files):
+def test_distill_then_eval(cli_in_process, tmp_path, teacher_dir, text_files):
+    cli = cli_in_process  # through `sapling.cli.main`, in this process (the tests above start real ones)
     out = tmp_path / "run"
     files = "[" + ",".join(str(p) for p in text_files) + "]"
     res = cli("distill", f"teacher.path={teacher_dir}", "student.config.num_hidden_layers=1", f"data.files={files}",
@@ -59,8 +60,10 @@ def test_distill_then_eval(cli, tmp_path, teacher_dir, text_files):
     assert "student" in (out / "report.md").read_text()
 
     ev = tmp_path / "eval"
+    # the first 2,000 of the file's ~87k tokens: the report's rows are what is checked here (the numbers against a
+    # direct computation: tests/eval/test_sliding_window_eval.py)
     res = cli("eval", f"model.path={out / 'model'}", f"teacher.path={teacher_dir}", f"data.files=[{text_files[-1]}]",
-              "data.seq_len=64", f"hydra.run.dir={ev}")
+              "data.seq_len=64", "eval.max_tokens=2000", f"hydra.run.dir={ev}")
     assert res.returncode == 0, res.stderr[-3000:]
     report = (ev / "report.md").read_text()
     assert "| model |" in report and "| teacher |" in report

@@ -67,8 +67,9 @@ def test_inconsistent_variables_fail_with_one_line(env, message):
         launch_env(env)
 
 
-def test_launch_error_reaches_the_user_as_one_line(cli, teacher_dir, corpus_file):
-    res = cli("distill", f"teacher.path={teacher_dir}", f"data.files=[{corpus_file}]", "deepspeed=zero2",
-              "logger=none", env={"RANK": "3", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_PORT": "29999"})
+def test_launch_error_reaches_the_user_as_one_line(cli_in_process, teacher_dir, corpus_file):
+    # in this process (the variables are set for the run alone): the launch is refused before anything starts
+    res = cli_in_process("distill", f"teacher.path={teacher_dir}", f"data.files=[{corpus_file}]", "deepspeed=zero2",
+                         "logger=none", env={"RANK": "3", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_PORT": "29999"})
     assert res.returncode == 1
     assert "RANK=3 is outside WORLD_SIZE=2" in res.stderr and "Traceback" not in res.stderr

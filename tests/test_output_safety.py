@@ -33,21 +33,15 @@ def _one_error_line(err: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def checkpointed_run(tmp_path_factory, tokenizer_dir, text_files, demo_cache):
-    """A 2-step `sapling train` run with a checkpoint per step and a user's own file in it."""
-    import subprocess
-    import sys
-
+def checkpointed_run(tmp_path_factory, tokenizer_dir, text_files, run_sapling):
+    """A 2-step `sapling train` run with a checkpoint per step and a user's own file in it (run in this process)."""
     out = tmp_path_factory.mktemp("safety") / "run"
-    env = {**os.environ, "SAPLING_CACHE": str(demo_cache)}
     args = ["train", "model.tiny=llama-tiny", "model.config.vocab_size=384", "model.config.hidden_size=32",
             "model.config.num_hidden_layers=1", f"data.tokenizer={tokenizer_dir}", f"data.files=[{text_files[-1]}]",
             "data.seq_len=32", "trainer.micro_batch_size=2", "trainer.max_steps=2", "trainer.save_every=1",
             "trainer.eval_batches=1", "trainer.progress=false", "logger=none", f"output_dir={out}",
             f"hydra.run.dir={out.parent / 'hydra'}"]
-    res = subprocess.run([sys.executable, "-m", "sapling", *args], env=env, capture_output=True, text=True,
-                         timeout=600, cwd=out.parent)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert run_sapling(out.parent, *args) == 0, "sapling train failed (its stderr is in the captured output)"
     (out / "notes.txt").write_text("mine")
     return out
 

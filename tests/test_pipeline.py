@@ -16,7 +16,8 @@ TOY = [
 ]
 
 
-def test_pipeline_end_to_end_and_teacher_cache(cli, tmp_path):
+def test_pipeline_end_to_end_and_teacher_cache(cli_in_process, tmp_path):
+    cli = cli_in_process  # in this process (a pipeline in a process of its own, stopped and resumed: test_signals.py)
     first = tmp_path / "first"
     res = cli("pipeline", *TOY, f"hydra.run.dir={first}")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -67,14 +68,14 @@ def test_pipeline_end_to_end_and_teacher_cache(cli, tmp_path):
     assert row in report2
 
 
-def test_pipeline_with_random_student_shape(cli, tmp_path):
+def test_pipeline_with_random_student_shape(cli_in_process, tmp_path):
     """Without the prune pre-hook the student is the teacher's architecture at student.config, random init."""
     out = tmp_path / "random"
     random_student = ["hooks.pre=[]", "student.config.hidden_size=32", "student.config.intermediate_size=64",
                       "student.config.num_hidden_layers=1", "student.config.num_attention_heads=2",
                       "student.config.num_key_value_heads=1", "pipeline.scratch_baseline=false",
                       "pipeline.sample_prompts=['def f(x):']", "pipeline.sample_tokens=3"]
-    res = cli("pipeline", *TOY, *random_student, f"hydra.run.dir={out}")
+    res = cli_in_process("pipeline", *TOY, *random_student, f"hydra.run.dir={out}")
     assert res.returncode == 0, res.stderr[-3000:]
     report = (out / "report.md").read_text()
     assert "| student (distilled) |" in report and "pruned" not in report and "from scratch" not in report

@@ -7,7 +7,8 @@ import json
 from transformers import AutoModelForCausalLM
 
 
-def test_distill_with_feature_loss(cli, tmp_path, teacher_dir, text_files):
+def test_distill_with_feature_loss(cli_in_process, tmp_path, teacher_dir, text_files):
+    cli = cli_in_process  # `sapling distill` and `sapling export` in this process: none needs its own
     out = tmp_path / "feat"
     files = "[" + ",".join(str(p) for p in text_files) + "]"
     args = ("distill", f"teacher.path={teacher_dir}", f"data.files={files}", "data.seq_len=32",

@@ -7,8 +7,8 @@ from pathlib import Path
 WORKER = Path(__file__).with_name("features_zero3_worker.py")
 
 
-def test_feature_distillation_zero3_two_ranks_matches_single_process(run_two_ranks):
-    r = run_two_ranks(WORKER)
+def test_feature_distillation_zero3_two_ranks_matches_single_process(two_rank_workers):
+    r = two_rank_workers[WORKER.name]
     assert r["world"] == 2 and r["teacher_layers"] == [1, 2]
     # the partitioned teacher's captured layer outputs equal the plain copy's, and it stays partitioned
     assert r["teacher_partitioned"]

@@ -53,8 +53,8 @@ def test_single_process_helpers_are_no_ops():
     assert got.num_tokens == ref.num_tokens == 7 * 8
 
 
-def test_two_ranks_and_zero3_teacher_match_one_process(run_two_ranks):
-    result = run_two_ranks(WORKER)
+def test_two_ranks_and_zero3_teacher_match_one_process(two_rank_workers):
+    result = two_rank_workers[WORKER.name]
     assert result["world"] == 2
     assert result["shares"] == {"sizes": [7, 6], "union_is_global_order": True}
     cases = result["cases"]

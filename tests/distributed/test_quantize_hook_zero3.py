@@ -28,7 +28,20 @@ def _run(cmd: list[str], cwd: Path, demo_cache: Path) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
 
 
-def test_zero3_post_hook_quantizes_the_consolidated_student_on_rank_0(teacher_dir, corpus_file, demo_cache, tmp_path):
+def _one_process(sapling_main, *args: str) -> None:
+    """A single-process reference run in this process (imports already paid for), on one thread like each
+    torchrun rank above (OMP_NUM_THREADS=1), so that the runs compared reduce in the same order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code, err = sapling_main(*args)
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err[-6000:]
+
+
+def test_zero3_post_hook_quantizes_the_consolidated_student_on_rank_0(teacher_dir, corpus_file, demo_cache, tmp_path,
+                                                                       sapling_main):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -46,8 +59,7 @@ def test_zero3_post_hook_quantizes_the_consolidated_student_on_rank_0(teacher_di
 
     # the same recipe, one process, on the student the distributed run consolidated into output_dir/model
     single = tmp_path / "single"
-    _run([sys.executable, "-m", "sapling", "quantize", f"model.path={out / 'model'}", *common, f"output_dir={single}"],
-         tmp_path, demo_cache)
+    _one_process(sapling_main, "quantize", f"model.path={out / 'model'}", *common, f"output_dir={single}")
     got, ref = read_packed(out / "model-w4a16", 4), read_packed(single / "model", 4)
     assert set(got) == set(ref) and len(got) == 7
     for name in ref:
@@ -60,7 +72,8 @@ def _losses(out: Path) -> list[float]:
             if r["event"] == "train"]
 
 
-def test_quant_aware_distillation_under_zero3_matches_one_process(teacher_dir, corpus_file, demo_cache, tmp_path):
+def test_quant_aware_distillation_under_zero3_matches_one_process(teacher_dir, corpus_file, demo_cache, tmp_path,
+                                                                  sapling_main):
     """QAD with a partitioned (ZeRO-3) student trains through the same fake-quantized weights as one process:
     same losses on the same global batches (2 ranks x 2 sequences = 1 process x 2 x grad_accum 2), and those
     losses are not the unquantized student's."""
@@ -74,11 +87,10 @@ def test_quant_aware_distillation_under_zero3_matches_one_process(teacher_dir, c
           "--master-port", str(port), "-m", "sapling", "distill", *common, "deepspeed=zero3", "quant.aware=true",
           "hooks.post=[quantize]", f"output_dir={zero3}"], tmp_path, demo_cache)
     single = tmp_path / "single"
-    _run([sys.executable, "-m", "sapling", "distill", *common, "trainer.grad_accum=2", "quant.aware=true",
-          f"output_dir={single}"], tmp_path, demo_cache)
+    _one_process(sapling_main, "distill", *common, "trainer.grad_accum=2", "quant.aware=true", f"output_dir={single}")
     plain = tmp_path / "plain"
-    _run([sys.executable, "-m", "sapling", "distill", *common, "trainer.grad_accum=2", "trainer.max_steps=1",
-          f"output_dir={plain}"], tmp_path, demo_cache)
+    _one_process(sapling_main, "distill", *common, "trainer.grad_accum=2", "trainer.max_steps=1",
+                 f"output_dir={plain}")
     got, ref = _losses(zero3), _losses(single)
     assert len(got) == len(ref) == 3
     # The first step is bit-equal; after an optimizer step ZeRO-3's partitioned AdamW and the local one

@@ -54,12 +54,6 @@ def _distill(nproc: int, out: Path, models: dict, *overrides: str) -> list[str]:
                      f"hydra.run.dir={out}", *overrides)
 
 
-def _sapling(demo_cache: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**_env(), "SAPLING_CACHE": str(demo_cache)}
-    return subprocess.run([sys.executable, "-m", "sapling", *args], env=env, capture_output=True, text=True,
-                          timeout=600)
-
-
 def _check(res: subprocess.CompletedProcess) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
 
@@ -88,13 +82,13 @@ def models(tmp_path_factory, teacher_dir, tokenizer, text_files) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, models, demo_cache) -> dict:
+def runs(tmp_path_factory, models, run_sapling) -> dict:
     """The single-process reference and the three ZeRO stages (one torchrun launch)."""
     root = tmp_path_factory.mktemp("zero")
     ref = root / "single"
-    res = _sapling(demo_cache, "distill", f"teacher.path={models['teacher']}", f"student.path={models['student']}",
-                   f"data.files=[{models['data']}]", *COMMON, "trainer.grad_accum=4", f"hydra.run.dir={ref}")
-    _check(res)
+    code = run_sapling(root, "distill", f"teacher.path={models['teacher']}", f"student.path={models['student']}",
+                       f"data.files=[{models['data']}]", *COMMON, "trainer.grad_accum=4", f"hydra.run.dir={ref}")
+    assert code == 0, "the single-process reference run failed (its stderr is in the captured output)"
     res = subprocess.run(_torchrun(2, str(WORKER), str(root), str(models["teacher"]), str(models["student"]),
                                    str(models["data"]), *COMMON, "trainer.grad_accum=2", "trainer.save_every=3",
                                    "trainer.activation_checkpointing=true"),
@@ -124,7 +118,7 @@ def test_sharded_validation_matches_single_process(runs, stage):
     assert got["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-4), stage
 
 
-def test_zero3_export_gives_engine_logits(runs, demo_cache, tmp_path):
+def test_zero3_export_gives_engine_logits(runs, tmp_path, sapling_main):
     from transformers import AutoModelForCausalLM
 
     z3 = runs["zero3"]
@@ -132,8 +126,8 @@ def test_zero3_export_gives_engine_logits(runs, demo_cache, tmp_path):
     ckpt = z3 / "checkpoints"
     assert (ckpt / "latest").read_text() == f"global_step{STEPS}"
     assert (ckpt / f"global_step{STEPS}" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()
-    res = _sapling(demo_cache, "export", f"checkpoint={ckpt}", f"output={tmp_path / 'exported'}")
-    _check(res)
+    code, err = sapling_main("export", f"checkpoint={ckpt}", f"output={tmp_path / 'exported'}")  # in this process
+    assert code == 0, err[-6000:]
     for path in (z3 / "model", tmp_path / "exported"):
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         with torch.no_grad():

@@ -101,9 +101,12 @@ def _report_rows(out: Path) -> list[dict]:
             if r["event"] == "eval"]
 
 
-def test_eval_command_on_checkpoint_and_quantized_export(cli, tmp_path, teacher_dir, corpus_file, tokenizer):
+def test_eval_command_on_checkpoint_and_quantized_export(cli_in_process, tmp_path, teacher_dir, corpus_file,
+                                                         tokenizer):
     from sapling.data import build_packed_data
     from sapling.quant.apply import load_quantized
+
+    cli = cli_in_process  # the commands in this process: nothing here depends on a process of their own
 
     common = [f"data.files=[{corpus_file}]", "data.seq_len=32", "eval.window=24", "eval.stride=10",
               "eval.max_tokens=600", "eval.gen_tokens=4", "eval.gen_batch=2", "eval.gen_prompt_len=8", "logger=none"]

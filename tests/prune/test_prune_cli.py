@@ -1,4 +1,5 @@
-"""`sapling prune` and `sapling distill hooks.pre=[prune]` end to end."""
+"""`sapling prune` and `sapling distill hooks.pre=[prune]` end to end, through `sapling.cli.main` in this process
+(no check here needs a process of its own)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
-def test_prune_command_writes_loadable_smaller_model(cli, tmp_path, teacher_dir, text_files):
+def test_prune_command_writes_loadable_smaller_model(cli_in_process, tmp_path, teacher_dir, text_files):
+    cli = cli_in_process
     out = tmp_path / "pruned"
     files = "[" + ",".join(str(p) for p in text_files) + "]"
     res = cli("prune", f"teacher.path={teacher_dir}", f"data.files={files}", "data.seq_len=32",
@@ -52,7 +54,8 @@ def test_prune_bad_target_is_one_line(cli_in_process, teacher_dir, text_files):
     assert res.returncode == 2 and "no target shape" in res.stderr
 
 
-def test_distill_with_prune_prehook(cli, tmp_path, teacher_dir, text_files):
+def test_distill_with_prune_prehook(cli_in_process, tmp_path, teacher_dir, text_files):
+    cli = cli_in_process
     out = tmp_path / "kd"
     files = "[" + ",".join(str(p) for p in text_files) + "]"
     res = cli("distill", f"teacher.path={teacher_dir}", f"data.files={files}", "data.seq_len=32", "hooks.pre=[prune]",
@@ -66,8 +69,10 @@ def test_distill_with_prune_prehook(cli, tmp_path, teacher_dir, text_files):
     assert events.index("prune") < events.index("start") < events.index("train")
 
 
-def test_prune_to_a_parameter_budget(cli, tmp_path, teacher_dir, text_files):
+def test_prune_to_a_parameter_budget(cli_in_process, tmp_path, teacher_dir, text_files):
     from sapling.models import count_parameters
+
+    cli = cli_in_process
 
     teacher_params = count_parameters(AutoModelForCausalLM.from_pretrained(teacher_dir))
     budget = int(0.6 * teacher_params)

@@ -43,7 +43,7 @@ def _events(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_distill_in_two_prune_rounds(cli, tmp_path, teacher_dir, text_files):
+def test_distill_in_two_prune_rounds(cli, cli_in_process, tmp_path, teacher_dir, text_files):
     out = tmp_path / "rounds"
     files = "[" + ",".join(str(p) for p in text_files) + "]"
     args = ("distill", f"teacher.path={teacher_dir}", f"data.files={files}", "data.seq_len=32", "hooks.pre=[prune]",
@@ -52,10 +52,11 @@ def test_distill_in_two_prune_rounds(cli, tmp_path, teacher_dir, text_files):
             "trainer.micro_batch_size=2", "trainer.log_every=1", "trainer.eval_batches=1", "logger=none",
             f"hydra.run.dir={out}")
     # stopped (SIGUSR1) after the main run's first step, then restarted: the restart resumes that run with
-    # the pruned shape from its checkpoint, so neither round is pruned or distilled again
+    # the pruned shape from its checkpoint, so neither round is pruned or distilled again (the signalled run
+    # has a process of its own; the restart and the rerun below need none)
     res = cli(*args, env={"SAPLING_FAULT_SIGNAL_AT_STEP": "distill:1"})
     assert res.returncode == 3, res.stderr[-3000:]
-    res = cli(*args)
+    res = cli_in_process(*args)
     assert res.returncode == 0, res.stderr[-3000:]
     cfg = AutoModelForCausalLM.from_pretrained(out / "model").config
     assert (cfg.intermediate_size, cfg.num_hidden_layers, cfg.hidden_size) == (32, 1, 32)
@@ -75,12 +76,13 @@ def test_distill_in_two_prune_rounds(cli, tmp_path, teacher_dir, text_files):
     assert [e["event"] for e in events].count("prune_resumed") == 1
 
     # A rerun of the finished run does nothing (it says so).
-    res = cli(*args)
+    res = cli_in_process(*args)
     assert res.returncode == 0 and "already finished" in res.stderr, res.stderr[-3000:]
     assert len(_events(out / "metrics.jsonl")) == len(events)
 
 
-def test_rounds_need_distillation(cli, teacher_dir, text_files):
+def test_rounds_need_distillation(cli_in_process, teacher_dir, text_files):
+    cli = cli_in_process  # config errors, before any model loads: no process of their own
     res = cli("prune", f"teacher.path={teacher_dir}", f"data.files=[{text_files[0]}]",
               "prune.target.intermediate_size=32", "prune.rounds=2")
     assert res.returncode == 2 and "prune.rounds" in res.stderr and "sapling distill" in res.stderr

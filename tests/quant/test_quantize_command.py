@@ -1,4 +1,5 @@
-"""`sapling quantize` and `sapling distill ... hooks.post=[quantize]` end to end in subprocesses."""
+"""`sapling quantize` and `sapling distill ... hooks.post=[quantize]` end to end (through `sapling.cli.main`, in
+this process: none of the checks here needs a process of its own)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def events(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_quantize_command_writes_an_export_transformers_loads(cli, tmp_path, teacher_dir, corpus_file):
+def test_quantize_command_writes_an_export_transformers_loads(cli_in_process, tmp_path, teacher_dir, corpus_file):
+    cli = cli_in_process
     out = tmp_path / "q"
     res = cli("quantize", f"model.path={teacher_dir}", f"data.files=[{corpus_file}]", *DATA, "quant.method=rtn",
               f"output_dir={out}")
@@ -65,7 +67,8 @@ def test_config_and_shape_errors_fail_fast(cli_in_process, tmp_path, teacher_dir
     assert res.returncode != 0 and "no linear layer to quantize" in res.stderr
 
 
-def test_distill_post_hook_guided_and_quant_aware(cli, tmp_path, teacher_dir, corpus_file):
+def test_distill_post_hook_guided_and_quant_aware(cli_in_process, tmp_path, teacher_dir, corpus_file):
+    cli = cli_in_process
     common = [f"teacher.path={teacher_dir}", f"data.files=[{corpus_file}]", *DATA, *DISTILL, "hooks.post=[quantize]"]
     guided = tmp_path / "guided"
     res = cli("distill", *common, "quant.guided=true", f"output_dir={guided}")

@@ -8,10 +8,8 @@ truncated checkpoint. Before, each was a torch/pickle traceback.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,13 +32,11 @@ def _train_args(tokenizer_dir: Path, text_files: list[Path]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tokenizer_dir, text_files, demo_cache) -> Path:
+def trained_run(tmp_path_factory, tokenizer_dir, text_files, run_sapling) -> Path:
     out = tmp_path_factory.mktemp("bad_ckpt") / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SAPLING_CACHE": str(demo_cache)}
-    res = subprocess.run([sys.executable, "-m", "sapling", "train", *_train_args(tokenizer_dir, text_files),
-                          "trainer.max_steps=2", f"hydra.run.dir={out}"], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    code = run_sapling(out.parent, "train", *_train_args(tokenizer_dir, text_files), "trainer.max_steps=2",
+                       f"hydra.run.dir={out}")  # in this process
+    assert code == 0, "sapling train failed (its stderr is in the captured output)"
     assert (out / "checkpoints" / "global_step1" / STATE_FILE).exists()
     assert (out / "checkpoints" / LATEST).read_text().strip() == "global_step2"
     return out

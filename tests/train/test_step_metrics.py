@@ -9,7 +9,8 @@ from transformers import AutoConfig
 from sapling.train.flops import distill_step_flops
 
 
-def test_train_records_carry_mfu_and_memory(cli, tmp_path, teacher_dir, text_files):
+def test_train_records_carry_mfu_and_memory(cli_in_process, tmp_path, teacher_dir, text_files):
+    cli = cli_in_process  # in this process: the records are what is checked, not the process
     out = tmp_path / "speed"
     files = "[" + ",".join(str(p) for p in text_files) + "]"
     res = cli("distill", f"teacher.path={teacher_dir}", f"data.files={files}", "data.seq_len=32",
