@@ -250,6 +250,12 @@ def init_distributed(device_type: str) -> DistEnv:
         device = torch.device("cpu")
     import deepspeed
 
+    if device_type == "cpu":
+        # DeepSpeed's CPU shared-memory comm op serves only its inference all-reduce, which Sapling never calls,
+        # yet init_distributed JIT-compiles it on a machine's first run (1-2 min): mark it unavailable.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo",
                                    auto_mpi_discovery=False, verbose=False, timeout=dist_timeout())

@@ -97,10 +97,12 @@ def test_report_states_ordering_and_varying_columns(tmp_path):
     assert paths["png"].read_bytes().startswith(PNG_MAGIC)
 
 
-def test_report_errors_name_the_directory(tmp_path, cli):
+def test_report_errors_name_the_directory(tmp_path, sapling_main):
     with pytest.raises(FileNotFoundError, match="no Hydra jobs"):
         sweep_report(tmp_path)
-    res = cli("sweep-report", str(tmp_path / "missing"))
-    assert res.returncode == 1 and "is not a directory" in res.stderr
-    res = cli("sweep-report")
-    assert res.returncode == 2 and "usage" in res.stderr
+    for target, message in ((tmp_path / "missing", "is not a directory"), (tmp_path, "no Hydra jobs")):
+        code, err = sapling_main("sweep-report", str(target))
+        assert code == 1 and message in err and str(target) in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    code, err = sapling_main("sweep-report")
+    assert code == 2 and "usage" in err

@@ -32,11 +32,18 @@ def check_harness(tasks: list[str], task_paths: list[str] = ()) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _task_manager(include: tuple[str, ...]) -> Any:
-    """The harness's task index (built-in tasks plus `include`): built once per process, as indexing the
-    thousands of built-in task YAMLs takes seconds and `sapling eval` runs the model and then the teacher."""
+def _task_manager(include: tuple[str, ...], tasks: tuple[str, ...] = ()) -> Any:
+    """The harness's task index: built once per process, as `sapling eval` runs the model and then the teacher.
+
+    When every task asked for is a plain task defined under `include`, only `include` is indexed (indexing the
+    harness's thousands of built-in YAMLs takes ~20 s); otherwise the built-in tasks are indexed too.
+    """
     from lm_eval.tasks import TaskManager
 
+    if include and tasks:
+        local = TaskManager(include_path=list(include), include_defaults=False)
+        if set(tasks) <= set(local.all_subtasks):
+            return local
     return TaskManager(include_path=list(include) or None)
 
 
@@ -51,7 +58,7 @@ def run_harness(model: Any, tokenizer: Any, tasks: list[str], *, task_paths: lis
     include = tuple(str(Path(p).expanduser()) for p in task_paths)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
     out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                  task_manager=_task_manager(include))
+                                  task_manager=_task_manager(include, tuple(tasks)))
     rows = []
     for task, metrics in sorted(out["results"].items()):
         for key, value in metrics.items():

@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from sapling.errors import SaplingError
 from sapling.eval.plots import plot_validation_curves, read_metrics
 from sapling.eval.report import markdown_table
 from sapling.io import write_text_atomically
@@ -101,15 +102,19 @@ def _fmt(value: Any, column: str = "") -> str:
     return str(value)
 
 
+class NotASweep(SaplingError, FileNotFoundError):
+    """`sweep-report` was pointed at something that holds no Hydra sweep (the CLI prints it as one line)."""
+
+
 def sweep_report(root: str | os.PathLike, output: str | os.PathLike | None = None) -> dict[str, Path]:
     """Write the report files for the sweep under `root` (into `output`, default `root`); returns their paths."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"sweep-report: {root} is not a directory; pass a Hydra multirun dir "
+        raise NotASweep(f"sweep-report: {root} is not a directory; pass a Hydra multirun dir "
                                 "(e.g. multirun/distill/2026-01-01_12-00-00)")
     jobs = find_jobs(root)
     if not jobs:
-        raise FileNotFoundError(f"sweep-report: no Hydra jobs under {root} (no */.hydra/overrides.yaml); pass the "
+        raise NotASweep(f"sweep-report: no Hydra jobs under {root} (no */.hydra/overrides.yaml); pass the "
                                 "sweep dir a `sapling <command> -m ...` run printed")
     keys = list(dict.fromkeys(k for j in jobs for k in j.overrides))
     varying = [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
