@@ -73,7 +73,9 @@ def test_local_task_accuracy_matches_direct_loglikelihoods(tmp_path, teacher_dir
     assert acc["value"] == pytest.approx(sum(hits) / len(hits), abs=1e-12)
     assert acc["stderr"] is not None and acc["stderr"] > 0
     assert "## lm-evaluation-harness" in (run / "report.md").read_text()
-    from sapling.eval.harness import _task_manager  # the run indexed only the local task, not the built-in ones
+    from sapling.eval.harness import (
+        _task_manager,  # the run indexed only the local task, not the built-in ones
+    )
 
     assert set(_task_manager((str(tasks),), ("sapling_toy",)).all_tasks) == {"sapling_toy"}
 
