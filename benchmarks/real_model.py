@@ -2,7 +2,8 @@
 
     python benchmarks/real_model.py --part prune     [--kd-steps 40]                   # ~40 min on 2 CPU cores
     python benchmarks/real_model.py --part quant                                        # ~35 min
-    python benchmarks/real_model.py --part recovery  [--recovery-steps 600 --eval-every 50]   # ~3 h
+    python benchmarks/real_model.py --part recovery  [--recovery-steps 600 --eval-every 50]   # ~3 h in all:
+    python benchmarks/real_model.py --part recovery --runs a   # one run at a time, saved as each finishes
     python benchmarks/real_model.py --report                                            # rewrite md + png only
 
 Every run goes through the commands' Python entry points (`run_distill`, `run_train`, `run_prune`,
@@ -222,54 +223,63 @@ def teacher_loss(s: Setup) -> dict[str, float]:
     return {"loss": e["loss"], "tokens": e["tokens"]}
 
 
-def recovery_part(s: Setup, args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
+def recovery_part(s: Setup, args: argparse.Namespace, results: dict[str, Any], save: Any) -> dict[str, Any]:
+    """The runs of `--runs` not yet in the saved results (same shape and steps), each saved as it finishes, so
+    the ~3 h of runs can be spread over several sessions."""
     from sapling.recipes.distill import run_distill
     from sapling.recipes.prune import run_prune
     from sapling.recipes.train import run_train
 
     best = best_prune_row(results)
     shape = best["shape"]
+    steps, every = args.recovery_steps, args.eval_every
+    rec = results.get("recovery") or {}
+    if (rec.get("case"), rec.get("steps"), rec.get("eval_every")) != (best["case"], steps, every):
+        rec = {}  # a different shape or length: start over
     scores = Path(best["dir"]) / "prune_scores.pt"
     pruned_out = s.work / "recovery" / "pruned"
-    prune_ov = [*(f"prune.target.{k}={shape.get(k, 'null')}" for k in SHAPE_KEYS), "prune.target.params=null",
-                f"prune.importance={best['importance']}", f"prune.depth_metric={best['depth_metric']}"]
-    if scores.exists():
-        prune_ov.append(f"prune.scores={scores}")
-    run_prune(compose_cfg(*s.overrides("prune", pruned_out), *prune_ov))
     pruned_dir = pruned_out / "model"
+    if not (pruned_dir / "config.json").exists():
+        prune_ov = [*(f"prune.target.{k}={shape.get(k, 'null')}" for k in SHAPE_KEYS), "prune.target.params=null",
+                    f"prune.importance={best['importance']}", f"prune.depth_metric={best['depth_metric']}"]
+        if scores.exists():
+            prune_ov.append(f"prune.scores={scores}")
+        run_prune(compose_cfg(*s.overrides("prune", pruned_out), *prune_ov))
     start = last(pruned_out, "prune")
-    steps, every = args.recovery_steps, args.eval_every
+    rec.update({"case": best["case"], "shape": shape, "params": start["student_params"], "steps": steps,
+                "scratch_lr": args.scratch_lr, "eval_every": every, "loss_pruned": start["val_loss"]})
+    rec.setdefault("curves", {})
+    rec.setdefault("wall_s", {})
+    if "teacher" not in rec:
+        rec["teacher"] = teacher_loss(s)
+    pruned_point = {"step": 0, "tokens": 0, "flops": 0.0, "val_loss": start["val_loss"]}
     common = [f"trainer.max_steps={steps}", f"trainer.eval_every={every}", "hooks.pre=[]"]
-    dirs, wall = {}, {}
-
-    def timed(key: str, fn: Any, cfg: Any) -> None:
+    plans = {
+        "a": (run_distill, "distill", [f"student.path={pruned_dir}", "student.init=pretrained"]),
+        "b": (run_train, "train", [f"model.path={pruned_dir}", "model.init=pretrained"]),
+        "c": (run_train, "train", [f"model.path={pruned_dir}", "model.init=random", f"trainer.lr={args.scratch_lr}"]),
+        "d": (run_distill, "distill", [f"student.path={pruned_dir}", "student.init=random",
+                                       f"trainer.lr={args.scratch_lr}"]),
+    }
+    for key in args.runs:
+        if key in rec["curves"]:
+            print(f"({key}) {RECOVERY_RUNS[key]}: already in the results, kept", flush=True)
+            continue
+        fn, command, extra = plans[key]
+        out = s.work / "recovery" / f"{key}_{command}"
+        cfg = compose_cfg(*s.overrides(command, out), *common, *extra)
         t0 = time.perf_counter()
         fn(cfg)
-        wall[key] = time.perf_counter() - t0
-        print(f"({key}) {RECOVERY_RUNS[key]}: final val loss {last(dirs[key], 'done')['val_loss']:.4f} "
-              f"({wall[key]:.0f} s)", flush=True)
-
-    dirs["a"] = s.work / "recovery" / "a_kd"
-    cfg_a = compose_cfg(*s.overrides("distill", dirs["a"]), *common, f"student.path={pruned_dir}",
-                        "student.init=pretrained")
-    timed("a", run_distill, cfg_a)
-    dirs["b"] = s.work / "recovery" / "b_ce"
-    timed("b", run_train, compose_cfg(*s.overrides("train", dirs["b"]), *common, f"model.path={pruned_dir}",
-                                      "model.init=pretrained"))
-    dirs["c"] = s.work / "recovery" / "c_scratch"
-    timed("c", run_train, compose_cfg(*s.overrides("train", dirs["c"]), *common, f"model.path={pruned_dir}",
-                                      "model.init=random", f"trainer.lr={args.scratch_lr}"))
-    if not args.no_random_kd:
-        dirs["d"] = s.work / "recovery" / "d_random_kd"
-        timed("d", run_distill, compose_cfg(*s.overrides("distill", dirs["d"]), *common,
-                                            f"student.path={pruned_dir}", "student.init=random",
-                                            f"trainer.lr={args.scratch_lr}"))
-    pruned_point = {"step": 0, "tokens": 0, "flops": 0.0, "val_loss": start["val_loss"]}
-    curves = {k: curve(d, pruned_point if k in "ab" else None) for k, d in dirs.items()}
-    return {"case": best["case"], "shape": shape, "params": start["student_params"], "steps": steps,
-            "lr": cfg_a.trainer.lr, "scratch_lr": args.scratch_lr,
-            "eval_every": every, "loss_pruned": start["val_loss"], "teacher": teacher_loss(s), "curves": curves,
-            "wall_s": wall, "tokens_per_step": last(dirs["a"], "done")["tokens"] / steps}
+        rec["wall_s"][key] = time.perf_counter() - t0
+        rec["curves"][key] = curve(out, pruned_point if key in "ab" else None)
+        if key == "a":
+            rec["lr"] = cfg.trainer.lr
+            rec["tokens_per_step"] = last(out, "done")["tokens"] / steps
+        print(f"({key}) {RECOVERY_RUNS[key]}: final val loss {rec['curves'][key][-1]['val_loss']:.4f} "
+              f"({rec['wall_s'][key]:.0f} s)", flush=True)
+        save(rec)
+    rec["curves"] = {k: rec["curves"][k] for k in sorted(rec["curves"])}
+    return rec
 
 
 QUANT_ROWS = [  # (label, overrides); "student only" rows need the teacher or a training run
@@ -365,13 +375,18 @@ def recovery_section(r: dict[str, Any], png: str) -> list[str]:
     teacher = r["teacher"]["loss"]
     lines = ["## Recovery: the best pruned shape at equal tokens", "",
              f"Shape: {r['case']} {r['shape']} ({r['params']:,} parameters); {r['steps']} steps of "
-             f"{r['tokens_per_step']:,.0f} tokens; teacher {teacher:.4f}, pruned start {r['loss_pruned']:.4f}; learning "
+             f"{_f(r.get('tokens_per_step'), ',.0f')} tokens; teacher {teacher:.4f}, pruned start {r['loss_pruned']:.4f}; learning "
              f"rate {r.get('lr', '-')} from the pruned start, {r.get('scratch_lr', '-')} from a random init.", "",
              "| run | final val loss | tokens | FLOPs | wall (s) |", "|---|---|---|---|---|"]
     for k, c in curves.items():
         lines.append(f"| ({k}) {RECOVERY_RUNS[k]} | {c[-1]['val_loss']:.4f} | {c[-1]['tokens']:,} | "
                      f"{c[-1]['flops']:.3g} | {r['wall_s'][k]:.0f} |")
     lines.append("")
+    missing = [f"({k})" for k in RECOVERY_RUNS if k not in curves]
+    if missing:
+        lines.append(f"- not run yet: {', '.join(missing)} (`--part recovery --runs {''.join(k[1] for k in missing)}`)")
+    if "a" not in curves:
+        return lines + [""]
     a = curves["a"]
     for ref in ("c", "b"):
         if ref not in curves:
@@ -471,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scratch-lr", type=float, default=1e-3,
                    help="learning rate of the random-init runs (c) and (d); (a) and (b) keep experiment=smollm2's "
                         "(3e-4, made for a pretrained start)")
-    p.add_argument("--no-random-kd", action="store_true", help="recovery without run (d)")
+    p.add_argument("--runs", default="abcd", help="the recovery runs to do now (those already saved are kept)")
     p.add_argument("--no-qad", action="store_true", help="quant without the QAD row")
     p.add_argument("--quant-calibration", type=int, default=64, help="quant.calibration.samples")
     p.add_argument("--calibration-samples", type=int, default=64, help="prune.calibration.samples")
@@ -493,18 +508,27 @@ def main(argv: list[str] | None = None) -> int:
         s = Setup(args)
         results["corpus"] = (f"{s.corpus.name}, {s.corpus.stat().st_size / 1e6:.1f} MB of this Python's standard "
                              "library (subpackages included), the teacher's tokenizer")
+    if set(args.runs) - set(RECOVERY_RUNS):
+        p.error(f"--runs takes letters of {''.join(RECOVERY_RUNS)}")
     for part in [q for q in PARTS if q in args.part]:
         t0 = time.perf_counter()
-        fn = {"prune": lambda: prune_part(s, args), "recovery": lambda: recovery_part(s, args, results),
+        meta = {"command": f"python benchmarks/real_model.py {shlex.join(sys.argv[1:] if argv is None else argv)}",
+                "date": str(datetime.date.today()), "commit": git_commit(),
+                "device": f"CPU ({cpu_model()}, {platform.machine()}, {torch.get_num_threads()} threads)"}
+
+        # the recovery part's wall time adds up over the sessions it is spread across
+        previous = (results.get(part) or {}).get("meta", {}).get("wall_s", 0.0) if part == "recovery" else 0.0
+
+        def save(part_results: dict[str, Any], part: str = part, meta: dict[str, Any] = meta, t0: float = t0,
+                 previous: float = previous) -> None:
+            results[part] = {**part_results, "meta": {**meta, "wall_s": previous + time.perf_counter() - t0}}
+            out.parent.mkdir(parents=True, exist_ok=True)
+            store.write_text(json.dumps(results, indent=1, default=str) + "\n")
+            write_report(results, out)
+
+        fn = {"prune": lambda: prune_part(s, args), "recovery": lambda: recovery_part(s, args, results, save),
               "quant": lambda: quant_part(s, args, results)}[part]
-        results[part] = fn()
-        results[part]["meta"] = {
-            "command": f"python benchmarks/real_model.py {shlex.join(sys.argv[1:] if argv is None else argv)}",
-            "date": str(datetime.date.today()), "commit": git_commit(), "wall_s": time.perf_counter() - t0,
-            "device": f"CPU ({cpu_model()}, {platform.machine()}, {torch.get_num_threads()} threads)"}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        store.write_text(json.dumps(results, indent=1, default=str) + "\n")
-        write_report(results, out)
+        save(fn())
     print(write_report(results, out))
     return 0
 

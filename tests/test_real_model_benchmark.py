@@ -91,3 +91,11 @@ def test_report_from_saved_results(real_model, tmp_path):
     # perplexity increases: RTN e^0.4 - 1 = 49.18%, GPTQ e^0.1 - 1 = 10.52%: ratio 0.21 <= 0.35
     assert "| teacher | RTN w4 g64 | 2.0000 | 2.4000 | +49.18% | 0.300 | 5 | 5 |" in text
     assert "- teacher: GPTQ's w4 perplexity increase is 0.21x RTN's (goal <= 0.35x: **met**)" in text
+    assert "not run yet: (d)" in text and "--runs d" in text
+
+    # a recovery spread over sessions: only (b) saved so far -> its row, the missing runs named, no ratios
+    results["recovery"]["curves"] = {"b": results["recovery"]["curves"]["b"]}
+    del results["recovery"]["tokens_per_step"]
+    text = real_model.write_report(results, out)
+    assert "| (b) pruned + retrained (CE only) | 3.2000 |" in text and "not run yet: (a), (c), (d)" in text
+    assert "fewer tokens" not in text
