@@ -25,7 +25,9 @@ over the vocabulary (s = student tile read, t = teacher tile read, g = gradient 
   ``D`` and ``sum(g)``; (s, t, g) gradient.
 - no teacher (cross-entropy only): 2 sweeps -- (s); (s, g).
 
-Rows whose label is ``ignore_index`` only write a zero gradient row. No host synchronisation: ``scale``
+A logit transform (``LogitTransform``: Gemma's softcap, a multiplier) is applied to every logit as it is
+loaded, and the gradient row is multiplied by its derivative before it is stored, so the kernel's input is
+still ``W·h``. Rows whose label is ``ignore_index`` only write a zero gradient row. No host synchronisation: ``scale``
 may be a 0-d tensor (read by the kernel). The top-1 agreement count (``return_parts``) is not computed
 here: ``fused_kd_loss`` takes it with two torch argmax passes over the chunk's logits before calling the
 kernel (which only reads them). Without Triton the module still imports
@@ -41,6 +43,7 @@ import torch
 from torch import Tensor
 
 from .kd_loss_reference import DIVERGENCES, LOG_TINY
+from .logit_transform import LogitTransform
 
 try:
     import triton
@@ -84,6 +87,25 @@ if TRITON_AVAILABLE:
         return mx + tl.log(1.0 + tl.exp(tl.minimum(x, y) - mx))
 
     @triton.jit
+    def _xform(x, mul, cap, XF: tl.constexpr):
+        """A logit transform of float32 ``x``: XF 0 none, 1 ``x * mul``, 2 ``cap * tanh(mul * x)`` (``mul`` is
+        ``scale / cap`` there). ``tanh(y) = 1 - 2 / (exp(2y) + 1)``: exact limits at +-inf, absolute error
+        of order float32's epsilon (the logit's own resolution at ``cap``)."""
+        if XF == 1:
+            x = x * mul
+        elif XF == 2:
+            x = cap * (1.0 - 2.0 / (tl.exp(2.0 * (x * mul)) + 1.0))
+        return x
+
+    @triton.jit
+    def _load_logits(row_ptr, cols, mask, mul, cap, OTHER: tl.constexpr, XF: tl.constexpr):
+        """A float32 tile of a logits row, transformed; masked columns read ``OTHER`` (untransformed)."""
+        x = tl.load(row_ptr + cols, mask=mask, other=OTHER).to(tl.float32)
+        if XF != 0:
+            x = tl.where(mask, _xform(x, mul, cap, XF), OTHER)
+        return x
+
+    @triton.jit
     def _kd_chunk_kernel(
         zs_ptr,
         zt_ptr,
@@ -104,6 +126,10 @@ if TRITON_AVAILABLE:
         log_beta,
         log1m_beta,
         ignore_index,
+        s_mul,
+        s_cap,
+        t_mul,
+        t_cap,
         DIV: tl.constexpr,
         HAS_KD: tl.constexpr,
         HAS_CE: tl.constexpr,
@@ -115,6 +141,8 @@ if TRITON_AVAILABLE:
         LOG_TINY_C: tl.constexpr,
         NEG_BIG: tl.constexpr,
         BLOCK_V: tl.constexpr,
+        S_XF: tl.constexpr,
+        T_XF: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         zs_row = zs_ptr + row * stride_s
@@ -151,13 +179,13 @@ if TRITON_AVAILABLE:
                 cols = start + offs
                 mask = cols < V
                 if STUDENT_IN_P1:
-                    s = tl.load(zs_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                    s = _load_logits(zs_row, cols, mask, s_mul, s_cap, float("-inf"), S_XF)
                     if HAS_KD:
                         m_a, z_a = _lse_update(m_a, z_a, s * inv_t)
                     if SEP_CE:
                         m_c, z_c = _lse_update(m_c, z_c, s)
                 if HAS_KD:
-                    t = tl.load(zt_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                    t = _load_logits(zt_row, cols, mask, t_mul, t_cap, float("-inf"), T_XF)
                     b = t * inv_t
                     m_new = tl.maximum(m_b, tl.max(b, axis=0))
                     alpha = tl.exp(m_b - m_new)
@@ -181,8 +209,8 @@ if TRITON_AVAILABLE:
                 for start in range(0, V, BLOCK_V):
                     cols = start + offs
                     mask = cols < V
-                    s = tl.load(zs_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                    t = tl.load(zt_row + cols, mask=mask, other=0.0).to(tl.float32)
+                    s = _load_logits(zs_row, cols, mask, s_mul, s_cap, float("-inf"), S_XF)
+                    t = _load_logits(zt_row, cols, mask, t_mul, t_cap, 0.0, T_XF)
                     a = s * inv_t
                     lp_t = tl.maximum(t * inv_t - lse_b, LOG_TINY_C)
                     m_new = tl.maximum(m_a, tl.max(a, axis=0))
@@ -213,8 +241,8 @@ if TRITON_AVAILABLE:
                 for start in range(0, V, BLOCK_V):
                     cols = start + offs
                     mask = cols < V
-                    s = tl.load(zs_row + cols, mask=mask, other=0.0).to(tl.float32)
-                    t = tl.load(zt_row + cols, mask=mask, other=0.0).to(tl.float32)
+                    s = _load_logits(zs_row, cols, mask, s_mul, s_cap, 0.0, S_XF)
+                    t = _load_logits(zt_row, cols, mask, t_mul, t_cap, 0.0, T_XF)
                     lp_s, lp_t = _log_probs(s * inv_t, t * inv_t, lse_a, lse_b, LOG_TINY_C)
                     log_m = _log_m(lp_s, lp_t, log_beta, log1m_beta)
                     acc_g += tl.where(mask, tl.exp(lp_s) * (lp_s - log_m), 0.0)
@@ -227,10 +255,10 @@ if TRITON_AVAILABLE:
             for start in range(0, V, BLOCK_V):
                 cols = start + offs
                 mask = cols < V
-                s = tl.load(zs_row + cols, mask=mask, other=0.0).to(tl.float32)
+                s = _load_logits(zs_row, cols, mask, s_mul, s_cap, 0.0, S_XF)
                 grad = tl.zeros((BLOCK_V,), tl.float32)
                 if HAS_KD and (KD_GRAD or DIV == 0):
-                    t = tl.load(zt_row + cols, mask=mask, other=0.0).to(tl.float32)
+                    t = _load_logits(zt_row, cols, mask, t_mul, t_cap, 0.0, T_XF)
                     a = s * inv_t
                     lp_s, lp_t = _log_probs(a, t * inv_t, lse_a, lse_b, LOG_TINY_C)
                     p_s = tl.exp(a - lse_a)  # exactly 0 (no gradient) where z_s = -inf
@@ -248,6 +276,11 @@ if TRITON_AVAILABLE:
                 if CE_GRAD:
                     onehot = tl.where(cols == label, 1.0, 0.0)
                     grad += ce_c * (tl.exp(s - lse_c) - onehot)
+                if S_XF == 1:  # the gradient w.r.t. the raw logit: d z'/d z = scale
+                    grad = grad * s_mul
+                elif S_XF == 2:  # scale * (1 - (z'/cap)**2), z' = s
+                    r = s / s_cap
+                    grad = grad * ((s_mul * s_cap) * (1.0 - r * r))
                 tl.store(g_row + cols, grad, mask=mask)
 
             if HAS_KD:
@@ -261,6 +294,7 @@ if TRITON_AVAILABLE:
             if HAS_CE:
                 in_range = (label >= 0) & (label < V)
                 z_y = tl.load(zs_row + label, mask=in_range, other=float("nan")).to(tl.float32)
+                z_y = _xform(z_y, s_mul, s_cap, S_XF)
                 tl.store(ce_ptr + row, lse_c - z_y)
         else:
             for start in range(0, V, BLOCK_V):
@@ -271,6 +305,15 @@ if TRITON_AVAILABLE:
     _INTERPRETED = not isinstance(_kd_chunk_kernel, triton.runtime.jit.JITFunction)
 else:  # pragma: no cover
     _INTERPRETED = False
+
+
+def _xform_args(xf: LogitTransform | None) -> tuple[int, float, float]:
+    """(XF code, mul, cap) of ``_xform`` for a transform (None: none)."""
+    if xf is None or xf.is_identity:
+        return 0, 1.0, 1.0
+    if xf.softcap is None:
+        return 1, float(xf.scale), 1.0
+    return 2, float(xf.scale) / float(xf.softcap), float(xf.softcap)
 
 
 def _default_block_v(vocab: int) -> int:
@@ -296,13 +339,17 @@ def kd_chunk_loss_and_grad_triton(
     scale: float | Tensor,
     teacher_topk: tuple[Tensor, Tensor] | None = None,
     block_v: int | None = None,
+    student_transform: LogitTransform | None = None,
+    teacher_transform: LogitTransform | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row ``T**2 * D`` and CE of a chunk, and d(scale * sum(kd_weight*kd + ce_weight*ce))/d z_s.
 
     Returns ``(kd_rows [c], ce_rows [c], grad [c, V])``, all float32 on the input device. ``kd_rows``
     is computed whenever a teacher is given (zeros without one, and for ``jsd`` with beta 0 or 1),
     ``ce_rows`` whenever labels are (zeros without), whatever the weights. Ignored rows: zeros.
-    ``block_v`` overrides the vocabulary tile size (a power of 2).
+    ``block_v`` overrides the vocabulary tile size (a power of 2). ``student_transform`` /
+    ``teacher_transform`` turn the given logits into the models' own as they are loaded (the gradient is
+    w.r.t. the untransformed student logits).
     """
     if not TRITON_AVAILABLE:
         raise RuntimeError("kd_chunk_loss_and_grad_triton needs Triton (pip install triton)")
@@ -360,6 +407,8 @@ def kd_chunk_loss_and_grad_triton(
     log_beta = math.log(b) if b > 0 else 0.0
     log1m_beta = math.log1p(-b) if b < 1 else 0.0
 
+    s_xf, s_mul, s_cap = _xform_args(student_transform)
+    t_xf, t_mul, t_cap = _xform_args(teacher_transform if has_kd else None)
     block = block_v if block_v is not None else _default_block_v(vocab)
     if block < 16 or block & (block - 1):
         raise ValueError(f"block_v must be a power of 2 >= 16, got {block}")
@@ -383,6 +432,10 @@ def kd_chunk_loss_and_grad_triton(
         log_beta,
         log1m_beta,
         int(ignore_index),
+        s_mul,
+        s_cap,
+        t_mul,
+        t_cap,
         DIV=_DIV_CODE[divergence],
         HAS_KD=has_kd,
         HAS_CE=has_ce,
@@ -394,6 +447,8 @@ def kd_chunk_loss_and_grad_triton(
         LOG_TINY_C=LOG_TINY,
         NEG_BIG=_NEG_BIG,
         BLOCK_V=block,
+        S_XF=s_xf,
+        T_XF=t_xf,
         num_warps=_num_warps(block),
     )
     return kd_rows, ce_rows, grad

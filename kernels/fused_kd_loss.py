@@ -14,6 +14,12 @@ them and the chunk function overwrites them in place (its few-pass path, ``chunk
 and the gradient's scalar factor is folded into the gradient matmuls (``alpha=``). On CUDA, with Triton importable and a dense teacher, the chunk function is the Triton kernel
 ``chunk_triton.kd_chunk_loss_and_grad_triton``; otherwise the torch one.
 
+Logit transforms (``student_logit_transform`` / ``teacher_logit_transform``: Gemma's softcap, Cohere's and
+Granite's multipliers) are applied to each chunk's logits in place, in the logits' dtype, before anything reads
+them; the gradient through a softcap is ``1 - (z'/cap)**2`` times that w.r.t. ``z'`` (one extra float32
+``[chunk, V]`` factor, kept only for a student softcap), a multiplier folds into the scalar coefficient. The
+Triton kernel applies both as it loads the logits.
+
 With ``return_parts=True`` and a teacher, ``parts["top1_agree"]`` counts the valid rows where the student's
 and the teacher's argmax agree: two read-only argmax passes per chunk (``chunk_torch.top1_matches``), taken
 before the chunk function (which may overwrite the logits); nothing is computed for it otherwise.
@@ -31,7 +37,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .chunk_torch import chunk_loss_scaled, forward_kl_fast_path, top1_matches
-from .kd_loss_reference import _validate
+from .kd_loss_reference import _validate, _validate_transforms
+from .logit_transform import LogitTransform
 
 __all__ = ["CHUNK_BUDGET_BYTES", "CUDA_CHUNK_BUDGET_BYTES", "WORKSPACE_TEMPS", "default_chunk_size", "fused_linear_kd_loss"]
 
@@ -109,6 +116,8 @@ class _Plan:
     chunk_size: int
     kwargs: dict  # divergence, beta, temperature, kd_weight, ce_weight, ignore_index, scale
     want_top1: bool = False  # count student/teacher argmax agreement (return_parts with a teacher)
+    student_xf: LogitTransform | None = None  # None: the lm_head output is the logit
+    teacher_xf: LogitTransform | None = None  # dense teacher only
 
 
 def _run(
@@ -167,11 +176,19 @@ def _run(
             z_t = rows["z_t"]
         topk = (rows["lp_t"], rows["idx"]) if plan.form == "topk" and plan.want_kd else None
         labels = rows.get("labels")
+        factor, xf_coef = None, 1.0  # d z'/d z = xf_coef * factor (the student's logit transform)
+        if triton_fn is None:  # the Triton kernel transforms as it loads
+            if plan.student_xf is not None:
+                factor = plan.student_xf.apply_(z_s, want_factor=need_grad)
+                xf_coef = plan.student_xf.scale
+            if plan.teacher_xf is not None and plan.form == "dense" and z_t is not None:
+                plan.teacher_xf.apply_(z_t, want_factor=False)
         if plan.want_top1:  # before the chunk function overwrites the logits
-            top1 += top1_matches(z_s, z_t, topk)
+            top1 += top1_matches(z_s, z_t, topk)  # (raw logits on the Triton path: a transform keeps the argmax)
         coef = 1.0  # the chunk's gradient is coef * g
         if triton_fn is not None:
-            kd_r, ce_r, g = triton_fn(z_s, z_t, labels, **kw)  # reports CE rows whenever labels are given
+            kd_r, ce_r, g = triton_fn(z_s, z_t, labels, **kw, student_transform=plan.student_xf,
+                                      teacher_transform=plan.teacher_xf)  # CE rows whenever labels are given
         else:
             kd_r, ce_r, g, coef = chunk_loss_scaled(
                 z_s, z_t, labels, **kw, teacher_topk=topk, need_grad=need_grad, scratch=scratch
@@ -181,6 +198,10 @@ def _run(
         ce_sum += ce_r.sum()
         if not need_grad:
             continue
+        if factor is not None:
+            g.mul_(factor)
+            del factor
+        coef *= xf_coef
         g_lp = g.to(h.dtype)
         if grad_h is not None:
             out = torch.mm(g_lp, w, out=grad_h[start:stop]) if sel is None else g_lp @ w
@@ -248,6 +269,8 @@ def fused_linear_kd_loss(
     num_valid_tokens: int | Tensor | None = None,
     return_parts: bool = False,
     chunk_size: int | None = None,
+    student_logit_transform: LogitTransform | None = None,
+    teacher_logit_transform: LogitTransform | None = None,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor | int]]:
     """KD (+ optional hard-label CE) loss of an lm_head without materialising ``[N, V]`` logits.
 
@@ -274,6 +297,7 @@ def fused_linear_kd_loss(
         num_valid_tokens,
         chunk_size,
     )
+    student_xf, teacher_xf = _validate_transforms(form, student_logit_transform, teacher_logit_transform)
     n, vocab = student_hidden.shape[0], student_weight.shape[0]
     valid_idx: Tensor | None = None
     n_valid = n
@@ -330,9 +354,12 @@ def fused_linear_kd_loss(
             scale=scale,
         ),
         want_top1=return_parts and want_kd,
+        student_xf=student_xf,
+        teacher_xf=teacher_xf if form == "dense" else None,
     )
     if not plan.chunk_size:
         temps = WORKSPACE_TEMPS if _uses_workspace(plan, student_hidden) else _LIVE_TEMPS
+        temps += student_xf is not None and student_xf.softcap is not None  # the softcap's gradient factor
         plan.chunk_size = default_chunk_size(vocab, n_valid, temps, cuda=student_hidden.is_cuda)
     params = (student_hidden, student_weight, student_bias)
     if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):

@@ -34,6 +34,14 @@ contribution is ~1e-38), keeps every term finite -- notably reverse KL against a
 vocabulary entries have ``-inf`` logits, which would otherwise be infinite -- and never cuts the
 gradient of a finite student log-prob, however negative (logits of magnitude 1e4 are fine).
 
+Logit transforms
+----------------
+``student_logit_transform`` / ``teacher_logit_transform`` (a ``LogitTransform``: a multiplier and/or a final
+softcap, see ``logit_transform.py``) turn ``W·h (+ b)`` into the model's own logits before anything else
+(temperature, softmax, CE), for families whose lm_head output is not the logit (Gemma 2/3, Cohere, Granite).
+The teacher's transform applies to the dense teacher only: ``teacher_logits`` and ``teacher_topk`` are taken
+as the model's final logits / log-probs.
+
 Top-k teacher
 -------------
 ``teacher_topk = (lp_t, idx)``: the teacher's log-probs ``lp_t [N, k]`` *already at temperature T*
@@ -65,6 +73,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from .logit_transform import LogitTransform, as_transform
 
 __all__ = ["DIVERGENCES", "LOG_TINY", "kd_loss_reference"]
 
@@ -280,6 +290,21 @@ def _validate(
     return "topk"
 
 
+def _validate_transforms(
+    form: str | None, student: LogitTransform | None, teacher: LogitTransform | None
+) -> tuple[LogitTransform | None, LogitTransform | None]:
+    """The (student, teacher) transforms, None for none or the identity; ValueError on a bad one or a teacher
+    transform without a dense teacher (cached logits / top-k are already the model's own)."""
+    xs = as_transform(student, "student_logit_transform")
+    xt = as_transform(teacher, "teacher_logit_transform")
+    if xt is not None and form != "dense":
+        raise ValueError(
+            "teacher_logit_transform applies to the dense teacher (teacher_hidden + teacher_weight) only; "
+            "teacher_logits and teacher_topk must already be the teacher's final logits / log-probs"
+        )
+    return xs, xt
+
+
 # ----------------------------------------------------------------------------------------------------
 # the loss
 # ----------------------------------------------------------------------------------------------------
@@ -305,6 +330,8 @@ def kd_loss_reference(
     num_valid_tokens: int | Tensor | None = None,
     return_parts: bool = False,
     chunk_size: int | None = None,
+    student_logit_transform: LogitTransform | None = None,
+    teacher_logit_transform: LogitTransform | None = None,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor | int]]:
     """KD (+ optional hard-label CE) loss of an lm_head, as a float32 scalar. See the module docstring.
 
@@ -336,6 +363,7 @@ def kd_loss_reference(
         num_valid_tokens,
         chunk_size,
     )
+    xs, xt = _validate_transforms(form, student_logit_transform, teacher_logit_transform)
     temperature = float(temperature)
     beta = float(beta)
 
@@ -368,6 +396,8 @@ def kd_loss_reference(
         rows: dict[str, Tensor], weight: Tensor, bias: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
         z_s = F.linear(rows["h_s"], weight, bias).float()
+        if xs is not None:
+            z_s = xs(z_s)
         zero = z_s.new_zeros(())
         kd_sum = ce_sum = zero
         top1 = torch.zeros((), dtype=torch.int64, device=z_s.device)
@@ -378,6 +408,8 @@ def kd_loss_reference(
                     lp_s, lp_t = _topk_log_probs(z_s, rows["lp_t"], rows["idx"], temperature)
                 else:
                     z_t = rows["z_t"] if form == "logits" else F.linear(rows["h_t"], t_weight, t_bias)
+                    if xt is not None:
+                        z_t = xt(z_t.float())
                     lp_s, lp_t = _dense_log_probs(z_s, z_t, temperature)
                 kd_sum = _divergence(lp_s, lp_t, divergence, beta).sum()
             if return_parts:

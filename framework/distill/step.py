@@ -13,7 +13,14 @@ import torch
 
 from sapling.dist import gathered
 from sapling.distill.features import FeatureDistiller, capture_layer_outputs, feature_positions
-from sapling.models import IGNORE_INDEX, decoder_and_head, final_hidden, install_kd_head, shifted_targets
+from sapling.models import (
+    IGNORE_INDEX,
+    decoder_and_head,
+    final_hidden,
+    install_kd_head,
+    model_logit_transform,
+    shifted_targets,
+)
 
 
 def count_valid(labels: torch.Tensor) -> torch.Tensor:
@@ -41,7 +48,7 @@ def loss_on_batch(
     input_ids, labels = batch["input_ids"], batch["labels"]
     if "teacher_records" in batch:
         raise ValueError("the batch holds packed teacher records: decode it first (CachedTeacherBlocks.decode)")
-    head = install_kd_head(student)
+    head = install_kd_head(student, "student")
     cached = "teacher_lp" in batch
     if teacher is None:
         features = None
@@ -78,7 +85,8 @@ def loss_on_batch(
     # the student's goes through the head's forward, so ZeRO-3 gathers it and reduce-scatters its gradient.
     with gathered(teacher_head):
         if kd_weight > 0 and not cached:
-            kd.update(teacher_hidden=ht, teacher_weight=t_head.weight, teacher_bias=t_head.bias)
+            kd.update(teacher_hidden=ht, teacher_weight=t_head.weight, teacher_bias=t_head.bias,
+                      teacher_logit_transform=model_logit_transform(teacher, "teacher"))
         loss, parts = head(hs, kd=kd)
     out = {"kd": parts["kd"].detach(), "ce": parts["ce"].detach()}
     if "top1_agree" in parts:  # rows where the student's and the teacher's argmax agree

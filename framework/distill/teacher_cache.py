@@ -165,8 +165,9 @@ def teacher_topk(teacher: torch.nn.Module, input_ids: torch.Tensor, top_k: int, 
     Logits are formed chunk by chunk from the final hidden states (float32 softmax), so [tokens x vocab]
     never exists; the tail is the logsumexp of everything outside the top k (no 1 - sum cancellation).
     """
-    from sapling.models import decoder_and_head, final_hidden
+    from sapling.models import decoder_and_head, final_hidden, model_logit_transform
 
+    transform = model_logit_transform(teacher, "teacher")
     hidden = final_hidden(teacher, input_ids)
     _, head = decoder_and_head(teacher)
     vocab = head.out_features
@@ -175,6 +176,8 @@ def teacher_topk(teacher: torch.nn.Module, input_ids: torch.Tensor, top_k: int, 
     with gathered(list(head.parameters())):
         for start in range(0, hidden.shape[0], rows):
             z = torch.nn.functional.linear(hidden[start:start + rows], head.weight, head.bias).float()
+            if transform is not None:  # the teacher's own logits (softcap / scale)
+                transform.apply_(z, want_factor=False)
             lp = torch.log_softmax(z.div_(temperature), dim=-1)
             values, idx = lp.topk(top_k, dim=-1)
             tail = lp.scatter_(1, idx, float("-inf")).logsumexp(dim=-1)

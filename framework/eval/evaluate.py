@@ -22,7 +22,13 @@ from typing import Any
 
 import torch
 
-from sapling.models import IGNORE_INDEX, decoder_and_head, final_hidden, install_kd_head
+from sapling.models import (
+    IGNORE_INDEX,
+    decoder_and_head,
+    final_hidden,
+    install_kd_head,
+    model_logit_transform,
+)
 
 
 def token_stream(blocks: Any, max_tokens: int | None = None) -> torch.Tensor:
@@ -68,6 +74,7 @@ def sliding_window_eval(
     model.eval()
     head = install_kd_head(model)
     t_head = decoder_and_head(teacher)[1] if teacher is not None else None
+    t_transform = model_logit_transform(teacher, "teacher") if teacher is not None else None
     spans = windows(stream.numel(), window, stride)
     nll = kl = agree = 0.0
     scored = 0
@@ -87,7 +94,8 @@ def sliding_window_eval(
                                   num_valid_tokens=1, return_parts=True)
         if teacher is not None:
             kd.update(teacher_hidden=final_hidden(teacher, ids), teacher_weight=t_head.weight,
-                      teacher_bias=t_head.bias, divergence="forward_kl", kd_weight=1.0)
+                      teacher_bias=t_head.bias, teacher_logit_transform=t_transform, divergence="forward_kl",
+                      kd_weight=1.0)
         _, parts = head(final_hidden(model, ids), kd=kd)
         nll += float(parts["ce"])
         if teacher is not None:

@@ -1,5 +1,6 @@
 """Model loading/saving and per-architecture helpers."""
 
+from sapling.models.families import LOGIT_MODEL_TYPES, logit_transform
 from sapling.models.hf import (
     apply_overrides,
     build_model,
@@ -11,13 +12,14 @@ from sapling.models.hf import (
     source_config,
 )
 from sapling.models.init_scope import model_init_scope
-from sapling.models.kd_head import KDHead, install_kd_head
-from sapling.models.layers import IGNORE_INDEX, decoder_layers, final_hidden, shifted_targets
+from sapling.models.kd_head import KDHead, install_kd_head, model_logit_transform
+from sapling.models.layers import IGNORE_INDEX, decoder_layers, final_hidden, shifted_targets, unwrap_hf
 from sapling.models.placement import place
 from sapling.models.tiny import TINY_CONFIGS, tiny_config
 
 __all__ = [
     "IGNORE_INDEX",
+    "LOGIT_MODEL_TYPES",
     "TINY_CONFIGS",
     "KDHead",
     "apply_overrides",
@@ -28,6 +30,8 @@ __all__ = [
     "final_hidden",
     "install_kd_head",
     "load_tokenizer",
+    "logit_transform",
+    "model_logit_transform",
     "model_init_scope",
     "place",
     "resolve_dtype",
@@ -35,4 +39,5 @@ __all__ = [
     "shifted_targets",
     "source_config",
     "tiny_config",
+    "unwrap_hf",
 ]

@@ -15,24 +15,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sapling.kernels import fused_linear_kd_loss
+from sapling.kernels import LogitTransform, fused_linear_kd_loss
+from sapling.models.families import logit_transform
+from sapling.models.layers import unwrap_hf
 
 
 class KDHead(nn.Linear):
-    """`nn.Linear` whose forward returns `fused_linear_kd_loss(...)` when given `kd=` arguments."""
+    """`nn.Linear` whose forward returns `fused_linear_kd_loss(...)` when given `kd=` arguments.
+
+    `logit_transform` is the model's own step from this layer's output to its logits (Gemma's softcap,
+    Cohere's / Granite's scale): the fused loss applies it. Called without `kd` (by the HF model's own
+    forward, which applies the transform itself) it stays a plain linear layer.
+    """
+
+    logit_transform: LogitTransform | None = None
 
     def forward(self, hidden: torch.Tensor, kd: dict[str, Any] | None = None) -> Any:  # type: ignore[override]
         if kd is None:
             return F.linear(hidden, self.weight, self.bias)
-        return fused_linear_kd_loss(hidden, self.weight, student_bias=self.bias, **kd)
+        return fused_linear_kd_loss(hidden, self.weight, student_bias=self.bias,
+                                    student_logit_transform=self.logit_transform, **kd)
 
 
-def install_kd_head(model: nn.Module) -> KDHead:
-    """Make `model`'s lm_head a KDHead in place (parameters untouched) and return it."""
+def install_kd_head(model: nn.Module, key: str = "model") -> KDHead:
+    """Make `model`'s lm_head a KDHead in place (parameters untouched) and return it; a family whose logits
+    Sapling has not checked is a ModelSourceError naming `key`."""
     head = model.get_output_embeddings()
     if isinstance(head, KDHead):
         return head
     if type(head) is not nn.Linear:
         raise TypeError(f"lm_head is a {type(head).__name__}, expected nn.Linear")
+    transform = model_logit_transform(model, key)
     head.__class__ = KDHead
+    head.logit_transform = transform
     return head
+
+
+def model_logit_transform(model: nn.Module, key: str = "model") -> LogitTransform | None:
+    """`logit_transform` of the HF config of `model` (through training's wrappers)."""
+    return logit_transform(unwrap_hf(model).config, key)

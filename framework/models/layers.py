@@ -27,11 +27,9 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return hidden[:, :-1].reshape(-1, hidden.shape[-1])
 
 
-def decoder_layers(model: nn.Module,
-                   fix: str = "use a Llama, Mistral, Qwen or Gemma *ForCausalLM model") -> nn.ModuleList:
-    """The decoder layers of an HF causal LM (`<base model>.layers`), also through the wrappers training puts
-    around it: a DeepSpeed engine or DDP (`.module`), a module holding the HF model as `.model`
-    (`StudentWithFeatures`). A model without them is a ModelSourceError ending with `fix`."""
+def unwrap_hf(model: nn.Module) -> nn.Module:
+    """The HF model inside the wrappers training puts around it: a DeepSpeed engine or DDP (`.module`), a
+    module holding it as `.model` (`StudentWithFeatures`); `model` itself when it is one (or nothing is)."""
     while not hasattr(model, "base_model_prefix"):
         inner = getattr(model, "module", None)
         if not isinstance(inner, nn.Module):
@@ -39,6 +37,14 @@ def decoder_layers(model: nn.Module,
         if not isinstance(inner, nn.Module):
             break
         model = inner
+    return model
+
+
+def decoder_layers(model: nn.Module,
+                   fix: str = "use a Llama, Mistral, Qwen or Gemma *ForCausalLM model") -> nn.ModuleList:
+    """The decoder layers of an HF causal LM (`<base model>.layers`), also through the wrappers training puts
+    around it (`unwrap_hf`). A model without them is a ModelSourceError ending with `fix`."""
+    model = unwrap_hf(model)
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)
     layers = getattr(base, "layers", None)
     if not isinstance(layers, nn.ModuleList):

@@ -9,6 +9,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from sapling.errors import ConfigError
+from sapling.models.families import logit_transform
 
 SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "vocab_size")
@@ -98,6 +99,7 @@ def check_shape(key: str, model_cfg: Any, *, teacher: Any = None, seq_len: int |
     never extended). `given`: the fields the user set, so the error names one of those; `vary(field, v)`: the
     config with that field set to v, used to list the values that would work.
     """
+    logit_transform(model_cfg, key)  # a family whose logits Sapling has not checked: refused here
     problem = shape_problem(model_cfg, teacher)
     if problem is not None:
         name, text, want = problem

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from sapling.kernels import fused_linear_kd_loss
-from sapling.models import decoder_and_head, final_hidden
+from sapling.models import decoder_and_head, final_hidden, model_logit_transform
 from sapling.progress import progress as progress_bar
 from sapling.quant.layerwise import saliency_groups
 
@@ -61,6 +61,7 @@ def distillation_saliency(
     teacher.eval()
     _, s_head = decoder_and_head(student)
     _, t_head = decoder_and_head(teacher)
+    s_transform, t_transform = model_logit_transform(student, "student"), model_logit_transform(teacher, "teacher")
     try:
         t_device = next(teacher.parameters()).device
         t_weight = t_head.weight.detach().to(device)
@@ -74,7 +75,9 @@ def distillation_saliency(
                 loss = fused_linear_kd_loss(s_hidden, s_head.weight, teacher_hidden=t_hidden,
                                             teacher_weight=t_weight, divergence=divergence,
                                             temperature=temperature, num_valid_tokens=1,
-                                            student_bias=s_head.bias, teacher_bias=t_bias)
+                                            student_bias=s_head.bias, teacher_bias=t_bias,
+                                            student_logit_transform=s_transform,
+                                            teacher_logit_transform=t_transform)
                 names = [n for n in targets if n in outputs]
                 grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
             for name, grad in zip(names, grads):

@@ -39,11 +39,15 @@ pytestmark = pytest.mark.skipif(
 # ----------------------------------------------------------------------------------------------------
 
 
-def ref64(zs, zt, labels, *, divergence, beta, temperature, kd_weight, ce_weight, scale):
+def ref64(zs, zt, labels, *, divergence, beta, temperature, kd_weight, ce_weight, scale, xs=None, xt=None):
+    """Per-row KD and CE and the gradient w.r.t. the raw student logits; `xs` / `xt` transform the logits."""
     t = float(temperature)
     zs, zt = zs.cpu(), (zt.cpu() if zt is not None else None)
     labels = labels.cpu() if labels is not None else None
-    z = zs.detach().double().requires_grad_(True)
+    z_raw = zs.detach().double().requires_grad_(True)
+    z = xs(z_raw) if xs is not None else z_raw
+    if zt is not None and xt is not None:
+        zt = xt(zt.double())
     c = z.shape[0]
     valid = torch.ones(c, dtype=torch.bool) if labels is None else labels != IGNORE
     lp_s = torch.log_softmax(z / t, dim=-1)
@@ -65,7 +69,7 @@ def ref64(zs, zt, labels, *, divergence, beta, temperature, kd_weight, ce_weight
         safe = torch.where(valid, labels, 0)
         ce_rows = torch.where(valid, -torch.log_softmax(z, dim=-1).gather(1, safe[:, None])[:, 0], 0.0)
     loss = float(scale) * (kd_weight * kd_rows + ce_weight * ce_rows).sum()
-    (grad,) = torch.autograd.grad(loss, z, allow_unused=True, materialize_grads=True)
+    (grad,) = torch.autograd.grad(loss, z_raw, allow_unused=True, materialize_grads=True)
     return kd_rows.detach(), ce_rows.detach(), grad
 
 
@@ -99,8 +103,9 @@ def check(zs, zt, lab, *, rtol=2e-5, atol=2e-6, block_v=16, **kw):
         "scale": 1.0,
         **kw,
     }
-    kd, ce, grad = kd_chunk_loss_and_grad_triton(zs, zt, lab, ignore_index=IGNORE, block_v=block_v, **kw)
-    kd64, ce64, g64 = ref64(zs, zt, lab, **kw)
+    xf = {k: kw.pop(k) for k in ("student_transform", "teacher_transform") if k in kw}
+    kd, ce, grad = kd_chunk_loss_and_grad_triton(zs, zt, lab, ignore_index=IGNORE, block_v=block_v, **kw, **xf)
+    kd64, ce64, g64 = ref64(zs, zt, lab, **kw, xs=xf.get("student_transform"), xt=xf.get("teacher_transform"))
     assert kd.shape == (zs.shape[0],) and ce.shape == (zs.shape[0],) and grad.shape == zs.shape
     assert_close(kd, kd64, rtol, atol, "kd_rows")
     assert_close(ce, ce64, rtol, atol, "ce_rows")
@@ -135,6 +140,21 @@ def test_divergences_match_float64(divergence, beta, temperature):
         scale=0.25,
     )
     assert (grad[1] == 0).all()
+
+
+@pytest.mark.parametrize("divergence,beta", DIV_CASES)
+def test_logit_transforms_match_float64(divergence, beta):
+    """Softcap (saturating: logits spread 3, cap 2) and multipliers applied as the tiles load, student and
+    teacher independently; the gradient is w.r.t. the raw student logits. A masked (-inf) ragged tail must
+    stay masked: the softcap of -inf would be -cap."""
+    from sapling.kernels import LogitTransform
+
+    zs, zt, lab = make_inputs(4, 37, seed=7 + DIV_CASES.index((divergence, beta)), ignore_rows=(2,))
+    for xs, xt in ((LogitTransform(softcap=2.0), LogitTransform(scale=0.6)),
+                   (LogitTransform(scale=1.7, softcap=4.0), LogitTransform(softcap=2.0)),
+                   (LogitTransform(scale=0.37), None)):
+        check(zs, zt, lab, divergence=divergence, beta=beta, temperature=2.0, kd_weight=0.7, ce_weight=0.4,
+              student_transform=xs, teacher_transform=xt)
 
 
 @pytest.mark.parametrize(

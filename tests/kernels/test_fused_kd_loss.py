@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sapling.kernels import (
     DIVERGENCES,
+    LogitTransform,
     chunk_torch,
     fused_linear_kd_loss,
     kd_chunk_loss_and_grad,
@@ -83,18 +84,25 @@ def loss64(
     bias: bool = True,
     topk: tuple[torch.Tensor, torch.Tensor] | None = None,
     num_valid: float | None = None,
+    xs: LogitTransform | None = None,
+    xt: LogitTransform | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Float64 loss and its float64 leaves (h_s, w_s[, b_s])."""
+    """Float64 loss and its float64 leaves (h_s, w_s[, b_s]); `xs` / `xt` transform the student's / the dense
+    teacher's logits."""
     leaves64 = [x["h_s"].double().requires_grad_(), x["w_s"].double().requires_grad_()]
     z_s = leaves64[0] @ leaves64[1].T
     if bias and "b_s" in x:
         leaves64.append(x["b_s"].double().requires_grad_())
         z_s = z_s + leaves64[2]
+    if xs is not None:
+        z_s = xs(z_s)
     labels = x["labels"] if use_labels else torch.zeros(z_s.shape[0], dtype=torch.long)
     valid = labels != IGNORE
     per = torch.zeros(z_s.shape[0], dtype=torch.float64)
     if kd_weight:
         z_t = teacher_logits(x).double() if topk is None else None
+        if xt is not None and z_t is not None:
+            z_t = xt(z_t)
         per = per + kd_weight * kd_rows64(z_s, z_t, topk, divergence, beta, temperature)
     if ce_weight:
         safe = torch.where(valid, labels, 0)
@@ -187,6 +195,70 @@ def test_dense_matches_float64_and_reference(divergence, beta, temperature, vari
     assert_close(loss, ref32, rtol=2e-6)
     for got, want in zip(g, g32):
         assert_close(got, want, rtol=2e-5, atol_frac=2e-6)
+
+
+XF_CASES = {  # (student, teacher): Gemma's softcap (tight, so it saturates), Cohere/Granite multipliers, mixes
+    "softcap": (LogitTransform(softcap=1.5), LogitTransform(softcap=2.0)),
+    "scale": (LogitTransform(scale=0.37), LogitTransform(scale=1.8)),
+    "scaled softcap / none": (LogitTransform(scale=2.5, softcap=3.0), None),
+    "none / softcap": (None, LogitTransform(softcap=1.5)),
+}
+
+
+@pytest.mark.parametrize("variant", ["plain", "full"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize(("divergence", "beta"), DIV_CASES)
+@pytest.mark.parametrize("xf", list(XF_CASES))
+def test_logit_transforms_match_float64_and_reference(xf, divergence, beta, temperature, variant):
+    """The model's own logits (softcap / multiplier of W·h), for student and teacher independently: loss and
+    gradients w.r.t. the raw lm_head inputs equal float64 autograd through the transform."""
+    xs, xt = XF_CASES[xf]
+    full = variant == "full"
+    x = make_inputs(DIV_CASES.index((divergence, beta)))
+    kw = dict(divergence=divergence, beta=beta, temperature=temperature)
+    kw_w = dict(kd_weight=0.7, ce_weight=0.3) if full else {}
+    labels = dict(labels=x["labels"]) if full else {}
+    xkw = dict(student_logit_transform=xs, teacher_logit_transform=xt)
+    loss, _, g = run(fused_linear_kd_loss, x, **kw, **kw_w, **teacher_kwargs(x, "dense"), **labels, **xkw,
+                     chunk_size=7)
+    ref, leaves64 = loss64(x, **kw, **kw_w, use_labels=full, xs=xs, xt=xt)
+    assert_close(loss, ref)
+    for got, want in zip(g, torch.autograd.grad(ref, leaves64)):
+        assert_close(got, want)
+    ref32, _, g32 = run(kd_loss_reference, x, **kw, **kw_w, **teacher_kwargs(x, "dense"), **labels, **xkw)
+    assert_close(loss, ref32, rtol=2e-6)
+    for got, want in zip(g, g32):
+        assert_close(got, want, rtol=2e-5, atol_frac=2e-6)
+    plain, _, _ = run(fused_linear_kd_loss, x, **kw, **kw_w, **teacher_kwargs(x, "dense"), **labels)
+    assert abs(float(plain.detach()) - float(loss.detach())) > 1e-3  # the transform matters at these scales
+
+
+@pytest.mark.parametrize("form", ["logits", "topk"])
+def test_student_transform_with_cached_teacher_and_refusals(form):
+    """A student transform works with every teacher form; a teacher transform needs the dense teacher (cached
+    logits / log-probs are already the model's own), and a transform must be a LogitTransform."""
+    x = make_inputs(3)
+    xs = LogitTransform(softcap=1.5)
+    teacher = teacher_kwargs(x, form)
+    topk = teacher.get("teacher_topk")
+    loss, _, g = run(fused_linear_kd_loss, x, **teacher, labels=x["labels"], ce_weight=0.2,
+                     student_logit_transform=xs)
+    if form == "logits":
+        ref, leaves64 = loss64(x, ce_weight=0.2, xs=xs)
+    else:
+        ref, leaves64 = loss64(x, topk=topk, ce_weight=0.2, xs=xs)
+    assert_close(loss, ref)
+    for got, want in zip(g, torch.autograd.grad(ref, leaves64)):
+        assert_close(got, want)
+    for fn in (fused_linear_kd_loss, kd_loss_reference):
+        with pytest.raises(ValueError, match="dense teacher"):
+            fn(x["h_s"], x["w_s"], **teacher, teacher_logit_transform=LogitTransform(softcap=2.0))
+        with pytest.raises(ValueError, match="student_logit_transform must be a LogitTransform"):
+            fn(x["h_s"], x["w_s"], **teacher, student_logit_transform=30.0)
+    for bad in (dict(scale=0.0), dict(scale=float("nan")), dict(softcap=-1.0), dict(softcap=float("inf"))):
+        with pytest.raises(ValueError, match="LogitTransform"):
+            LogitTransform(**bad)
+    assert LogitTransform().is_identity and not LogitTransform(softcap=30.0).is_identity
 
 
 @pytest.mark.parametrize("seed", [0, 1])
