@@ -15,8 +15,8 @@ and the gradient's scalar factor is folded into the gradient matmuls (``alpha=``
 ``chunk_triton.kd_chunk_loss_and_grad_triton``; otherwise the torch one.
 
 Logit transforms (``student_logit_transform`` / ``teacher_logit_transform``: Gemma's softcap, Cohere's and
-Granite's multipliers) are applied to each chunk's logits in place, in the logits' dtype, before anything reads
-them; the gradient through a softcap is ``1 - (z'/cap)**2`` times that w.r.t. ``z'`` (one extra float32
+Granite's multipliers) are applied to each chunk's logits in float32 (in place; 16-bit logits are upcast
+first), before anything reads them; the gradient through a softcap is ``1 - (z'/cap)**2`` times that w.r.t. ``z'`` (one extra float32
 ``[chunk, V]`` factor, kept only for a student softcap), a multiplier folds into the scalar coefficient. The
 Triton kernel applies both as it loads the logits.
 
@@ -178,10 +178,12 @@ def _run(
         labels = rows.get("labels")
         factor, xf_coef = None, 1.0  # d z'/d z = xf_coef * factor (the student's logit transform)
         if triton_fn is None:  # the Triton kernel transforms as it loads
-            if plan.student_xf is not None:
+            if plan.student_xf is not None:  # in float32, as the reference (and the Triton kernel) do
+                z_s = z_s.float()
                 factor = plan.student_xf.apply_(z_s, want_factor=need_grad)
                 xf_coef = plan.student_xf.scale
             if plan.teacher_xf is not None and plan.form == "dense" and z_t is not None:
+                z_t = z_t.float()
                 plan.teacher_xf.apply_(z_t, want_factor=False)
         if plan.want_top1:  # before the chunk function overwrites the logits
             top1 += top1_matches(z_s, z_t, topk)  # (raw logits on the Triton path: a transform keeps the argmax)

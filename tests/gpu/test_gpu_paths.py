@@ -32,6 +32,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sapling.kernels import LogitTransform
+
 pytestmark = pytest.mark.gpu
 
 CUDA = torch.device("cuda")
@@ -78,8 +80,10 @@ def kd_inputs(device: torch.device | str, seed: int = 0) -> dict[str, torch.Tens
 
 
 def kd_reference64(x: dict[str, torch.Tensor], *, divergence: str, beta: float, temperature: float,
-                   ce_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, d h_s, d W_s) in float64 on the CPU from the definition (autograd), on the same bf16 inputs."""
+                   ce_weight: float, student_logit_transform: Any = None,
+                   teacher_logit_transform: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, d h_s, d W_s) in float64 on the CPU from the definition (autograd), on the same bf16 inputs; the
+    logit transforms (softcap / scale) applied to the float64 logits."""
     h = x["h_s"].cpu().double().requires_grad_(True)
     w = x["w_s"].cpu().double().requires_grad_(True)
     labels = x["labels"].cpu()
@@ -87,6 +91,10 @@ def kd_reference64(x: dict[str, torch.Tensor], *, divergence: str, beta: float, 
     z_s = h @ w.T
     with torch.no_grad():
         z_t = x["h_t"].cpu().double() @ x["w_t"].cpu().double().T
+    if student_logit_transform is not None:
+        z_s = student_logit_transform(z_s)
+    if teacher_logit_transform is not None:
+        z_t = teacher_logit_transform(z_t)
     t = temperature
     lp_s, lp_t = torch.log_softmax(z_s / t, -1), torch.log_softmax(z_t / t, -1)
     p_s, p_t = lp_s.exp(), lp_t.exp()
@@ -128,6 +136,10 @@ KD_CASES = {
     "reverse_kl-T2-ce": dict(divergence="reverse_kl", beta=0.5, temperature=2.0, ce_weight=0.2, chunk_size=None),
     "jsd-ce-device-count": dict(divergence="jsd", beta=0.3, temperature=1.0, ce_weight=0.2, chunk_size=200,
                                 count_on_device=True),
+    # Gemma-style softcap on the student (saturating at these logits), a Granite-style scale on the teacher
+    "softcap-forward_kl-ce": dict(divergence="forward_kl", beta=0.5, temperature=1.0, ce_weight=0.2, chunk_size=128,
+                                  student_logit_transform=LogitTransform(softcap=3.0),
+                                  teacher_logit_transform=LogitTransform(scale=0.5)),
 }
 
 
@@ -147,7 +159,8 @@ def test_triton_kd_kernel_matches_float64_and_the_torch_path(case, monkeypatch):
         return triton_fn(*args, **kwargs)
 
     x = kd_inputs(CUDA, seed=len(case))
-    ref = kd_reference64(x, **{k: kw[k] for k in ("divergence", "beta", "temperature", "ce_weight")})
+    ref = kd_reference64(x, **{k: kw[k] for k in ("divergence", "beta", "temperature", "ce_weight",
+                                                    "student_logit_transform", "teacher_logit_transform") if k in kw})
     if count_on_device:  # the trainer's form: the global count as a device tensor (no host sync)
         kw["num_valid_tokens"] = (x["labels"] != IGNORE).sum()
     monkeypatch.setattr(fused_kd_loss, "_triton_chunk_fn", lambda: spy)
