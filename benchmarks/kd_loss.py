@@ -1,6 +1,7 @@
 """Fused linear KD loss benchmark: naive torch vs ours (torch path, Triton on CUDA) vs Liger-Kernel.
 
     python benchmarks/kd_loss.py [--device cpu|cuda] [--n 1024 4096] [--repeats K]
+                                 [--shapes design|gemma2] [--softcap CAP]
                                  [--out benchmarks/results/kd_loss_cpu.md]
 
 The quantity is the same for every row: forward KL(p_t || p_s) at T = 1, no hard-label CE, mean over the
@@ -15,6 +16,11 @@ N tokens, for a student lm_head ``[V, Hs]`` (inputs and weight get gradients) an
   ``weight_soft_loss=1``, ``weight_hard_loss=0`` (its CE is then not even computed), ``temperature=1`` (Liger
   applies no T^2; irrelevant at T = 1), labels all valid (it divides by their count = N), its defaults
   otherwise (``compiled=True``, ``chunk_size=1024``). torch.compile warm-up happens before any timing.
+
+``--softcap CAP`` (``--shapes gemma2``: Gemma 2's 2B student / 9B teacher widths, V=256000, CAP=30) makes
+both models' logits ``CAP * tanh(z / CAP)``, as Gemma 2/3 compute them: the naive row applies it to its full
+logits, ours passes ``LogitTransform(softcap=CAP)`` for student and teacher, the float64 reference includes
+it, and Liger is skipped (its fused loss takes no logit transform: it would compute another model's loss).
 
 Columns: median fwd+bwd time over ``--repeats`` calls after warm-up (variants interleaved in one process,
 order rotated per repeat; the time ratio is the median of the per-repeat ratios against naive, which is
@@ -49,6 +55,8 @@ import torch.nn.functional as F
 
 CPU_SHAPES = dict(hs=512, ht=1024, vocab=32000, n=[1024, 4096], dtype="float32")
 GPU_SHAPES = dict(hs=2048, ht=4096, vocab=128256, n=[1024, 2048, 4096, 8192], dtype="bfloat16")
+# Gemma 2: 2B (hidden 2304) student, 9B (hidden 3584) teacher, 256k vocabulary, final logits softcapped at 30
+GEMMA2_SHAPES = dict(hs=2304, ht=3584, vocab=256000, softcap=30.0)
 H100_BF16_TFLOPS = 989.0
 VARIANTS = ("naive", "ours_torch", "ours_triton", "liger")
 LABELS = {
@@ -83,10 +91,13 @@ def make_inputs(n: int, hs: int, ht: int, vocab: int, dtype: torch.dtype, device
     return (*out, labels.to(device))
 
 
-def naive_loss(h_s, w_s, h_t, w_t, labels):
+def naive_loss(h_s, w_s, h_t, w_t, labels, softcap: float | None = None):
     z_s = (h_s @ w_s.t()).float()
     with torch.no_grad():
         z_t = (h_t @ w_t.t()).float()
+    if softcap is not None:  # as Gemma 2/3 compute their logits
+        z_s = torch.tanh(z_s / softcap) * softcap
+        z_t = torch.tanh(z_t / softcap) * softcap
     lp_s = F.log_softmax(z_s, dim=-1)
     lp_t = F.log_softmax(z_t, dim=-1)
     return F.kl_div(lp_s, lp_t, reduction="batchmean", log_target=True)  # sum KL(p_t || p_s) / N
@@ -105,12 +116,14 @@ def _torch_chunk_path():
         fused_kd_loss._triton_chunk_fn = saved
 
 
-def build_variant(name: str, device: str):
+def build_variant(name: str, device: str, softcap: float | None = None):
     """A callable ``fn(h_s, w_s, h_t, w_t, labels) -> loss``; raises RuntimeError('skipped: ...') if n/a."""
     if name == "naive":
-        return naive_loss
+        return lambda *inputs: naive_loss(*inputs, softcap=softcap)
     if name in ("ours_torch", "ours_triton"):
-        from sapling.kernels import fused_linear_kd_loss
+        from sapling.kernels import LogitTransform, fused_linear_kd_loss
+
+        xf = None if softcap is None else LogitTransform(softcap=softcap)
 
         if name == "ours_triton":
             if device != "cuda":
@@ -126,10 +139,13 @@ def build_variant(name: str, device: str):
         def ours(h_s, w_s, h_t, w_t, labels):
             ctx = _torch_chunk_path() if name == "ours_torch" else contextlib.nullcontext()
             with ctx:
-                return fused_linear_kd_loss(h_s, w_s, h_t, w_t, divergence="forward_kl", temperature=1.0)
+                return fused_linear_kd_loss(h_s, w_s, h_t, w_t, divergence="forward_kl", temperature=1.0,
+                                            student_logit_transform=xf, teacher_logit_transform=xf)
 
         return ours
     if name == "liger":
+        if softcap is not None:
+            raise RuntimeError("skipped: Liger's fused loss takes no logit softcap (it would be another model's loss)")
         try:
             from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
         except Exception as e:  # not installed (benchmark-only extra) or broken import
@@ -165,7 +181,7 @@ def fwd_bwd(fn, inputs, device: str):
 # ----------------------------------------------------------------------------------------------------
 
 
-def reference64(h_s, w_s, h_t, w_t):
+def reference64(h_s, w_s, h_t, w_t, softcap: float | None = None):
     n = h_s.shape[0]
     w_s64 = w_s.detach().double()
     w_t64 = w_t.detach().double()
@@ -174,11 +190,17 @@ def reference64(h_s, w_s, h_t, w_t):
     grad_w = torch.zeros(w_s.shape, dtype=torch.float64, device=h_s.device)
     for start in range(0, n, REF_CHUNK):
         hc = h_s.detach()[start : start + REF_CHUNK].double()
-        lp_s = torch.log_softmax(hc @ w_s64.t(), dim=-1)
-        lp_t = torch.log_softmax(h_t[start : start + REF_CHUNK].double() @ w_t64.t(), dim=-1)
+        z_s = hc @ w_s64.t()
+        z_t = h_t[start : start + REF_CHUNK].double() @ w_t64.t()
+        if softcap is not None:
+            z_s, z_t = torch.tanh(z_s / softcap) * softcap, torch.tanh(z_t / softcap) * softcap
+        lp_s = torch.log_softmax(z_s, dim=-1)
+        lp_t = torch.log_softmax(z_t, dim=-1)
         p_t = lp_t.exp()
         loss += (p_t * (lp_t - lp_s)).sum()
         g = lp_s.exp_().sub_(p_t).div_(n)
+        if softcap is not None:  # through the softcap: d z'/d z = 1 - (z'/cap)^2
+            g.mul_(1.0 - (z_s / softcap) ** 2)
         grad_h[start : start + REF_CHUNK] = g @ w_s64
         grad_w.addmm_(g.t(), hc)
         del lp_s, lp_t, p_t, g
@@ -215,7 +237,7 @@ def _reset_peak_rss() -> bool:
 def worker_mem(args) -> dict:
     """Peak memory of one fwd+bwd of one variant, after a warm-up call (compile, lazy inits)."""
     device, shapes = args.device, _shapes(args)
-    fn = build_variant(args.variant, device)
+    fn = build_variant(args.variant, device, shapes.get("softcap"))
     inputs = make_inputs(args.n[0], shapes["hs"], shapes["ht"], shapes["vocab"], _dtype(shapes), device)
     loss = fwd_bwd(fn, inputs, device)  # warm-up
     del loss
@@ -243,11 +265,11 @@ def worker_time(args) -> dict:
     """All variants interleaved in one process: warm-up + errors vs float64, then timed repeats."""
     device, shapes = args.device, _shapes(args)
     inputs = make_inputs(args.n[0], shapes["hs"], shapes["ht"], shapes["vocab"], _dtype(shapes), device)
-    ref = reference64(*inputs[:4])
+    ref = reference64(*inputs[:4], softcap=shapes.get("softcap"))
     fns, out = {}, {}
     for name in args.variant_list:
         try:
-            fns[name] = build_variant(name, device)
+            fns[name] = build_variant(name, device, shapes.get("softcap"))
             t0 = time.perf_counter()
             loss = fwd_bwd(fns[name], inputs, device)  # warm-up (includes torch.compile for Liger)
             warm = time.perf_counter() - t0
@@ -299,7 +321,12 @@ def worker_peak(args) -> dict:
 
 
 def _shapes(args) -> dict:
-    return GPU_SHAPES if args.device == "cuda" else CPU_SHAPES
+    """The shapes of `--shapes` on this device (DESIGN's CPU or GPU shapes, or Gemma 2's), `--softcap` applied."""
+    base = GPU_SHAPES if args.device == "cuda" else CPU_SHAPES
+    if args.shapes == "gemma2":
+        base = {**base, **GEMMA2_SHAPES, "n": [1024, 4096]}
+    softcap = args.softcap if args.softcap is not None else base.get("softcap")
+    return {**base, "softcap": softcap}
 
 
 def _dtype(shapes: dict) -> torch.dtype:
@@ -339,7 +366,9 @@ def run(args) -> int:
     shapes = _shapes(args)
     ns = args.n or shapes["n"]
     variants = [v for v in VARIANTS if v in args.variants]
-    dev_args = ["--device", args.device]
+    dev_args = ["--device", args.device, "--shapes", args.shapes]
+    if args.softcap is not None:
+        dev_args += ["--softcap", str(args.softcap)]
     peak = None
     if args.device == "cuda":
         peak = _spawn(["--_worker", "peak", *dev_args])
@@ -481,7 +510,9 @@ def render_header(args, shapes: dict, peak: dict | None) -> str:
         f"- torch {torch.__version__}; liger-kernel {_liger_version() or 'not installed'}; "
         f"python {platform.python_version()}",
         f"- shapes: Hs={shapes['hs']}, Ht={shapes['ht']}, V={shapes['vocab']}, {shapes['dtype']}; forward "
-        "KL(p_t || p_s), T=1, no CE, all tokens valid; fwd+bwd, grads for student hidden and weight",
+        "KL(p_t || p_s), T=1, no CE, all tokens valid; fwd+bwd, grads for student hidden and weight"
+        + ("" if shapes.get("softcap") is None else
+           f"; both models' logits softcapped at {shapes['softcap']:g} (`cap * tanh(z / cap)`, Gemma 2/3)"),
         f"- timing: median of {args.repeats} calls after {args.warmup} warm-up call(s), variants interleaved "
         "in one process (order rotated per repeat); 'x naive (time)' is the median of per-repeat ratios",
         "- memory: one call per variant in a fresh process after a warm-up call; "
@@ -518,12 +549,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1, help="warm-up calls per variant before timing")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--shapes", choices=["design", "gemma2"], default="design",
+                   help="design: DESIGN's CPU/GPU shapes; gemma2: Hs=2304, Ht=3584, V=256000, softcap 30")
+    p.add_argument("--softcap", type=float, default=None, help="softcap both models' logits at this value")
     p.add_argument("--out", default=None, help="write the markdown table (+ .json beside it) here")
     p.add_argument("--_worker", choices=["time", "mem", "peak"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
+    if args.shapes == "gemma2" and args.device == "cpu":
+        p.error("--shapes gemma2 needs a GPU (its float32 weights and the float64 reference take ~30 GB); on CPU "
+                "use --softcap 30 at the default shapes")
     if args._worker is None:
         return run(args)
     args.variant_list = args.variants
