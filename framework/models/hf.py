@@ -150,8 +150,10 @@ def source_config(src: Any, base: PretrainedConfig | None = None) -> PretrainedC
     return apply_overrides(config, src.config, key=key)
 
 
-def resolve_attn_implementation(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """`auto`: flash_attention_2 on CUDA in bf16/fp16 when flash-attn is installed, else sdpa."""
+def resolve_attn_implementation(name: str, device: torch.device, dtype: torch.dtype,
+                                config: PretrainedConfig | None = None) -> str:
+    """`auto`: flash_attention_2 on CUDA in bf16/fp16 when flash-attn is installed, else sdpa, or eager for a
+    model class without SDPA support (Gemma 2, whose attention logits are softcapped)."""
     if name != "auto":
         return name
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
@@ -159,6 +161,12 @@ def resolve_attn_implementation(name: str, device: torch.device, dtype: torch.dt
 
         if importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2"
+    if config is not None:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+        if cls is not None and not getattr(cls, "_supports_sdpa", True):
+            return "eager"
     return "sdpa"
 
 
@@ -179,7 +187,7 @@ def build_model(
     DeepSpeed put it.
     """
     dtype = resolve_dtype(src.dtype, device)
-    attn = resolve_attn_implementation(src.attn_implementation, device, dtype)
+    attn = resolve_attn_implementation(src.attn_implementation, device, dtype, config)
     pretrained = src.init == "pretrained" or (src.init == "auto" and src.path is not None
                                               and not changed_fields(src))
     if src.init == "auto" and src.path is not None and not pretrained:

@@ -22,6 +22,12 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral-tiny": ("mistral", {"sliding_window": None}),
     "qwen2-tiny": ("qwen2", {}),
     "qwen3-tiny": ("qwen3", {"head_dim": 16}),
+    "granite-tiny": ("granite", {"embedding_multiplier": 4.0, "residual_multiplier": 0.5,
+                                 "attention_multiplier": 0.2, "logits_scaling": 2.0}),
+    "gemma2-tiny": ("gemma2", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4,
+                               "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}),
+    "gemma3-tiny": ("gemma3_text", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4}),
+    "olmo2-tiny": ("olmo2", {"tie_word_embeddings": False}),
 }
 
 

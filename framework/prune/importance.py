@@ -1,10 +1,11 @@
 """Minitron-style importance of a decoder's structures, from activations on calibration batches.
 
-Forward hooks on a Llama/Mistral/Qwen2/Qwen3 model collect per-channel statistics:
+Forward hooks on a decoder of a family `sapling.prune.slicing` supports collect per-channel statistics:
 
 - MLP neurons: the input of `down_proj`;
 - attention heads: the input of `o_proj`, split by head, L2 norm over `head_dim`;
-- hidden channels: the outputs of every RMSNorm (both per layer, and the final one), summed over norms;
+- hidden channels: the outputs of every norm on the residual stream's width (each layer's `HIDDEN_NORMS`
+  it has: two for Llama, four for Gemma's sandwich, two post-norms for OLMo 2; and the final one), summed;
 - depth: block influence, 1 - cos(layer input, layer output) averaged over tokens; optionally the LM-loss
   increase when a layer is dropped (`layer_drop_loss`).
 
@@ -42,6 +43,14 @@ AGGREGATIONS = ("mean_l2", "mean", "variance")
 # Which accumulators each aggregation keeps per structure kind (besides the shared token/sample counts).
 _STATS = {"mean_l2": ("a2",), "mean": ("abs",), "variance": ("x", "x2")}
 _KINDS = ("mlp", "heads", "hidden")
+# A decoder layer's norms over the hidden width, whichever of them the family has.
+HIDDEN_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                "post_feedforward_layernorm")
+
+
+def hidden_norms(layer: nn.Module) -> list[nn.Module]:
+    """The layer's norms over the hidden width (HIDDEN_NORMS it has), in that order."""
+    return [m for m in (getattr(layer, name, None) for name in HIDDEN_NORMS) if isinstance(m, nn.Module)]
 
 Reduce = Callable[[Tensor], Tensor | None]
 
@@ -165,8 +174,9 @@ class ImportanceAccumulator:
                                    "supported; fix: prune a model whose layers all have one shape")
         self.intermediate = widths.pop()
         self.hidden_size = cfg.hidden_size
+        self.num_norms = sum(len(hidden_norms(layer)) for layer in layers) + 1  # + the final norm
         sizes = {"mlp": (self.num_layers, self.intermediate), "heads": (self.num_layers, self.num_heads),
-                 "hidden": (2 * self.num_layers + 1, self.hidden_size)}
+                 "hidden": (self.num_norms, self.hidden_size)}
         dev = _device(model)
         zeros = dict(dtype=torch.float64, device=dev)
         self._acc: dict[str, Tensor] = {}
@@ -208,7 +218,6 @@ class ImportanceAccumulator:
     def _hooks(self) -> list[Any]:
         handles = []
         layers = decoder_layers(self.model)
-        n = self.num_layers
 
         def mlp_hook(i: int) -> Callable:
             def hook(_m: nn.Module, args: tuple) -> None:
@@ -242,14 +251,15 @@ class ImportanceAccumulator:
                 self._acc["block_influence.sum"][i] += d.sum(dim=1).double().sum()
             return hook
 
+        rows = itertools.count()
         for i, layer in enumerate(layers):
             handles.append(layer.mlp.down_proj.register_forward_pre_hook(mlp_hook(i)))
             handles.append(layer.self_attn.o_proj.register_forward_pre_hook(head_hook(i)))
-            handles.append(layer.input_layernorm.register_forward_hook(norm_hook(2 * i)))
-            handles.append(layer.post_attention_layernorm.register_forward_hook(norm_hook(2 * i + 1)))
+            for norm in hidden_norms(layer):
+                handles.append(norm.register_forward_hook(norm_hook(next(rows))))
             handles.append(layer.register_forward_pre_hook(layer_in_hook(i), with_kwargs=True))
             handles.append(layer.register_forward_hook(layer_out_hook(i), with_kwargs=True))
-        handles.append(self.model.model.norm.register_forward_hook(norm_hook(2 * n)))
+        handles.append(self.model.model.norm.register_forward_hook(norm_hook(next(rows))))
         return handles
 
     def attach(self) -> None:

@@ -24,7 +24,7 @@ from sapling.models.shapes import shape_problem
 from sapling.progress import progress as progress_bar
 from sapling.prune.importance import ImportanceScores, Reduce, _apply_reduce, _loss_sums
 from sapling.prune.select import TARGET_FIELDS, plan_from_scores, target_config
-from sapling.prune.slicing import SUPPORTED_MODEL_TYPES, slice_model
+from sapling.prune.slicing import GEMMA_TYPES, SUPPORTED_MODEL_TYPES, slice_model
 
 # Candidate groups, in the order slots are dealt (see `candidate_shapes`): width-only, mixed and depth-only
 # shapes that keep every attention head, then shapes that also cut attention (width-only or mixed).
@@ -47,7 +47,8 @@ class _Arch:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
-    qk_norm: bool
+    qk_norm: str | None  # None, "head" (one head_dim vector each: Qwen3, Gemma 3), "projection" (OLMo 2)
+    layer_norms: int  # norms over the hidden width per layer (Gemma's sandwich: 4)
 
     @classmethod
     def of(cls, config: Any) -> _Arch:
@@ -55,24 +56,26 @@ class _Arch:
         if kind not in SUPPORTED_MODEL_TYPES:
             raise ModelSourceError(f"prune.target.params: parameter counts support model types "
                                    f"{', '.join(SUPPORTED_MODEL_TYPES)}; got {kind!r}; fix: prune a model of those types")
-        attn_bias = bool(getattr(config, "attention_bias", False)) and kind in ("llama", "qwen3")
+        attn_bias = bool(getattr(config, "attention_bias", False)) and kind not in ("mistral", "qwen2")
         return cls(
             vocab=config.vocab_size,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
             tied=bool(getattr(config, "tie_word_embeddings", False)),
             qkv_bias=kind == "qwen2" or attn_bias,  # Qwen2 always has q/k/v biases (and no o_proj bias)
             o_bias=attn_bias,
-            mlp_bias=kind == "llama" and bool(getattr(config, "mlp_bias", False)),
-            qk_norm=kind == "qwen3",
+            mlp_bias=kind in ("llama", "granite") and bool(getattr(config, "mlp_bias", False)),
+            qk_norm="head" if kind in ("qwen3", "gemma3_text") else "projection" if kind == "olmo2" else None,
+            layer_norms=4 if kind in GEMMA_TYPES else 2,
         )
 
     def params(self, shape: dict[str, int]) -> int:
         h, i, d = shape["hidden_size"], shape["intermediate_size"], self.head_dim
         q, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
         attn = h * d * (q + 2 * kv) + q * d * h
-        attn += self.qkv_bias * d * (q + 2 * kv) + self.o_bias * h + self.qk_norm * 2 * d
+        attn += self.qkv_bias * d * (q + 2 * kv) + self.o_bias * h
+        attn += {"head": 2 * d, "projection": (q + kv) * d}.get(self.qk_norm, 0)
         mlp = 3 * h * i + self.mlp_bias * (2 * i + h)
-        layer = attn + mlp + 2 * h  # + input and post-attention norms
+        layer = attn + mlp + self.layer_norms * h
         embeddings = self.vocab * h * (1 if self.tied else 2)
         return embeddings + h + shape["num_hidden_layers"] * layer  # + final norm
 
@@ -85,7 +88,7 @@ def _shape_of(config: Any) -> dict[str, int]:
 
 
 def count_params(config: Any, shape: dict[str, int] | None = None) -> int:
-    """Exact parameter count of a Llama/Mistral/Qwen2/Qwen3 HF config, without building the model.
+    """Exact parameter count of an HF config of a family `slicing` supports, without building the model.
 
     With `shape` (the TARGET_FIELDS), the count of that config pruned to `shape`: head_dim, vocabulary,
     biases and embedding tying stay the teacher's, as `slicing.slice_model` keeps them.

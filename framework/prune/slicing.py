@@ -1,8 +1,15 @@
 """Structured slicing: cut an HF causal LM down to kept layers, hidden channels, MLP neurons and heads.
 
 The result is a smaller model of the same class whose config describes it exactly, so `save_pretrained`
-+ `AutoModelForCausalLM.from_pretrained` load it as is. Supported: the Llama, Mistral, Qwen2 and Qwen3
-families (pre-norm decoder, RMSNorm, RoPE, GQA attention, gated MLP).
++ `AutoModelForCausalLM.from_pretrained` load it as is. Supported: the Llama, Mistral, Qwen2, Qwen3 and
+Granite families (pre-norm decoder, RMSNorm, RoPE, GQA attention, gated MLP; Granite's multipliers are config
+scalars), Gemma 2 and Gemma 3 text (sandwich norms, `1 + weight` RMSNorm, scaled embeddings, per-layer
+sliding/global attention) and OLMo 2 (post-norms only; q/k norms over the whole projection, sliced by head).
+
+Gemma scales its embeddings by `sqrt(hidden_size)` (a buffer recomputed from the config on load): when hidden
+channels are cut, the kept embedding columns are multiplied by `sqrt(H_teacher / H_student)` so the residual
+stream starts as the teacher's restricted to the kept channels, and, the lm_head being that same (tied)
+matrix, the final norm's `1 + weight` is divided by the same factor, so the logits are not rescaled either.
 
 Shapes stay uniform across layers (one global config), head_dim and RoPE are never changed, and
 `head_dim` is written into the config explicitly (hidden_size / num_attention_heads no longer gives it).
@@ -27,7 +34,9 @@ from sapling.dist import gathered
 from sapling.errors import ModelSourceError
 from sapling.prune.distributed import gather_units, is_zero3_partitioned
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "granite", "gemma2", "gemma3_text", "olmo2")
+# Families whose RMSNorm multiplies by (1 + weight) and whose embeddings are scaled by sqrt(hidden_size).
+GEMMA_TYPES = ("gemma2", "gemma3_text")
 # Config fields holding one entry per decoder layer; subset with the kept layers.
 PER_LAYER_CONFIG_LISTS = ("layer_types",)
 
@@ -207,6 +216,12 @@ _LAYER_RULES: dict[str, tuple[str | None, ...]] = {
     "mlp.down_proj.bias": ("hidden",),
     "input_layernorm.weight": ("hidden",),
     "post_attention_layernorm.weight": ("hidden",),
+    "pre_feedforward_layernorm.weight": ("hidden",),  # Gemma 2/3 sandwich norms
+    "post_feedforward_layernorm.weight": ("hidden",),
+}
+# Per family: rules that differ from _LAYER_RULES (OLMo 2 normalises q and k over the whole projection).
+_FAMILY_LAYER_RULES: dict[str, dict[str, tuple[str | None, ...]]] = {
+    "olmo2": {"self_attn.q_norm.weight": ("q",), "self_attn.k_norm.weight": ("kv",)},
 }
 _TOP_RULES: dict[str, tuple[str | None, ...]] = {
     "embed_tokens.weight": (None, "hidden"),
@@ -258,6 +273,7 @@ def _sliced_state(model: PreTrainedModel, r: _Resolved,
     names: dict[str, str] = {}
     done: dict[tuple, torch.Tensor] = {}  # tied tensors (embeddings / lm_head) are sliced once
     layer_prefix = f"{base}.layers."
+    layer_rules = {**_LAYER_RULES, **_FAMILY_LAYER_RULES.get(model.config.model_type, {})}
     for name, tensor, ident in _teacher_state(model):
         if name.startswith(layer_prefix):
             idx_str, _, rest = name[len(layer_prefix):].partition(".")
@@ -265,7 +281,7 @@ def _sliced_state(model: PreTrainedModel, r: _Resolved,
             if old not in new_index:
                 continue
             new = new_index[old]
-            rule, index = _LAYER_RULES.get(rest), layer_index[new]
+            rule, index = layer_rules.get(rest), layer_index[new]
             new_name = f"{layer_prefix}{new}.{rest}"
         else:
             rest = name[len(base) + 1:] if name.startswith(f"{base}.") else None
@@ -285,7 +301,25 @@ def _sliced_state(model: PreTrainedModel, r: _Resolved,
             done[key] = out.clone() if out is tensor else out
         state[new_name] = done[key]
         names[new_name] = name
+    if model.config.model_type in GEMMA_TYPES and len(r.hidden) != model.config.hidden_size:
+        _rescale_gemma_embeddings(state, base, model.config.hidden_size / len(r.hidden),
+                                  tied=bool(getattr(model.config, "tie_word_embeddings", False)))
     return state, names
+
+
+def _rescale_gemma_embeddings(state: dict[str, torch.Tensor], base: str, ratio: float, *, tied: bool) -> None:
+    """Gemma multiplies its embeddings by sqrt(hidden_size): keep the teacher's scale on the kept channels
+    (embeddings x sqrt(ratio)) and, with a tied lm_head (the same matrix), keep the logits' scale by dividing
+    the final norm's (1 + weight) by it."""
+    c = ratio**0.5
+    embed = state[f"{base}.embed_tokens.weight"]
+    scaled = (embed.float() * c).to(embed.dtype)
+    for name, t in list(state.items()):
+        if t is embed:  # the embeddings, and the tied lm_head
+            state[name] = scaled
+    if tied:
+        norm = state[f"{base}.norm.weight"]
+        state[f"{base}.norm.weight"] = ((1.0 + norm.float()) / c - 1.0).to(norm.dtype)
 
 
 def _teacher_name(name: str, base: str, layers: list[int]) -> str:
@@ -321,12 +355,15 @@ def slice_model(model: PreTrainedModel, plan: KeepPlan, *,
     for name, buf in list(student.named_buffers()):
         if buf.device.type != "meta":
             continue
+        owner, _, attr = name.rpartition(".")
+        module = student.get_submodule(owner)
         src = teacher_buffers.get(_teacher_name(name, base, r.layers))
+        if src is not None and attr == "embed_scale" and hasattr(module, "scalar_embed_scale"):
+            src = torch.tensor(module.scalar_embed_scale, dtype=src.dtype, device=src.device)  # Gemma: sqrt(H_student)
         if src is None or src.shape != buf.shape:
             raise ValueError(f"slicing: buffer {name} has no counterpart of shape {tuple(buf.shape)} in the teacher")
-        owner, _, attr = name.rpartition(".")
         buf_copy = src.clone() if device is None else src.to(device, copy=True)
-        student.get_submodule(owner)._buffers[attr] = buf_copy
+        module._buffers[attr] = buf_copy
     if getattr(config, "tie_word_embeddings", False):
         student.tie_weights()
         if student.get_output_embeddings().weight is not student.get_input_embeddings().weight:

@@ -18,7 +18,10 @@ from sapling.prune.importance import (
     skip_layers,
 )
 
-FAMILIES = ["llama-tiny", "mistral-tiny", "qwen2-tiny", "qwen3-tiny"]
+FAMILIES = ["llama-tiny", "mistral-tiny", "qwen2-tiny", "qwen3-tiny", "granite-tiny", "gemma2-tiny", "gemma3-tiny",
+            "olmo2-tiny"]
+# norms over the hidden width, per family: Llama's two pre-norms, Gemma's sandwich of four, OLMo 2's post-norms
+NORM_NAMES = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
 AGGREGATIONS = ["mean_l2", "mean", "variance"]
 
 
@@ -48,16 +51,18 @@ def capture(model: nn.Module, batches: list[dict]) -> dict[str, list[Tensor]]:
         return hook
 
     handles = []
+    norms = 0
     for i, layer in enumerate(layers):
         handles += [
             layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, i=i: keep(f"mlp{i}", a[0])),
             layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: keep(f"attn{i}", a[0])),
-            layer.input_layernorm.register_forward_hook(lambda m, a, o, i=i: keep(f"norm{2 * i}", o)),
-            layer.post_attention_layernorm.register_forward_hook(lambda m, a, o, i=i: keep(f"norm{2 * i + 1}", o)),
             layer.register_forward_hook(layer_hook(i), with_kwargs=True),
         ]
-    handles.append(model.model.norm.register_forward_hook(
-        lambda m, a, o: keep(f"norm{2 * len(layers)}", o)))
+        for name in NORM_NAMES:
+            if hasattr(layer, name):
+                handles.append(getattr(layer, name).register_forward_hook(lambda m, a, o, k=norms: keep(f"norm{k}", o)))
+                norms += 1
+    handles.append(model.model.norm.register_forward_hook(lambda m, a, o, k=norms: keep(f"norm{k}", o)))
     try:
         with torch.no_grad():
             for b in batches:
@@ -109,7 +114,8 @@ def test_shapes_finite_nonnegative(family):
 
 
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
-@pytest.mark.parametrize("family,overrides", [("llama-tiny", {}), ("qwen3-tiny", {"head_dim": 24})])
+@pytest.mark.parametrize("family,overrides", [("llama-tiny", {}), ("qwen3-tiny", {"head_dim": 24}), ("gemma2-tiny", {}),
+                                             ("olmo2-tiny", {})])
 def test_matches_direct_computation(family, overrides, aggregation):
     model = make_model(family, **overrides)
     batches = make_batches(3)
@@ -118,7 +124,8 @@ def test_matches_direct_computation(family, overrides, aggregation):
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads
     mlp = torch.stack([direct(raw[f"mlp{i}"], aggregation) for i in range(L)])
     heads = torch.stack([direct(raw[f"attn{i}"].unflatten(-1, (H, -1)).norm(dim=-1), aggregation) for i in range(L)])
-    hidden = sum(direct(raw[f"norm{k}"], aggregation) for k in range(2 * L + 1))
+    hidden = sum(direct(raw[k], aggregation) for k in raw if k.startswith("norm"))
+    assert sum(k.startswith("norm") for k in raw) == {"gemma2-tiny": 4, "olmo2-tiny": 2}.get(family, 2) * L + 1
     bi = torch.stack([(1 - torch.cosine_similarity(raw[f"in{i}"], raw[f"out{i}"], dim=-1)).mean() for i in range(L)])
     assert_close(scores.mlp, mlp)
     assert_close(scores.heads, heads)

@@ -105,3 +105,32 @@ def test_impossible_budget_is_one_line(cli_in_process, teacher_dir, text_files):
     res = cli_in_process("prune", f"teacher.path={teacher_dir}", f"data.files=[{text_files[0]}]", "prune.target.params=1000",
                          "prune.target.hidden_size=32")
     assert res.returncode == 2 and "not both" in res.stderr
+
+
+def test_gemma2_teacher_pruned_and_distilled_with_its_softcap(cli_in_process, tmp_path, tokenizer, text_files):
+    """A family beyond Llama end to end: a tiny Gemma 2 (sandwich norms, scaled embeddings, sliding/global
+    layers, final-logit softcap) pruned on every axis by the prune pre-hook, distilled, saved and reloaded."""
+    from sapling.models import save_hf_checkpoint, tiny_config
+
+    torch.manual_seed(0)
+    cfg = tiny_config("gemma2-tiny", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=3, final_logit_softcapping=5.0)
+    teacher = save_hf_checkpoint(AutoModelForCausalLM.from_config(cfg), tokenizer, tmp_path / "teacher")
+    out = tmp_path / "kd"
+    files = "[" + ",".join(str(p) for p in text_files) + "]"
+    res = cli_in_process("distill", f"teacher.path={teacher}", f"data.files={files}", "data.seq_len=32",
+                         "hooks.pre=[prune]", "prune.target.num_hidden_layers=2", "prune.target.hidden_size=48",
+                         "prune.target.intermediate_size=64", "prune.target.num_key_value_heads=1",
+                         "prune.calibration.samples=8", "trainer.max_steps=3", "trainer.micro_batch_size=2",
+                         "trainer.log_every=1", "trainer.eval_batches=1", "logger=none", f"hydra.run.dir={out}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    student, info = AutoModelForCausalLM.from_pretrained(out / "model", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    s = student.config
+    assert (s.model_type, s.num_hidden_layers, s.hidden_size, s.intermediate_size) == ("gemma2", 2, 48, 64)
+    assert (s.num_key_value_heads, s.num_attention_heads, s.final_logit_softcapping) == (1, 2, 5.0)
+    assert len(s.layer_types) == 2 and set(s.layer_types) <= {"sliding_attention", "full_attention"}
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert student.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 8)
+    train = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["kd"] >= 0 for r in train if r["event"] == "train")

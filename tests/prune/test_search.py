@@ -38,6 +38,10 @@ VARIANTS = {
     "qwen2": ("qwen2-tiny", {}),
     "qwen3": ("qwen3-tiny", {}),
     "qwen3-bias": ("qwen3-tiny", {"attention_bias": True}),
+    "granite-bias": ("granite-tiny", {"attention_bias": True, "mlp_bias": True}),
+    "gemma2": ("gemma2-tiny", {}),
+    "gemma3-bias": ("gemma3-tiny", {"attention_bias": True}),
+    "olmo2": ("olmo2-tiny", {}),
 }
 
 
@@ -75,7 +79,8 @@ def test_count_params_matches_hf_models(variant, tied):
     assert count_params(cfg) == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("variant", ["llama-bias", "qwen2", "qwen3-bias"])
+@pytest.mark.parametrize("variant", ["llama-bias", "qwen2", "qwen3-bias", "granite-bias", "gemma2", "gemma3-bias",
+                                     "olmo2"])
 def test_count_params_of_a_shape_matches_slice_model(variant):
     name, extra = VARIANTS[variant]
     cfg = tiny_config(name, tie_word_embeddings=False, num_hidden_layers=3, num_attention_heads=8,

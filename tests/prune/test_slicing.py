@@ -1,4 +1,5 @@
-"""Structured slicing of tiny Llama / Mistral / Qwen2 / Qwen3 models: identity, exactness, reload, errors."""
+"""Structured slicing of tiny Llama / Mistral / Qwen2 / Qwen3 / Granite / Gemma 2 / Gemma 3 / OLMo 2 models:
+identity, exactness, reload, errors."""
 
 from __future__ import annotations
 
@@ -20,7 +21,15 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     # q/k/v biases; layers 1 and 2 use a sliding window (4 < sequence length), so layer_types matter
     "qwen2-sliding": ("qwen2-tiny", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
     "qwen3": ("qwen3-tiny", {"head_dim": 16}),
+    "granite": ("granite-tiny", {}),
+    # sliding (window 4 < sequence length) and global layers alternate: layer_types must follow kept layers
+    "gemma2": ("gemma2-tiny", {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
+    "gemma3": ("gemma3-tiny", {"layer_types": ["full_attention", "sliding_attention", "full_attention"]}),
+    "olmo2": ("olmo2-tiny", {}),
 }
+# q/k normalised over the whole projection: dropping a head changes the others' normalisation, so sliced
+# heads do not equal zeroed ones (MLP neurons still do)
+NO_HEAD_IDENTITY = ("olmo2",)
 
 
 def make_model(family: str, seed: int = 0, **overrides: Any) -> PreTrainedModel:
@@ -145,7 +154,7 @@ def _zero_removed(model: PreTrainedModel, plan: KeepPlan) -> None:
             for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
                 if proj.bias is not None:
                     proj.bias[drop] = 0
-            kept = set(plan.heads[i].tolist())
+            kept = set(range(model.config.num_attention_heads) if plan.heads is None else plan.heads[i].tolist())
             for h in range(model.config.num_attention_heads):
                 if h not in kept:
                     layer.self_attn.o_proj.weight[:, h * hd:(h + 1) * hd] = 0
@@ -162,10 +171,15 @@ def test_slicing_equals_zeroing(family: str, heads_mode: str) -> None:
     else:  # one KV group with all its query heads (heads inferred)
         plan = KeepPlan(mlp=mlp, kv_heads=[torch.tensor([0]), torch.tensor([1]), torch.tensor([1])])
         plan.heads = [torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([2, 3])]
+    if family in NO_HEAD_IDENTITY:
+        plan = KeepPlan(mlp=mlp)
     student = slice_model(model, plan)
-    assert (student.config.num_attention_heads, student.config.intermediate_size) == (2, 96)
-    assert student.config.num_key_value_heads == (2 if heads_mode == "per_group" else 1)
-    if heads_mode == "per_group":  # query heads regrouped by KV group: new head j uses KV head j // 1
+    if family in NO_HEAD_IDENTITY:
+        assert student.config.num_attention_heads == 4
+    else:
+        assert (student.config.num_attention_heads, student.config.intermediate_size) == (2, 96)
+        assert student.config.num_key_value_heads == (2 if heads_mode == "per_group" else 1)
+    if heads_mode == "per_group" and family not in NO_HEAD_IDENTITY:  # regrouped: new head j uses KV head j
         assert torch.equal(student.model.layers[0].self_attn.q_proj.weight[:16],
                            model.model.layers[0].self_attn.q_proj.weight[:16])
     zeroed = make_model(family)
@@ -241,5 +255,26 @@ def test_invalid_plan_rejected_before_any_work() -> None:
 
 
 def test_unsupported_architecture() -> None:
-    with pytest.raises(ValueError, match=r"slicing supports model types llama, mistral, qwen2, qwen3; got 'gpt2'"):
+    with pytest.raises(ValueError, match=r"slicing supports model types llama, mistral, qwen2, qwen3, granite, gemma2, "
+                                         r"gemma3_text, olmo2; got 'gpt2'"):
         pruned_config(AutoConfig.for_model("gpt2"), KeepPlan())
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_embedding_scale_follows_the_kept_channels(family: str, tmp_path) -> None:
+    """Gemma multiplies embeddings by sqrt(hidden_size): after cutting hidden channels the residual stream
+    still starts as the teacher's on the kept ones, also after a reload (which recomputes that factor from the
+    config), and the tied lm_head times the final norm's (1 + weight) is the teacher's on those channels."""
+    model, ids = make_model(family), input_ids()
+    kept = torch.sort(torch.randperm(64, generator=torch.Generator().manual_seed(4))[:40]).values
+    student = slice_model(model, KeepPlan(hidden=kept))
+    with torch.no_grad():
+        want = model.model.embed_tokens(ids)[..., kept]
+        torch.testing.assert_close(student.model.embed_tokens(ids), want)
+        student.save_pretrained(tmp_path)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(reloaded.model.embed_tokens(ids), want)
+        assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+        head = (1 + reloaded.model.norm.weight) * reloaded.lm_head.weight
+        torch.testing.assert_close(head, ((1 + model.model.norm.weight) * model.lm_head.weight)[:, kept])
+        assert not torch.allclose(reloaded.model.embed_tokens.weight, model.model.embed_tokens.weight[:, kept])
