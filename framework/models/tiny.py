@@ -28,6 +28,11 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
                                "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}),
     "gemma3-tiny": ("gemma3_text", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4}),
     "olmo2-tiny": ("olmo2", {"tie_word_embeddings": False}),
+    "phi3-tiny": ("phi3", {"tie_word_embeddings": False, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
+    "cohere-tiny": ("cohere", {"use_qk_norm": True, "logit_scale": 0.5, "pad_token_id": 0, "bos_token_id": 1,
+                               "eos_token_id": 2}),
+    "cohere2-tiny": ("cohere2", {"sliding_window": 4, "logit_scale": 0.5, "pad_token_id": 0, "bos_token_id": 1,
+                                 "eos_token_id": 2}),
 }
 
 

@@ -64,8 +64,9 @@ class _Arch:
             qkv_bias=kind == "qwen2" or attn_bias,  # Qwen2 always has q/k/v biases (and no o_proj bias)
             o_bias=attn_bias,
             mlp_bias=kind in ("llama", "granite") and bool(getattr(config, "mlp_bias", False)),
-            qk_norm="head" if kind in ("qwen3", "gemma3_text") else "projection" if kind == "olmo2" else None,
-            layer_norms=4 if kind in GEMMA_TYPES else 2,
+            qk_norm="head" if kind in ("qwen3", "gemma3_text") else "projection" if kind == "olmo2" or (
+                kind == "cohere" and getattr(config, "use_qk_norm", False)) else None,
+            layer_norms=4 if kind in GEMMA_TYPES else 1 if kind in ("cohere", "cohere2") else 2,
         )
 
     def params(self, shape: dict[str, int]) -> int:

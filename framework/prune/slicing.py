@@ -4,7 +4,9 @@ The result is a smaller model of the same class whose config describes it exactl
 + `AutoModelForCausalLM.from_pretrained` load it as is. Supported: the Llama, Mistral, Qwen2, Qwen3 and
 Granite families (pre-norm decoder, RMSNorm, RoPE, GQA attention, gated MLP; Granite's multipliers are config
 scalars), Gemma 2 and Gemma 3 text (sandwich norms, `1 + weight` RMSNorm, scaled embeddings, per-layer
-sliding/global attention) and OLMo 2 (post-norms only; q/k norms over the whole projection, sliced by head).
+sliding/global attention), OLMo 2 (post-norms only; q/k norms over the whole projection, sliced by head),
+Phi-3 (fused `qkv_proj` and `gate_up_proj`: their q/k/v and gate/up blocks are sliced alike) and Cohere /
+Cohere 2 (one LayerNorm feeding attention and MLP in parallel; Cohere's per-head q/k norms sliced by head).
 
 Gemma scales its embeddings by `sqrt(hidden_size)` (a buffer recomputed from the config on load): when hidden
 channels are cut, the kept embedding columns are multiplied by `sqrt(H_teacher / H_student)` so the residual
@@ -34,7 +36,8 @@ from sapling.dist import gathered
 from sapling.errors import ModelSourceError
 from sapling.prune.distributed import gather_units, is_zero3_partitioned
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "granite", "gemma2", "gemma3_text", "olmo2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "granite", "gemma2", "gemma3_text", "olmo2", "phi3",
+                         "cohere", "cohere2")
 # Families whose RMSNorm multiplies by (1 + weight) and whose embeddings are scaled by sqrt(hidden_size).
 GEMMA_TYPES = ("gemma2", "gemma3_text")
 # Config fields holding one entry per decoder layer; subset with the kept layers.
@@ -204,12 +207,16 @@ _LAYER_RULES: dict[str, tuple[str | None, ...]] = {
     "self_attn.k_proj.bias": ("kv",),
     "self_attn.v_proj.weight": ("kv", "hidden"),
     "self_attn.v_proj.bias": ("kv",),
+    "self_attn.qkv_proj.weight": ("qkv", "hidden"),  # Phi-3: [q; k; v] rows in one projection
+    "self_attn.qkv_proj.bias": ("qkv",),
     "self_attn.o_proj.weight": ("hidden", "q"),
     "self_attn.o_proj.bias": ("hidden",),
     "self_attn.q_norm.weight": (None,),
     "self_attn.k_norm.weight": (None,),
     "mlp.gate_proj.weight": ("mlp", "hidden"),
     "mlp.gate_proj.bias": ("mlp",),
+    "mlp.gate_up_proj.weight": ("gate_up", "hidden"),  # Phi-3: [gate; up] rows in one projection
+    "mlp.gate_up_proj.bias": ("gate_up",),
     "mlp.up_proj.weight": ("mlp", "hidden"),
     "mlp.up_proj.bias": ("mlp",),
     "mlp.down_proj.weight": ("hidden", "mlp"),
@@ -222,6 +229,7 @@ _LAYER_RULES: dict[str, tuple[str | None, ...]] = {
 # Per family: rules that differ from _LAYER_RULES (OLMo 2 normalises q and k over the whole projection).
 _FAMILY_LAYER_RULES: dict[str, dict[str, tuple[str | None, ...]]] = {
     "olmo2": {"self_attn.q_norm.weight": ("q",), "self_attn.k_norm.weight": ("kv",)},
+    "cohere": {"self_attn.q_norm.weight": ("q_heads", None), "self_attn.k_norm.weight": ("kv_heads", None)},
 }
 _TOP_RULES: dict[str, tuple[str | None, ...]] = {
     "embed_tokens.weight": (None, "hidden"),
@@ -265,10 +273,17 @@ def _sliced_state(model: PreTrainedModel, r: _Resolved,
     base = model.base_model_prefix
     new_index = {old: new for new, old in enumerate(r.layers)}
     hidden_rows = {"hidden": r.hidden}
-    layer_index = [
-        {"mlp": mlp, "q": _head_rows(q, r.head_dim), "kv": _head_rows(kv, r.head_dim), **hidden_rows}
-        for mlp, q, kv in zip(r.mlp, r.heads, r.kv_heads)
-    ]
+    cfg = model.config
+    q_size = cfg.num_attention_heads * r.head_dim
+    kv_size = (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) * r.head_dim
+    layer_index = []
+    for mlp, q, kv in zip(r.mlp, r.heads, r.kv_heads):
+        q_rows, kv_rows = _head_rows(q, r.head_dim), _head_rows(kv, r.head_dim)
+        layer_index.append({
+            "mlp": mlp, "q": q_rows, "kv": kv_rows, "q_heads": q, "kv_heads": kv, **hidden_rows,
+            "qkv": torch.cat([q_rows, q_size + kv_rows, q_size + kv_size + kv_rows]),
+            "gate_up": torch.cat([mlp, cfg.intermediate_size + mlp]),
+        })
     state: dict[str, torch.Tensor] = {}
     names: dict[str, str] = {}
     done: dict[tuple, torch.Tensor] = {}  # tied tensors (embeddings / lm_head) are sliced once

@@ -19,7 +19,7 @@ from sapling.prune.importance import (
 )
 
 FAMILIES = ["llama-tiny", "mistral-tiny", "qwen2-tiny", "qwen3-tiny", "granite-tiny", "gemma2-tiny", "gemma3-tiny",
-            "olmo2-tiny"]
+            "olmo2-tiny", "phi3-tiny", "cohere-tiny", "cohere2-tiny"]
 # norms over the hidden width, per family: Llama's two pre-norms, Gemma's sandwich of four, OLMo 2's post-norms
 NORM_NAMES = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
 AGGREGATIONS = ["mean_l2", "mean", "variance"]
@@ -115,7 +115,7 @@ def test_shapes_finite_nonnegative(family):
 
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 @pytest.mark.parametrize("family,overrides", [("llama-tiny", {}), ("qwen3-tiny", {"head_dim": 24}), ("gemma2-tiny", {}),
-                                             ("olmo2-tiny", {})])
+                                             ("olmo2-tiny", {}), ("phi3-tiny", {}), ("cohere-tiny", {})])
 def test_matches_direct_computation(family, overrides, aggregation):
     model = make_model(family, **overrides)
     batches = make_batches(3)
@@ -125,7 +125,7 @@ def test_matches_direct_computation(family, overrides, aggregation):
     mlp = torch.stack([direct(raw[f"mlp{i}"], aggregation) for i in range(L)])
     heads = torch.stack([direct(raw[f"attn{i}"].unflatten(-1, (H, -1)).norm(dim=-1), aggregation) for i in range(L)])
     hidden = sum(direct(raw[k], aggregation) for k in raw if k.startswith("norm"))
-    assert sum(k.startswith("norm") for k in raw) == {"gemma2-tiny": 4, "olmo2-tiny": 2}.get(family, 2) * L + 1
+    assert sum(k.startswith("norm") for k in raw) == {"gemma2-tiny": 4, "cohere-tiny": 1}.get(family, 2) * L + 1
     bi = torch.stack([(1 - torch.cosine_similarity(raw[f"in{i}"], raw[f"out{i}"], dim=-1)).mean() for i in range(L)])
     assert_close(scores.mlp, mlp)
     assert_close(scores.heads, heads)

@@ -42,6 +42,9 @@ VARIANTS = {
     "gemma2": ("gemma2-tiny", {}),
     "gemma3-bias": ("gemma3-tiny", {"attention_bias": True}),
     "olmo2": ("olmo2-tiny", {}),
+    "phi3": ("phi3-tiny", {}),
+    "cohere-bias": ("cohere-tiny", {"attention_bias": True}),
+    "cohere2": ("cohere2-tiny", {}),
 }
 
 
@@ -80,7 +83,7 @@ def test_count_params_matches_hf_models(variant, tied):
 
 
 @pytest.mark.parametrize("variant", ["llama-bias", "qwen2", "qwen3-bias", "granite-bias", "gemma2", "gemma3-bias",
-                                     "olmo2"])
+                                     "olmo2", "phi3", "cohere-bias", "cohere2"])
 def test_count_params_of_a_shape_matches_slice_model(variant):
     name, extra = VARIANTS[variant]
     cfg = tiny_config(name, tie_word_embeddings=False, num_hidden_layers=3, num_attention_heads=8,

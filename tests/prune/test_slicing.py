@@ -1,5 +1,5 @@
-"""Structured slicing of tiny Llama / Mistral / Qwen2 / Qwen3 / Granite / Gemma 2 / Gemma 3 / OLMo 2 models:
-identity, exactness, reload, errors."""
+"""Structured slicing of tiny Llama / Mistral / Qwen2 / Qwen3 / Granite / Gemma 2 / Gemma 3 / OLMo 2 / Phi-3 /
+Cohere / Cohere 2 models: identity, exactness, reload, errors."""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "gemma2": ("gemma2-tiny", {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
     "gemma3": ("gemma3-tiny", {"layer_types": ["full_attention", "sliding_attention", "full_attention"]}),
     "olmo2": ("olmo2-tiny", {}),
+    "phi3": ("phi3-tiny", {}),  # fused qkv_proj and gate_up_proj
+    "cohere-qk-norm": ("cohere-tiny", {}),  # parallel attention + MLP, per-head q/k LayerNorms
+    "cohere2": ("cohere2-tiny", {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
 }
 # q/k normalised over the whole projection: dropping a head changes the others' normalisation, so sliced
 # heads do not equal zeroed ones (MLP neurons still do)
@@ -52,6 +55,16 @@ def input_ids(seed: int = 1) -> torch.Tensor:
 def logits(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(ids).logits
+
+
+def q_weight(model: PreTrainedModel, layer: int) -> torch.Tensor:
+    """The query projection's weight (Phi-3: the q block of its fused qkv_proj)."""
+    attn = model.model.layers[layer].self_attn
+    if hasattr(attn, "qkv_proj"):
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return attn.qkv_proj.weight[:cfg.num_attention_heads * head_dim]
+    return attn.q_proj.weight
 
 
 def snapshot(model: PreTrainedModel) -> dict[str, torch.Tensor]:
@@ -120,7 +133,10 @@ def test_pruned_model_saves_and_reloads(family: str, tmp_path) -> None:
     assert (student.lm_head.weight is student.model.embed_tokens.weight) == tied
     assert count_parameters(student) == count_parameters(AutoModelForCausalLM.from_config(cfg))
     assert student.model.embed_tokens.weight.shape == (128, 48)
-    assert student.model.layers[0].self_attn.q_proj.weight.shape == (32, 48)
+    assert q_weight(student, 0).shape == (32, 48)
+    if family == "phi3":  # [q; k; v] = 2 + 1 + 1 heads of 16
+        assert student.model.layers[0].self_attn.qkv_proj.weight.shape == (64, 48)
+        assert student.model.layers[0].mlp.gate_up_proj.weight.shape == (192, 48)
 
     out = logits(student, ids)
     student.save_pretrained(tmp_path)
@@ -149,11 +165,14 @@ def _zero_removed(model: PreTrainedModel, plan: KeepPlan) -> None:
             drop = torch.ones(model.config.intermediate_size, dtype=torch.bool)
             drop[plan.mlp[i]] = False
             layer.mlp.down_proj.weight[:, drop] = 0
-            layer.mlp.gate_proj.weight[drop] = 0
-            layer.mlp.up_proj.weight[drop] = 0
-            for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
-                if proj.bias is not None:
-                    proj.bias[drop] = 0
+            if hasattr(layer.mlp, "gate_up_proj"):  # Phi-3: [gate; up]
+                layer.mlp.gate_up_proj.weight[torch.cat([drop, drop])] = 0
+            else:
+                layer.mlp.gate_proj.weight[drop] = 0
+                layer.mlp.up_proj.weight[drop] = 0
+                for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
+                    if proj.bias is not None:
+                        proj.bias[drop] = 0
             kept = set(range(model.config.num_attention_heads) if plan.heads is None else plan.heads[i].tolist())
             for h in range(model.config.num_attention_heads):
                 if h not in kept:
@@ -180,8 +199,7 @@ def test_slicing_equals_zeroing(family: str, heads_mode: str) -> None:
         assert (student.config.num_attention_heads, student.config.intermediate_size) == (2, 96)
         assert student.config.num_key_value_heads == (2 if heads_mode == "per_group" else 1)
     if heads_mode == "per_group" and family not in NO_HEAD_IDENTITY:  # regrouped: new head j uses KV head j
-        assert torch.equal(student.model.layers[0].self_attn.q_proj.weight[:16],
-                           model.model.layers[0].self_attn.q_proj.weight[:16])
+        assert torch.equal(q_weight(student, 0)[:16], q_weight(model, 0)[:16])
     zeroed = make_model(family)
     _zero_removed(zeroed, plan)
     torch.testing.assert_close(logits(student, ids), logits(zeroed, ids), atol=1e-5, rtol=0)
@@ -256,7 +274,7 @@ def test_invalid_plan_rejected_before_any_work() -> None:
 
 def test_unsupported_architecture() -> None:
     with pytest.raises(ValueError, match=r"slicing supports model types llama, mistral, qwen2, qwen3, granite, gemma2, "
-                                         r"gemma3_text, olmo2; got 'gpt2'"):
+                                         r"gemma3_text, olmo2, phi3, cohere, cohere2; got 'gpt2'"):
         pruned_config(AutoConfig.for_model("gpt2"), KeepPlan())
 
 
