@@ -211,8 +211,17 @@ def test_identity_layer_has_no_influence_and_no_loss():
     assert drop[[0, 2]].abs().min() > 1e-4
 
 
-def test_layer_drop_loss_matches_a_model_built_without_the_layers():
-    model = make_model("qwen3-tiny")
+ALTERNATING = ["sliding_attention", "full_attention", "sliding_attention"]
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("qwen3-tiny", {}),
+    ("gemma2-tiny", {"layer_types": ALTERNATING}),  # dropped layers must not shift the sliding/global pattern
+    ("cohere2-tiny", {"layer_types": ALTERNATING}),
+])
+def test_layer_drop_loss_matches_a_model_built_without_the_layers(family, overrides):
+    model = make_model(family, **overrides)
+    types = list(model.config.layer_types)
     batches = make_batches(2)
     layers = list(model.model.layers)
 
@@ -224,7 +233,7 @@ def test_layer_drop_loss_matches_a_model_built_without_the_layers():
         m = copy.deepcopy(model)
         m.model.layers = nn.ModuleList([m.model.layers[i] for i in range(3) if i not in drop])
         m.config.num_hidden_layers = 3 - len(drop)
-        m.config.layer_types = m.config.layer_types[: 3 - len(drop)]
+        m.config.layer_types = [types[i] for i in range(3) if i not in drop]
         return m
 
     full = hf_loss(model)
@@ -234,7 +243,7 @@ def test_layer_drop_loss_matches_a_model_built_without_the_layers():
         assert got.shape == (3 - block + 1,)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert list(model.model.layers) == layers
-    assert model.config.layer_types == ["full_attention"] * 3
+    assert model.config.layer_types == types
     with pytest.raises(ValueError, match="block"):
         layer_drop_loss(model, batches, block=4)
 
