@@ -168,14 +168,29 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_").replace("___", "_")
 
 
-def prune_part(s: Setup, args: argparse.Namespace) -> dict[str, Any]:
+def prune_part(s: Setup, args: argparse.Namespace, results: dict[str, Any], save: Any) -> dict[str, Any]:
+    """The cases of `--cases` not yet in the saved results (same budget and steps), each saved as it finishes."""
     from sapling.recipes.distill import run_distill
 
     shapes = budget_shapes(s.teacher_dir, args.budget)
     print("shapes:", {k: (v, f"{count_shape(s.teacher_dir, v):,}") for k, v in shapes.items()}, flush=True)
-    rows = []
+    saved = results.get("prune") or {}
+    same = (saved.get("budget"), saved.get("kd_steps")) == (args.budget, args.kd_steps)
+    rows = list(saved.get("rows", [])) if same else []
+    have = {r["case"] for r in rows}
+    teacher_params = saved.get("teacher_params") if same else None
+    order = [c[0] for c in PRUNE_CASES]
+
+    def part() -> dict[str, Any]:
+        rows.sort(key=lambda r: order.index(r["case"]) if r["case"] in order else len(order))
+        return {"kd_steps": args.kd_steps, "budget": args.budget, "shapes": shapes, "rows": rows,
+                "teacher_params": teacher_params}
+
     scores: dict[tuple[str, str], Path] = {}  # one calibration pass per (importance, depth metric)
     for name, shape_name, importance, depth_metric in PRUNE_CASES[: args.cases]:
+        if name in have:
+            print(f"{name}: already in the results, kept", flush=True)
+            continue
         out = s.work / "prune" / slug(name)
         shape = shapes.get(shape_name, {})
         target = [f"prune.target.params={args.budget}"] if shape_name == "search" else \
@@ -188,18 +203,19 @@ def prune_part(s: Setup, args: argparse.Namespace) -> dict[str, Any]:
             f"trainer.max_steps={args.kd_steps}", "trainer.eval_every=0"))
         if (out / "prune_scores.pt").exists():
             scores.setdefault((importance, depth_metric), out / "prune_scores.pt")
-        pruned, done = last(out, "prune"), last(out, "done")
+        pruned, finished = last(out, "prune"), last(out, "done")
+        teacher_params = pruned["teacher_params"]
         if shape_name == "search":  # the shape it picked, as the fields a fixed target would give
             teacher_shape = {k: pruned[f"teacher_{k}"] for k in SHAPE_KEYS}
             shape = {k: pruned[f"student_{k}"] for k in SHAPE_KEYS if pruned[f"student_{k}"] != teacher_shape[k]}
         rows.append({"case": name, "shape_name": shape_name, "shape": shape, "importance": importance,
                      "depth_metric": depth_metric, "params": pruned["student_params"],
-                     "loss_pruned": pruned["val_loss"], "loss_distilled": done["val_loss"],
-                     "tokens": done["tokens"], "wall_s": time.perf_counter() - t0, "dir": str(out)})
+                     "loss_pruned": pruned["val_loss"], "loss_distilled": finished["val_loss"],
+                     "tokens": finished["tokens"], "wall_s": time.perf_counter() - t0, "dir": str(out)})
         print(f"{name}: {pruned['student_params']:,} params, loss {pruned['val_loss']:.4f} -> "
-              f"{done['val_loss']:.4f} after {args.kd_steps} steps ({rows[-1]['wall_s']:.0f} s)", flush=True)
-    return {"kd_steps": args.kd_steps, "budget": args.budget, "shapes": shapes, "rows": rows,
-            "teacher_params": pruned["teacher_params"]}
+              f"{finished['val_loss']:.4f} after {args.kd_steps} steps ({rows[-1]['wall_s']:.0f} s)", flush=True)
+        save(part())
+    return part()
 
 
 def best_prune_row(results: dict[str, Any]) -> dict[str, Any]:
@@ -516,8 +532,12 @@ def main(argv: list[str] | None = None) -> int:
                 "date": str(datetime.date.today()), "commit": git_commit(),
                 "device": f"CPU ({cpu_model()}, {platform.machine()}, {torch.get_num_threads()} threads)"}
 
-        # the recovery part's wall time adds up over the sessions it is spread across
-        previous = (results.get(part) or {}).get("meta", {}).get("wall_s", 0.0) if part == "recovery" else 0.0
+        # the prune and recovery parts' wall time adds up over the sessions they are spread across (same settings)
+        old = results.get(part) or {}
+        resumed = {"prune": (old.get("budget"), old.get("kd_steps")) == (args.budget, args.kd_steps),
+                   "recovery": (old.get("steps"), old.get("eval_every")) == (args.recovery_steps, args.eval_every),
+                   }.get(part, False)
+        previous = old.get("meta", {}).get("wall_s", 0.0) if resumed else 0.0
 
         def save(part_results: dict[str, Any], part: str = part, meta: dict[str, Any] = meta, t0: float = t0,
                  previous: float = previous) -> None:
@@ -526,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
             store.write_text(json.dumps(results, indent=1, default=str) + "\n")
             write_report(results, out)
 
-        fn = {"prune": lambda: prune_part(s, args), "recovery": lambda: recovery_part(s, args, results, save),
+        fn = {"prune": lambda: prune_part(s, args, results, save),
+              "recovery": lambda: recovery_part(s, args, results, save),
               "quant": lambda: quant_part(s, args, results)}[part]
         save(fn())
     print(write_report(results, out))

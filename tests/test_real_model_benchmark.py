@@ -1,6 +1,9 @@
-"""benchmarks/real_model.py without running it: its shape budgets and the report it writes from saved results."""
+"""benchmarks/real_model.py without running it: its shape budgets, the report it writes from saved results, and
+the prune part's saving and resuming (its distillation runs stubbed)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,3 +102,49 @@ def test_report_from_saved_results(real_model, tmp_path):
     text = real_model.write_report(results, out)
     assert "| (b) pruned + retrained (CE only) | 3.2000 |" in text and "not run yet: (a), (c), (d)" in text
     assert "fewer tokens" not in text
+
+
+def test_prune_part_saves_each_case_and_resumes(real_model, tmp_path, monkeypatch):
+    """Each pruning case is saved as it finishes; a rerun with the same budget and steps runs only the missing
+    ones (an interrupted ~1 h part loses at most one case)."""
+    import json
+    import types
+
+    import sapling.recipes.distill as distill_recipe
+
+    ran: list[str] = []
+
+    def fake_distill(overrides):
+        out = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")))
+        out.mkdir(parents=True, exist_ok=True)
+        ran.append(out.name)
+        shape = {f"{who}_{k}": 4 for k in real_model.SHAPE_KEYS for who in ("teacher", "student")}
+        records = [{"event": "prune", "student_params": 50, "teacher_params": 100, "val_loss": 6.0, **shape},
+                   {"event": "done", "val_loss": 3.0 + len(ran), "tokens": 1024}]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    monkeypatch.setattr(distill_recipe, "run_distill", fake_distill)
+    monkeypatch.setattr(real_model, "compose_cfg", lambda *overrides: list(overrides))
+    monkeypatch.setattr(real_model, "budget_shapes", lambda *_: {"width": {"hidden_size": 8}, "depth": {},
+                                                                   "mixed": {}})
+    monkeypatch.setattr(real_model, "count_shape", lambda *_: 50)
+    setup = types.SimpleNamespace(teacher_dir=tmp_path, work=tmp_path / "work",
+                                  overrides=lambda command, out: [f"command={command}", f"output_dir={out}"])
+    args = types.SimpleNamespace(budget=50, kd_steps=2, cases=3)
+    results: dict = {}
+    saves: list[int] = []
+
+    def save(part):
+        results["prune"] = part
+        saves.append(len(part["rows"]))
+
+    first = real_model.prune_part(setup, args, results, save)
+    assert [r["case"] for r in first["rows"]] == [c[0] for c in real_model.PRUNE_CASES[:3]] and saves == [1, 2, 3]
+    ran.clear()
+    args.cases = 5  # two more cases: only those run
+    again = real_model.prune_part(setup, args, results, save)
+    assert len(ran) == 2 and [r["case"] for r in again["rows"]] == [c[0] for c in real_model.PRUNE_CASES[:5]]
+    assert again["rows"][:3] == first["rows"][:3]
+    ran.clear()
+    args.kd_steps = 3  # other settings: everything runs again
+    assert len(real_model.prune_part(setup, args, results, save)["rows"]) == 5 and len(ran) == 5
