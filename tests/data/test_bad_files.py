@@ -7,7 +7,6 @@ import json
 import os
 import pathlib
 import random
-import sys
 from importlib.resources import files
 
 import pytest
@@ -148,24 +147,12 @@ def test_text_check_is_exact_across_chunk_boundaries(tmp_path, monkeypatch):
 # where the exact stderr matters.
 
 
-def run_main(tmp_path, monkeypatch, *args: str) -> int:
-    from sapling.cli import main
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", list(sys.argv))  # main() rewrites it for Hydra
-    try:
-        main(list(args))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
-
-def test_cli_eval_reads_python_and_markdown_sources(tmp_path, teacher_dir, monkeypatch):
+def test_cli_eval_reads_python_and_markdown_sources(tmp_path, teacher_dir, run_sapling):
     (tmp_path / "x.py").write_text((STDLIB / "bisect.py").read_text())
     (tmp_path / "notes.md").write_text("# Notes\n\n" + "Some words about sorting lists. " * 20)
-    rc = run_main(tmp_path, monkeypatch, "eval", f"model.path={teacher_dir}", "data.files=[x.py,notes.md]",
-                  "data.seq_len=32", "eval.window=32", "eval.max_tokens=200", "eval.gen_tokens=0", "logger=none",
-                  f"hydra.run.dir={tmp_path / 'run'}")
+    rc = run_sapling(tmp_path, "eval", f"model.path={teacher_dir}", "data.files=[x.py,notes.md]", "data.seq_len=32",
+                     "eval.window=32", "eval.max_tokens=200", "eval.gen_tokens=0", "logger=none",
+                     f"hydra.run.dir={tmp_path / 'run'}")
     assert rc == 0  # the old code: "data.files[0]='x.py': unsupported file type"
     assert "perplexity" in (tmp_path / "run" / "report.md").read_text().lower()
 
@@ -181,11 +168,11 @@ def test_cli_binary_txt_is_one_short_line(cli, tmp_path, teacher_dir):
     assert "Traceback" not in res.stderr
 
 
-def test_cli_bad_line_found_while_reading_names_file_and_line(tmp_path, teacher_dir, monkeypatch, capsys):
+def test_cli_bad_line_found_while_reading_names_file_and_line(tmp_path, teacher_dir, run_sapling, capsys):
     rows = "".join(json.dumps({"text": f"row {i} " * 20}) + "\n" for i in range(600))  # > 64 KiB: past the sniff
     (tmp_path / "rows.jsonl").write_text(rows + '{"text": "cut off\n')
-    rc = run_main(tmp_path, monkeypatch, "eval", f"model.path={teacher_dir}", "data.files=[rows.jsonl]",
-                  "logger=none", f"hydra.run.dir={tmp_path / 'run'}")
+    rc = run_sapling(tmp_path, "eval", f"model.path={teacher_dir}", "data.files=[rows.jsonl]", "logger=none",
+                     f"hydra.run.dir={tmp_path / 'run'}")
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sapling:")]
     assert rc == 1 and len(lines) == 1, lines
     assert_one_short_line(lines[0], "rows.jsonl' line 601: not valid JSON")
