@@ -307,6 +307,25 @@ QUANT_ROWS = [  # (label, overrides); "student only" rows need the teacher or a 
 ]
 
 
+def distilled_best(s: Setup, results: dict[str, Any], best: dict[str, Any]) -> Path:
+    """The prune part's best student after its short distillation; rebuilt (its fixed shape, same steps) when
+    the run directory is gone, e.g. on another machine."""
+    from sapling.recipes.distill import run_distill
+
+    model = Path(best["dir"]) / "model"
+    if (model / "config.json").exists():
+        return model
+    out = s.work / "quant" / "student_start"
+    if not (out / "model" / "config.json").exists():
+        print(f"{model}: missing; rebuilding {best['case']} at its shape {best['shape']}", flush=True)
+        run_distill(compose_cfg(
+            *s.overrides("distill", out), "hooks.pre=[prune]", "prune.target.params=null",
+            *(f"prune.target.{k}={best['shape'].get(k, 'null')}" for k in SHAPE_KEYS),
+            f"prune.importance={best['importance']}", f"prune.depth_metric={best['depth_metric']}",
+            f"trainer.max_steps={results['prune']['kd_steps']}", "trainer.eval_every=0"))
+    return out / "model"
+
+
 def quant_part(s: Setup, args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
     from sapling.recipes.distill import run_distill
     from sapling.recipes.quantize import run_quantize
@@ -314,7 +333,7 @@ def quant_part(s: Setup, args: argparse.Namespace, results: dict[str, Any]) -> d
     models = {"teacher": s.teacher_dir}
     best = results.get("prune") and best_prune_row(results)
     if best:
-        models["student"] = Path(best["dir"]) / "model"
+        models["student"] = distilled_best(s, results, best)
     rows: dict[str, dict[str, Any]] = {}
     for model, path in models.items():
         for label, ov in QUANT_ROWS:
