@@ -70,10 +70,18 @@ def loss_on_batch(
         chunk_size=getattr(distill_cfg, "chunk_size", None),
         return_parts=True,
     )
+    rows = head.kd_vocab  # teacher and student differ in padded rows: both are cut to the tokenizer's size
+    if rows is not None and kd_weight > 0:
+        kd["vocab"] = rows
     teacher_head: list[torch.nn.Parameter] = []
     t_feats: list[torch.Tensor] = []
     if cached and kd_weight > 0:
-        kd.update(teacher_topk=(batch["teacher_lp"], batch["teacher_idx"]))
+        lp, idx = batch["teacher_lp"], batch["teacher_idx"]
+        if rows is not None and bool((idx >= rows).any()):  # (one host sync a step, on this rare path only)
+            raise ValueError(f"the teacher cache puts top-k mass on padded vocabulary rows (ids >= {rows}, past the "
+                             "tokenizer) that the student's aligned vocabulary leaves out: distil from the teacher "
+                             "online instead of from this cache")
+        kd.update(teacher_topk=(lp, idx))
     elif kd_weight > 0 or features is not None:
         _, t_head = decoder_and_head(teacher)
         t_layers = features.teacher_layers if features is not None else []
@@ -85,7 +93,10 @@ def loss_on_batch(
     # the student's goes through the head's forward, so ZeRO-3 gathers it and reduce-scatters its gradient.
     with gathered(teacher_head):
         if kd_weight > 0 and not cached:
-            kd.update(teacher_hidden=ht, teacher_weight=t_head.weight, teacher_bias=t_head.bias,
+            t_weight, t_bias = t_head.weight, t_head.bias
+            if rows is not None:
+                t_weight, t_bias = t_weight[:rows], None if t_bias is None else t_bias[:rows]
+            kd.update(teacher_hidden=ht, teacher_weight=t_weight, teacher_bias=t_bias,
                       teacher_logit_transform=model_logit_transform(teacher, "teacher"))
         loss, parts = head(hs, kd=kd)
     out = {"kd": parts["kd"].detach(), "ce": parts["ce"].detach()}

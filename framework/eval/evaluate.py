@@ -67,9 +67,12 @@ def sliding_window_eval(
     micro_batch_size: int = 8,
     device: torch.device | str = "cpu",
     teacher: torch.nn.Module | None = None,
+    kd_vocab: int | None = None,
 ) -> dict[str, float]:
     """Mean NLL (nats/token) and perplexity of `model` on `stream`; with `teacher`, also `kl` (mean
-    KL(teacher || student)) and `top1_agreement`, on the same scored tokens."""
+    KL(teacher || student)) and `top1_agreement`, on the same scored tokens. `kd_vocab`: the two lm_heads differ
+    in padded rows, so `kl` and the agreement compare the first `kd_vocab` ids (the perplexity stays the model's
+    own, over all its rows)."""
     was_training = model.training
     model.eval()
     head = install_kd_head(model)
@@ -92,12 +95,19 @@ def sliding_window_eval(
         targets = targets.reshape(-1)
         kd: dict[str, Any] = dict(labels=targets, kd_weight=0.0, ce_weight=1.0, ignore_index=IGNORE_INDEX,
                                   num_valid_tokens=1, return_parts=True)
+        hidden = final_hidden(model, ids)
         if teacher is not None:
-            kd.update(teacher_hidden=final_hidden(teacher, ids), teacher_weight=t_head.weight,
-                      teacher_bias=t_head.bias, teacher_logit_transform=t_transform, divergence="forward_kl",
-                      kd_weight=1.0)
-        _, parts = head(final_hidden(model, ids), kd=kd)
-        nll += float(parts["ce"])
+            rows = slice(None) if kd_vocab is None else slice(0, kd_vocab)
+            kd.update(teacher_hidden=final_hidden(teacher, ids), teacher_weight=t_head.weight[rows],
+                      teacher_bias=None if t_head.bias is None else t_head.bias[rows], teacher_logit_transform=t_transform,
+                      divergence="forward_kl", kd_weight=1.0)
+            if kd_vocab is not None:  # the perplexity over all the model's rows, the comparison over the shared ones
+                nll += float(head(hidden, kd={**kd, "kd_weight": 0.0, "teacher_hidden": None, "teacher_weight": None,
+                                              "teacher_bias": None, "teacher_logit_transform": None})[1]["ce"])
+                kd.update(vocab=kd_vocab, ce_weight=0.0)
+        _, parts = head(hidden, kd=kd)
+        if teacher is None or kd_vocab is None:
+            nll += float(parts["ce"])
         if teacher is not None:
             kl += float(parts["kd"])
             agree += float(parts["top1_agree"])

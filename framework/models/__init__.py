@@ -4,6 +4,7 @@ from sapling.models.families import LOGIT_MODEL_TYPES, logit_transform
 from sapling.models.hf import (
     apply_overrides,
     build_model,
+    check_same_tokenizer,
     count_parameters,
     decoder_and_head,
     load_tokenizer,
@@ -24,6 +25,7 @@ __all__ = [
     "KDHead",
     "apply_overrides",
     "build_model",
+    "check_same_tokenizer",
     "count_parameters",
     "decoder_and_head",
     "decoder_layers",

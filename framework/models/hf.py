@@ -246,6 +246,35 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tok
 
 
+def _tokenizer_source(path: str | None) -> str | None:
+    """`path` when a tokenizer can be read from it without loading weights: a directory with tokenizer files
+    or a hub id (not a GGUF file, whose tokenizer comes with converting the whole checkpoint)."""
+    if path is None or is_gguf(path):
+        return None
+    local = Path(os.path.expanduser(path))
+    if local.exists():
+        has = any((local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+        return str(local) if local.is_dir() and has else None
+    return path
+
+
+def check_same_tokenizer(teacher_path: str | None, other_path: str | None, key: str = "student.path") -> None:
+    """Refuse a model whose tokenizer maps some id to another token string than the teacher's (the KD loss
+    compares the two distributions id by id), before any weights load; one of them without a tokenizer to read
+    (or a GGUF file) is not checked. Extra ids on one side are allowed (padded rows, added tokens)."""
+    a, b = _tokenizer_source(teacher_path), _tokenizer_source(other_path)
+    if a is None or b is None or a == b:
+        return
+    ta, tb = load_tokenizer(a), load_tokenizer(b)
+    ida = {i: s for s, i in ta.get_vocab().items()}
+    idb = {i: s for s, i in tb.get_vocab().items()}
+    for i in range(min(len(ta), len(tb))):
+        if ida.get(i) != idb.get(i):
+            raise ConfigError(key, other_path, f"its tokenizer is not the teacher's: token id {i} is {idb.get(i)!r} "
+                              f"there and {ida.get(i)!r} in teacher.path={teacher_path} (the KD loss compares the "
+                              "distributions id by id)", "distil into a model that uses the teacher's tokenizer")
+
+
 def save_hf_checkpoint(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | os.PathLike,
     *, state_dict: dict[str, torch.Tensor] | None = None,

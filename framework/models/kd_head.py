@@ -29,11 +29,20 @@ class KDHead(nn.Linear):
     """
 
     logit_transform: LogitTransform | None = None
+    # The distillation's vocabulary when the teacher's lm_head has another number of (padded) rows: the
+    # tokenizer's size (see models.shapes.check_vocab). The loss step passes it as `kd["vocab"]`.
+    kd_vocab: int | None = None
 
     def forward(self, hidden: torch.Tensor, kd: dict[str, Any] | None = None) -> Any:  # type: ignore[override]
         if kd is None:
             return F.linear(hidden, self.weight, self.bias)
-        return fused_linear_kd_loss(hidden, self.weight, student_bias=self.bias,
+        weight, bias = self.weight, self.bias
+        rows = kd.get("vocab")
+        if "vocab" in kd:
+            kd = {k: v for k, v in kd.items() if k != "vocab"}
+        if rows is not None:  # only the first `rows` rows take part (the rest get no probability)
+            weight, bias = weight[:rows], None if bias is None else bias[:rows]
+        return fused_linear_kd_loss(hidden, weight, student_bias=bias,
                                     student_logit_transform=self.logit_transform, **kd)
 
 

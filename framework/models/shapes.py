@@ -137,9 +137,21 @@ def check_source_shape(key: str, src: Any, model_cfg: Any, *, base: Any = None, 
     check_shape(key, model_cfg, seq_len=seq_len, given=given, vary=vary)
 
 
-def check_vocab(teacher_cfg: Any, student_cfg: Any) -> None:
+def check_vocab(teacher_cfg: Any, student_cfg: Any, tokenizer_size: int | None = None,
+                key: str = "student.config.vocab_size") -> int | None:
+    """The vocabulary the KD loss compares the two models' distributions over: None when both have the same
+    rows (all of them), else the tokenizer's real size when the two differ only in padded rows (e.g. 151,936 vs
+    152,064): the rows past it get no probability. Refused when the tokenizer does not fit both."""
     vt, vs = teacher_cfg.vocab_size, student_cfg.vocab_size
-    if vt != vs:
-        raise ConfigError("student.config.vocab_size", vs, f"student vocab {vs} != teacher vocab {vt} (the KD loss "
+    if vt == vs:
+        return None
+    if tokenizer_size is None:
+        raise ConfigError(key, vs, f"student vocab {vs} != teacher vocab {vt} (the KD loss "
                           "compares distributions over one vocabulary)",
                           f"use a student with the teacher's tokenizer (vocab_size={vt})")
+    if tokenizer_size > min(vt, vs):
+        raise ConfigError(key, vs, f"student vocab {vs} != teacher vocab {vt} and the "
+                          f"tokenizer's {tokenizer_size} tokens do not fit both (the KD loss aligns the two on the "
+                          "tokenizer's tokens)", f"use a student with the teacher's tokenizer (vocab_size >= "
+                          f"{tokenizer_size})")
+    return int(tokenizer_size)

@@ -129,9 +129,13 @@ def quantize_student(cfg: DictConfig, model: torch.nn.Module, *, teacher: torch.
         if teacher is None:
             raise ConfigError("quant.guided", True, "needs the teacher for the distillation saliency",
                               "pass teacher.path=<teacher checkpoint>, or drop quant.guided")
+        from sapling.models import unwrap_hf
+
+        aligned = (unwrap_hf(model).config.vocab_size != unwrap_hf(teacher).config.vocab_size
+                   and tokenizer is not None)
         saliency = distillation_saliency(model, teacher, batches, targets, groups=q.guided_groups,
                                          divergence=cfg.distill.divergence, temperature=cfg.distill.temperature,
-                                         progress=cfg.trainer.progress)
+                                         progress=cfg.trainer.progress, vocab=len(tokenizer) if aligned else None)
         summary["saliency_s"] = time.perf_counter() - t0
 
     def on_layer(index: int, seconds: float) -> None:

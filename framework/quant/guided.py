@@ -35,6 +35,7 @@ def distillation_saliency(
     divergence: str = "forward_kl",
     temperature: float = 1.0,
     progress: bool = True,
+    vocab: int | None = None,
 ) -> dict[str, list[torch.Tensor]]:
     """Per target linear, one `[B*L, G]` float32 tensor (on CPU) per batch: the mean squared gradient of the
     distillation loss with respect to the linear's outputs, per token and group of output rows.
@@ -42,6 +43,8 @@ def distillation_saliency(
     The loss is the fused KD loss between the student and the teacher (summed over the batch's tokens,
     so every token's gradient has the same scale whatever the batch). Parameter gradients are not
     computed: only the linears' outputs are differentiated. Both models run whole on their own devices.
+    `vocab`: compare the two distributions over the first `vocab` ids only (teacher and student with different
+    padded rows: the tokenizer's size, see models.shapes.check_vocab).
     """
     device = next(student.parameters()).device  # the teacher may live elsewhere; its hidden states come here
     modules = dict(student.named_modules())
@@ -64,18 +67,20 @@ def distillation_saliency(
     s_transform, t_transform = model_logit_transform(student, "student"), model_logit_transform(teacher, "teacher")
     try:
         t_device = next(teacher.parameters()).device
-        t_weight = t_head.weight.detach().to(device)
-        t_bias = None if t_head.bias is None else t_head.bias.detach().to(device)
+        rows = slice(None) if vocab is None else slice(0, vocab)
+        t_weight = t_head.weight.detach()[rows].to(device)
+        t_bias = None if t_head.bias is None else t_head.bias.detach()[rows].to(device)
+        s_bias = None if s_head.bias is None else s_head.bias[rows]
         for ids in progress_bar(batches, desc="guided saliency", unit="batch", enabled=progress, leave=False):
             outputs.clear()
             with torch.no_grad():
                 t_hidden = final_hidden(teacher, ids.to(t_device)).to(device)
             with torch.enable_grad():
                 s_hidden = final_hidden(student, ids.to(device))
-                loss = fused_linear_kd_loss(s_hidden, s_head.weight, teacher_hidden=t_hidden,
+                loss = fused_linear_kd_loss(s_hidden, s_head.weight[rows], teacher_hidden=t_hidden,
                                             teacher_weight=t_weight, divergence=divergence,
                                             temperature=temperature, num_valid_tokens=1,
-                                            student_bias=s_head.bias, teacher_bias=t_bias,
+                                            student_bias=s_bias, teacher_bias=t_bias,
                                             student_logit_transform=s_transform,
                                             teacher_logit_transform=t_transform)
                 names = [n for n in targets if n in outputs]

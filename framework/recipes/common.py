@@ -18,7 +18,7 @@ from sapling.data import PackedData, build_packed_data
 from sapling.dist import barrier, broadcast_object, init_distributed, is_main, launch_env, rank_world
 from sapling.errors import ConfigError, OutputError, SaplingError
 from sapling.io import check_output, claim_output, write_text_atomically
-from sapling.models import count_parameters, resolve_dtype, source_config
+from sapling.models import count_parameters, install_kd_head, resolve_dtype, source_config
 from sapling.models.shapes import check_shape, check_source_shape, check_vocab
 from sapling.prune.select import check_prune_shape
 from sapling.recipes.hooks import HookContext, run_hooks
@@ -164,15 +164,17 @@ def check_tokenizer_fits(tokenizer: Any, model_cfg: Any, key: str) -> None:
                           "tokens", f"use the tokenizer the model was trained with, or set {key}.config.vocab_size")
 
 
-def student_config(cfg: DictConfig, teacher_cfg: Any, *, seq_len: int | None = None) -> Any:
+def student_config(cfg: DictConfig, teacher_cfg: Any, *, seq_len: int | None = None,
+                   tokenizer_size: int | None = None) -> Any:
     """The student's HF config: `student.path`'s, or the teacher's with `student.config` overrides; checked
-    (with the teacher's, against `seq_len`, default data.seq_len) before any weights load."""
+    (with the teacher's, against `seq_len`, default data.seq_len) before any weights load. A vocabulary that
+    differs from the teacher's only in padded rows is allowed when `tokenizer_size` fits both (check_vocab)."""
     seq_len = cfg.data.seq_len if seq_len is None else seq_len
     check_shape("teacher.config", teacher_cfg, seq_len=seq_len)
     base = teacher_cfg if cfg.student.path is None else None
     student_cfg = source_config(cfg.student, base=base)
     check_source_shape("student.config", cfg.student, student_cfg, base=base, seq_len=seq_len)
-    check_vocab(teacher_cfg, student_cfg)
+    check_vocab(teacher_cfg, student_cfg, tokenizer_size)
     return student_cfg
 
 
@@ -194,12 +196,14 @@ def train_with_hooks(cfg: DictConfig, command: str, *, teacher: torch.nn.Module 
                      student: torch.nn.Module | None,
                      tokenizer: Any, data: PackedData, out: Path, device: torch.device,
                      teacher_for_hooks_only: bool = False, desc: str | None = None, prefix: str = "",
-                     after_pre: Callable[[HookContext], None] | None = None) -> TrainResult:
+                     after_pre: Callable[[HookContext], None] | None = None,
+                     kd_vocab: int | None = None) -> TrainResult:
     """Pre-hooks, the training loop, post-hooks; metrics to `out/metrics.jsonl` (and wandb).
 
     `teacher_for_hooks_only`: the teacher is there for the pre-hooks (pruning) and dropped before training
     (the run distils from a teacher cache). `desc` names the loop (default: `command`), `prefix` its wandb keys;
-    `after_pre` runs after the pre-hooks (the pipeline measures the pruned student there).
+    `after_pre` runs after the pre-hooks (the pipeline measures the pruned student there). `kd_vocab`: the
+    vocabulary the KD loss aligns teacher and student on when their lm_heads differ in padded rows (check_vocab).
 
     In a distributed run every rank runs all of it (hooks may run ZeRO-3 forwards, which need every rank),
     but only rank 0 writes into `out`: the other ranks log nowhere and give hooks a scratch directory.
@@ -222,6 +226,8 @@ def train_with_hooks(cfg: DictConfig, command: str, *, teacher: torch.nn.Module 
         if ctx.student is None:
             raise ConfigError("student.path", None, "no student", "give student.path=<HF checkpoint dir>, "
                               "student.config.<hf_field>=N overrides of the teacher's shape, or hooks.pre=[prune]")
+        if kd_vocab is not None:
+            install_kd_head(ctx.student, "student").kd_vocab = kd_vocab
         if after_pre is not None:
             after_pre(ctx)
         if teacher_for_hooks_only:

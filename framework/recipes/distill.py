@@ -10,7 +10,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from sapling.errors import ConfigError
-from sapling.models import build_model, load_tokenizer, source_config
+from sapling.models import build_model, check_same_tokenizer, load_tokenizer, source_config
+from sapling.models.shapes import check_vocab
 from sapling.recipes.common import (
     check_prune_target,
     check_tokenizer_fits,
@@ -35,12 +36,15 @@ def run_distill(cfg: DictConfig) -> TrainResult:
     if cfg.teacher.cache is not None:
         return run_distill_from_cache(cfg)
     teacher_cfg = source_config(cfg.teacher)
+    tokenizer = load_tokenizer(tokenizer_path(cfg, "teacher", "student"))
     pruning = "prune" in cfg.hooks.pre
+    kd_vocab = None
     if pruning:
         check_prune_target(cfg, teacher_cfg)
     else:
-        student_cfg = student_config(cfg, teacher_cfg)
-    tokenizer = load_tokenizer(tokenizer_path(cfg, "teacher", "student"))
+        check_same_tokenizer(cfg.teacher.path, cfg.student.path)
+        student_cfg = student_config(cfg, teacher_cfg, tokenizer_size=len(tokenizer))
+        kd_vocab = check_vocab(teacher_cfg, student_cfg, len(tokenizer))
     check_tokenizer_fits(tokenizer, teacher_cfg, "teacher.config")
     device = setup_distributed(cfg)
     out, plan = prepare_training_output(cfg)
@@ -53,7 +57,7 @@ def run_distill(cfg: DictConfig) -> TrainResult:
     student = None if pruning else build_model(cfg.student, student_cfg, device, seed=cfg.seed + 1,
                                                ds_config=engine_ds_config(cfg, "student", cfg.student, device))
     return train_with_hooks(cfg, "distill", teacher=teacher, student=student, tokenizer=tokenizer, data=data,
-                            out=out, device=device)
+                            out=out, device=device, kd_vocab=kd_vocab)
 
 
 def run_distill_from_cache(cfg: DictConfig) -> TrainResult:
@@ -85,6 +89,7 @@ def run_distill_from_cache(cfg: DictConfig) -> TrainResult:
                           f"written with (sha256 {tokenizer_hash(tokenizer)[:12]} vs {m['tokenizer_hash'][:12]})",
                           f"use the cache's tokenizer ({cache.tokenizer_dir}) or write a cache with this tokenizer")
     pruning = "prune" in cfg.hooks.pre
+    kd_vocab = None
     if pruning:
         source_cfg = source_config(cfg.teacher)
         if teacher_fingerprint(cfg.teacher, source_cfg, cfg.seed) != m["teacher_hash"]:
@@ -93,7 +98,9 @@ def run_distill_from_cache(cfg: DictConfig) -> TrainResult:
                               "prune the teacher the cache came from, or write a cache from this teacher")
         check_prune_target(cfg, source_cfg, seq_len=cache.seq_len)
     else:
-        student_cfg = student_config(cfg, teacher_cfg, seq_len=cache.seq_len)
+        check_same_tokenizer(str(cache.tokenizer_dir), cfg.student.path)
+        student_cfg = student_config(cfg, teacher_cfg, seq_len=cache.seq_len, tokenizer_size=len(tokenizer))
+        kd_vocab = check_vocab(teacher_cfg, student_cfg, len(tokenizer))
     device = setup_distributed(cfg)
     if cfg.cache.verify:
         cache.verify()
@@ -116,4 +123,4 @@ def run_distill_from_cache(cfg: DictConfig) -> TrainResult:
     student = None if pruning else build_model(cfg.student, student_cfg, device, seed=cfg.seed + 1,
                                                ds_config=engine_ds_config(cfg, "student", cfg.student, device))
     return train_with_hooks(cfg, "distill", teacher=teacher, student=student, tokenizer=tokenizer, data=data,
-                            out=out, device=device, teacher_for_hooks_only=True)
+                            out=out, device=device, teacher_for_hooks_only=True, kd_vocab=kd_vocab)

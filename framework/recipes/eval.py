@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from sapling.errors import ConfigError, DataError
 from sapling.eval.report import write_report
-from sapling.models import build_model, count_parameters, load_tokenizer, source_config
+from sapling.models import build_model, check_same_tokenizer, count_parameters, load_tokenizer, source_config
 from sapling.models.shapes import check_vocab
 from sapling.recipes.common import load_data, prepare_output, select_device, tokenizer_path
 from sapling.train.metrics import MetricsLogger
@@ -64,9 +64,11 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         return build_model(src, mcfg, device, seed=cfg.seed)
 
     teacher = None
+    kd_vocab = None
     if cfg.teacher.path is not None or cfg.teacher.tiny is not None:
         teacher_cfg = source_config(cfg.teacher)
-        check_vocab(teacher_cfg, model_cfg)
+        check_same_tokenizer(cfg.teacher.path, cfg.model.path, "model.path")
+        kd_vocab = check_vocab(teacher_cfg, model_cfg, len(tokenizer), key="model.config.vocab_size")
         teacher = load("teacher", teacher_cfg)
     rows: list[dict[str, Any]] = []
     metrics = MetricsLogger(out, None)
@@ -80,7 +82,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
             src = cfg[key]
             t0 = time.perf_counter()
             res = sliding_window_eval(model, stream, window=window, stride=stride, micro_batch_size=e.micro_batch_size,
-                                      device=device, teacher=teacher if key == "model" else None)
+                                      device=device, teacher=teacher if key == "model" else None,
+                                      kd_vocab=kd_vocab)
             res["eval_s"] = time.perf_counter() - t0
             if prompts is not None and e.gen_tokens > 0:
                 res.update(generation_speed(model, prompts, e.gen_tokens, device))

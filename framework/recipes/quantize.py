@@ -9,7 +9,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sapling.eval.report import write_report
-from sapling.models import build_model, load_tokenizer, source_config
+from sapling.models import build_model, check_same_tokenizer, load_tokenizer, source_config
+from sapling.models.shapes import check_vocab
 from sapling.recipes.common import load_data, prepare_output, select_device, tokenizer_path
 from sapling.train.metrics import MetricsLogger
 
@@ -23,6 +24,11 @@ def run_quantize(cfg: DictConfig) -> dict[str, Any]:
 
     model_cfg = source_config(cfg.model)
     tokenizer = load_tokenizer(tokenizer_path(cfg, "model"))
+    teacher_cfg = None
+    if cfg.quant.guided and (cfg.teacher.path is not None or cfg.teacher.tiny is not None):
+        teacher_cfg = source_config(cfg.teacher)
+        check_same_tokenizer(cfg.teacher.path, cfg.model.path, "model.path")
+        check_vocab(teacher_cfg, model_cfg, len(tokenizer), key="model.config.vocab_size")
     device = select_device(cfg)
     out = prepare_output(cfg)
     data = load_data(cfg, tokenizer) if (cfg.data.files or cfg.data.hub_name) else None
@@ -31,7 +37,7 @@ def run_quantize(cfg: DictConfig) -> dict[str, Any]:
     model = build_model(src, model_cfg, torch.device("cpu") if cfg.quant.offload else device, seed=cfg.seed)
     teacher = None
     if cfg.quant.guided:
-        teacher = build_model(cfg.teacher, source_config(cfg.teacher), device, seed=cfg.seed)
+        teacher = build_model(cfg.teacher, teacher_cfg or source_config(cfg.teacher), device, seed=cfg.seed)
     metrics = MetricsLogger(out, None)
     try:
         summary = quantize_student(cfg, model, teacher=teacher, data=data, tokenizer=tokenizer, device=device,
