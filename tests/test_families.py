@@ -25,12 +25,17 @@ SHAPE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_lay
 STRONG = {"gemma2": dict(final_logit_softcapping=1.5), "gemma3_text": dict(final_logit_softcapping=2.0),
           "cohere": dict(logit_scale=3.0), "cohere2": dict(logit_scale=0.3), "granite": dict(logits_scaling=0.25)}
 
+MOE = {"qwen3_moe": dict(num_experts=4, moe_intermediate_size=16, num_experts_per_tok=2),
+       "mixtral": dict(num_local_experts=4, num_experts_per_tok=2), "olmoe": dict(num_experts=4, num_experts_per_tok=2)}
+
 
 def tiny(model_type: str, seed: int) -> torch.nn.Module:
     extra = dict(sliding_window=8) if model_type in ("gemma2", "gemma3_text", "cohere2") else {}
+    extra.update(MOE.get(model_type, {}))
     cfg = AutoConfig.for_model(model_type, **SHAPE, **extra, **STRONG.get(model_type, {}))
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").double().eval()
+    moe = dict(experts_implementation="eager") if model_type in MOE else {}  # grouped_mm has no float64
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", **moe).double().eval()
 
 
 def ids(seed: int, batch: int = 3, length: int = 12) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from sapling.errors import ConfigError
-from sapling.models.families import logit_transform
+from sapling.models.families import is_moe, logit_transform
 
 SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "vocab_size")
@@ -53,9 +53,21 @@ def shape_problem(model_cfg: Any, teacher: Any = None) -> tuple[str, str, str] |
     if heads and hidden and getattr(model_cfg, "head_dim", None) is None and hidden % heads:
         return ("hidden_size", f"not divisible by num_attention_heads={heads}",
                 f"a multiple of num_attention_heads={heads} (or give head_dim explicitly)")
+    head_dim = getattr(model_cfg, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    if getattr(model_cfg, "model_type", None) == "olmoe" and heads and hidden and head_dim * heads != hidden:
+        # its q/k norms are sized from hidden_size (q: hidden_size, k: hidden_size // heads * kv heads)
+        return ("hidden_size", f"OLMoE needs hidden_size = num_attention_heads x head_dim ({heads} x {head_dim})",
+                f"{heads * head_dim}, or prune query heads and hidden channels together")
+    if is_moe(model_cfg):
+        experts, top_k = getattr(model_cfg, "num_experts", None), getattr(model_cfg, "num_experts_per_tok", None)
+        if not isinstance(experts, int) or experts <= 0:
+            return "num_experts", "must be a positive integer", "a positive integer"
+        if isinstance(top_k, int) and top_k > experts:
+            return ("num_experts", f"fewer than num_experts_per_tok={top_k} (each token is routed to that many)",
+                    f"a value >= {top_k}, or lower num_experts_per_tok")
     if teacher is not None:
         for name in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                     "num_key_value_heads"):
+                     "num_key_value_heads", "num_experts", "moe_intermediate_size"):
             val, limit = getattr(model_cfg, name, None), getattr(teacher, name, None)
             if val is not None and limit is not None and val > limit:
                 return (name, f"larger than the teacher's {limit} (pruning only removes structures)",

@@ -33,6 +33,13 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
                                "eos_token_id": 2}),
     "cohere2-tiny": ("cohere2", {"sliding_window": 4, "logit_scale": 0.5, "pad_token_id": 0, "bos_token_id": 1,
                                  "eos_token_id": 2}),
+    "qwen3-moe-tiny": ("qwen3_moe", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 32, "norm_topk_prob": True, "mlp_only_layers": [],
+                                     "decoder_sparse_step": 1}),
+    "mixtral-tiny": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32,
+                                 "sliding_window": None}),
+    "olmoe-tiny": ("olmoe", {"num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32,
+                             "tie_word_embeddings": False, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
 }
 
 

@@ -6,7 +6,11 @@ Granite families (pre-norm decoder, RMSNorm, RoPE, GQA attention, gated MLP; Gra
 scalars), Gemma 2 and Gemma 3 text (sandwich norms, `1 + weight` RMSNorm, scaled embeddings, per-layer
 sliding/global attention), OLMo 2 (post-norms only; q/k norms over the whole projection, sliced by head),
 Phi-3 (fused `qkv_proj` and `gate_up_proj`: their q/k/v and gate/up blocks are sliced alike) and Cohere /
-Cohere 2 (one LayerNorm feeding attention and MLP in parallel; Cohere's per-head q/k norms sliced by head).
+Cohere 2 (one LayerNorm feeding attention and MLP in parallel; Cohere's per-head q/k norms sliced by head),
+and the mixture-of-experts families Qwen3-MoE, Mixtral and OLMoE: experts are kept per layer (router rows and
+expert tensors alike; the softmax over the kept router logits renormalises the routing, and
+`num_experts_per_tok` is capped at the experts kept) and each kept expert's FFN neurons are kept by its own
+index, besides the dense axes.
 
 Gemma scales its embeddings by `sqrt(hidden_size)` (a buffer recomputed from the config on load): when hidden
 channels are cut, the kept embedding columns are multiplied by `sqrt(H_teacher / H_student)` so the residual
@@ -34,10 +38,11 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from sapling.dist import gathered
 from sapling.errors import ModelSourceError
+from sapling.models.families import is_moe, moe_layout_problem, moe_width_field
 from sapling.prune.distributed import gather_units, is_zero3_partitioned
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "granite", "gemma2", "gemma3_text", "olmo2", "phi3",
-                         "cohere", "cohere2")
+                         "cohere", "cohere2", "qwen3_moe", "mixtral", "olmoe")
 # Families whose RMSNorm multiplies by (1 + weight) and whose embeddings are scaled by sqrt(hidden_size).
 GEMMA_TYPES = ("gemma2", "gemma3_text")
 # Config fields holding one entry per decoder layer; subset with the kept layers.
@@ -55,6 +60,10 @@ class KeepPlan:
     every layer. `heads` are query head indices of the teacher; every kept query head's KV group must be
     kept, with the same number of query heads in each kept group. With `kv_heads` given and `heads`
     None, all query heads of the kept KV groups are kept.
+
+    Mixture-of-experts models: `experts` are the kept experts per kept layer (same count everywhere) and
+    `expert_mlp` the kept FFN neurons of each of them (per kept layer a [kept experts, neurons] index tensor,
+    rows in the order of `experts`); `mlp` does not apply (their MLP is the experts).
     """
 
     layers: list[int] | None = None
@@ -62,6 +71,8 @@ class KeepPlan:
     mlp: list[torch.Tensor] | None = None
     kv_heads: list[torch.Tensor] | None = None
     heads: list[torch.Tensor] | None = None
+    experts: list[torch.Tensor] | None = None
+    expert_mlp: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -74,6 +85,8 @@ class _Resolved:
     kv_heads: list[torch.Tensor]
     heads: list[torch.Tensor]
     head_dim: int
+    experts: list[torch.Tensor] | None = None  # MoE only
+    expert_mlp: list[torch.Tensor] | None = None  # MoE only: [kept experts, kept neurons] per kept layer
 
 
 def _as_index(value: IndexLike, what: str, size: int) -> torch.Tensor:
@@ -158,7 +171,19 @@ def _resolve(config: PretrainedConfig, plan: KeepPlan) -> _Resolved:
             raise ValueError(f"plan.layers: must be in increasing order (layer order is not changed), got {layers}")
     keep_hidden = (torch.arange(hidden) if plan.hidden is None
                    else _as_index(plan.hidden, "plan.hidden", hidden))
-    mlp = _per_layer(plan.mlp, "mlp", config.intermediate_size, layers, torch.arange(config.intermediate_size))
+    experts = expert_mlp = None
+    if is_moe(config):
+        problem = moe_layout_problem(config)
+        if problem:
+            raise ModelSourceError(f"slicing: {problem}; fix: prune an MoE model whose every layer has experts")
+        if plan.mlp is not None:
+            raise ValueError("plan.mlp: an MoE model's MLP is its experts: give plan.expert_mlp instead")
+        experts, expert_mlp = _resolve_experts(config, plan, layers)
+        mlp = []
+    else:
+        if plan.experts is not None or plan.expert_mlp is not None:
+            raise ValueError(f"plan.experts: {config.model_type} is not a mixture-of-experts model")
+        mlp = _per_layer(plan.mlp, "mlp", config.intermediate_size, layers, torch.arange(config.intermediate_size))
     kv_heads = _per_layer(plan.kv_heads, "kv_heads", n_kv, layers, torch.arange(n_kv))
     if plan.heads is None:  # all query heads of each kept KV group
         heads = [(kv[:, None] * per_group + torch.arange(per_group)).flatten() for kv in kv_heads]
@@ -166,7 +191,35 @@ def _resolve(config: PretrainedConfig, plan: KeepPlan) -> _Resolved:
         heads = _per_layer(plan.heads, "heads", n_heads, layers, torch.arange(n_heads))
     heads = [_group_heads(h, kv, per_group, n_kv, f"plan.heads[{i}] (teacher layer {layer})")
              for i, (h, kv, layer) in enumerate(zip(heads, kv_heads, layers))]
-    return _Resolved(layers, keep_hidden, mlp, kv_heads, heads, head_dim)
+    return _Resolved(layers, keep_hidden, mlp, kv_heads, heads, head_dim, experts, expert_mlp)
+
+
+def _resolve_experts(config: PretrainedConfig, plan: KeepPlan,
+                     layers: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Kept experts per kept layer, and each one's kept neurons ([kept experts, neurons] per layer)."""
+    n_experts, width = config.num_experts, getattr(config, moe_width_field(config))
+    experts = _per_layer(plan.experts, "experts", n_experts, layers, torch.arange(n_experts))
+    if plan.expert_mlp is None:
+        return experts, [torch.arange(width).expand(len(e), width).clone() for e in experts]
+    values = list(plan.expert_mlp)
+    if len(values) != len(layers):
+        raise ValueError(f"plan.expert_mlp: needs one [experts, neurons] index per kept layer ({len(layers)}), got "
+                         f"{len(values)}")
+    out = []
+    for i, (rows, kept, layer) in enumerate(zip(values, experts, layers)):
+        rows = list(rows)
+        if len(rows) != len(kept):
+            raise ValueError(f"plan.expert_mlp[{i}] (teacher layer {layer}): one neuron index per kept expert "
+                             f"({len(kept)}), got {len(rows)}")
+        idx = [_as_index(r, f"plan.expert_mlp[{i}][{j}] (teacher layer {layer})", width) for j, r in enumerate(rows)]
+        if len({len(x) for x in idx}) > 1:
+            raise ValueError(f"plan.expert_mlp[{i}]: every expert must keep the same number of neurons (shapes are "
+                             f"uniform), got {[len(x) for x in idx]}")
+        out.append(torch.stack(idx))
+    if len({x.shape[1] for x in out}) > 1:
+        raise ValueError(f"plan.expert_mlp: every layer must keep the same number of expert neurons, got "
+                         f"{[x.shape[1] for x in out]}")
+    return experts, out
 
 
 def _config_for(config: PretrainedConfig, r: _Resolved) -> PretrainedConfig:
@@ -174,7 +227,12 @@ def _config_for(config: PretrainedConfig, r: _Resolved) -> PretrainedConfig:
     n_old = config.num_hidden_layers
     cfg.num_hidden_layers = len(r.layers)
     cfg.hidden_size = len(r.hidden)
-    cfg.intermediate_size = len(r.mlp[0])
+    if r.experts is not None:
+        cfg.num_experts = len(r.experts[0])
+        setattr(cfg, moe_width_field(config), int(r.expert_mlp[0].shape[1]))
+        cfg.num_experts_per_tok = min(int(config.num_experts_per_tok), cfg.num_experts)
+    else:
+        cfg.intermediate_size = len(r.mlp[0])
     cfg.num_attention_heads = len(r.heads[0])
     cfg.num_key_value_heads = len(r.kv_heads[0])
     cfg.head_dim = r.head_dim
@@ -225,10 +283,14 @@ _LAYER_RULES: dict[str, tuple[str | None, ...]] = {
     "post_attention_layernorm.weight": ("hidden",),
     "pre_feedforward_layernorm.weight": ("hidden",),  # Gemma 2/3 sandwich norms
     "post_feedforward_layernorm.weight": ("hidden",),
+    "mlp.gate.weight": ("experts", "hidden"),  # MoE router: one row per expert
+    "mlp.experts.gate_up_proj": ("experts", "egate_up", "hidden"),  # [E, 2I, H]: each expert its own neurons
+    "mlp.experts.down_proj": ("experts", "hidden", "emlp"),  # [E, H, I]
 }
 # Per family: rules that differ from _LAYER_RULES (OLMo 2 normalises q and k over the whole projection).
 _FAMILY_LAYER_RULES: dict[str, dict[str, tuple[str | None, ...]]] = {
     "olmo2": {"self_attn.q_norm.weight": ("q",), "self_attn.k_norm.weight": ("kv",)},
+    "olmoe": {"self_attn.q_norm.weight": ("q",), "self_attn.k_norm.weight": ("kv",)},
     "cohere": {"self_attn.q_norm.weight": ("q_heads", None), "self_attn.k_norm.weight": ("kv_heads", None)},
 }
 _TOP_RULES: dict[str, tuple[str | None, ...]] = {
@@ -277,13 +339,17 @@ def _sliced_state(model: PreTrainedModel, r: _Resolved,
     q_size = cfg.num_attention_heads * r.head_dim
     kv_size = (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) * r.head_dim
     layer_index = []
-    for mlp, q, kv in zip(r.mlp, r.heads, r.kv_heads):
+    for i, (q, kv) in enumerate(zip(r.heads, r.kv_heads)):
         q_rows, kv_rows = _head_rows(q, r.head_dim), _head_rows(kv, r.head_dim)
-        layer_index.append({
-            "mlp": mlp, "q": q_rows, "kv": kv_rows, "q_heads": q, "kv_heads": kv, **hidden_rows,
-            "qkv": torch.cat([q_rows, q_size + kv_rows, q_size + kv_size + kv_rows]),
-            "gate_up": torch.cat([mlp, cfg.intermediate_size + mlp]),
-        })
+        index = {"q": q_rows, "kv": kv_rows, "q_heads": q, "kv_heads": kv, **hidden_rows,
+                 "qkv": torch.cat([q_rows, q_size + kv_rows, q_size + kv_size + kv_rows])}
+        if r.experts is None:
+            mlp = r.mlp[i]
+            index.update(mlp=mlp, gate_up=torch.cat([mlp, cfg.intermediate_size + mlp]))
+        else:  # 2-D: row j holds the kept neurons of the j-th kept expert
+            width, emlp = getattr(cfg, moe_width_field(cfg)), r.expert_mlp[i]
+            index.update(experts=r.experts[i], emlp=emlp, egate_up=torch.cat([emlp, width + emlp], dim=1))
+        layer_index.append(index)
     state: dict[str, torch.Tensor] = {}
     names: dict[str, str] = {}
     done: dict[tuple, torch.Tensor] = {}  # tied tensors (embeddings / lm_head) are sliced once
@@ -309,8 +375,13 @@ def _sliced_state(model: PreTrainedModel, r: _Resolved,
         if key not in done:
             out = tensor
             for dim, kind in enumerate(rule):
-                if kind is not None:
-                    out = out.index_select(dim, index[kind].to(out.device))
+                if kind is None:
+                    continue
+                idx = index[kind].to(out.device)
+                if idx.dim() == 2:  # per expert (dim 0, already cut to the kept experts): its own neurons
+                    out = torch.stack([out[e].index_select(dim - 1, idx[e]) for e in range(out.shape[0])])
+                else:
+                    out = out.index_select(dim, idx)
             if device is not None:
                 out = out.to(device)
             done[key] = out.clone() if out is tensor else out
