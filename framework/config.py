@@ -168,6 +168,7 @@ class DistillConfig:
     kd_weight: float = 1.0
     ce_weight: float = 0.0
     chunk_size: int | None = None  # tokens per loss chunk; None = let the kernel choose
+    router_aux_weight: float | None = None  # MoE students: load-balancing loss weight; None = router_aux_loss_coef
     features: FeatureDistillConfig = field(default_factory=FeatureDistillConfig)
 
 def check_distill(d: Any) -> None:
@@ -177,6 +178,8 @@ def check_distill(d: Any) -> None:
     _check(0.0 <= d.beta <= 1.0, "distill.beta", d.beta, "must be in [0, 1]", "set distill.beta=0.5")
     _check(d.kd_weight >= 0, "distill.kd_weight", d.kd_weight, "must be >= 0", "set distill.kd_weight=1.0")
     _check(d.ce_weight >= 0, "distill.ce_weight", d.ce_weight, "must be >= 0", "set distill.ce_weight=0.0")
+    _check(d.router_aux_weight is None or d.router_aux_weight >= 0, "distill.router_aux_weight", d.router_aux_weight,
+           "must be >= 0", "set distill.router_aux_weight=null (the model's router_aux_loss_coef) or 0 to drop it")
     check_features(d.features)
 
 
@@ -187,7 +190,10 @@ class PruneTargetConfig:
     intermediate_size: int | None = None
     num_attention_heads: int | None = None
     num_key_value_heads: int | None = None
-    params: int | None = None
+    num_experts: int | None = None  # mixture-of-experts: experts kept per layer
+    moe_intermediate_size: int | None = None  # Qwen3-MoE's expert FFN width (Mixtral/OLMoE: intermediate_size)
+    params: int | None = None  # a budget of total parameters (searched), or
+    active_params: int | None = None  # of parameters active per token (MoE: top-k experts), searched
 
 AGGREGATIONS = ("mean_l2", "mean", "variance")
 
@@ -235,12 +241,15 @@ def check_prune(p: Any) -> None:
     _check_choice("prune.depth_metric", p.depth_metric, DEPTH_METRICS, "depth metric")
     _check_choice("prune.importance", p.importance, PRUNE_IMPORTANCES, "importance")
     t = p.target
-    if t.params is not None:
-        fixed = [k for k, v in t.items() if k != "params" and v is not None]
-        _check(not fixed, "prune.target.params", t.params, f"given together with prune.target.{fixed[0] if fixed else ''}",
-               "give either a parameter budget or explicit HF fields, not both")
-        _check(isinstance(t.params, int) and t.params > 0, "prune.target.params", t.params,
-               "must be a positive parameter count", "e.g. prune.target.params=4000000000")
+    for budget in ("params", "active_params"):
+        if t[budget] is None:
+            continue
+        fixed = [k for k, v in t.items() if k != budget and v is not None]
+        _check(not fixed, f"prune.target.{budget}", t[budget],
+               f"given together with prune.target.{fixed[0] if fixed else ''}",
+               "give one parameter budget (params or active_params) or explicit HF fields, not both")
+        _check(isinstance(t[budget], int) and t[budget] > 0, f"prune.target.{budget}", t[budget],
+               "must be a positive parameter count", f"e.g. prune.target.{budget}=4000000000")
     ps = p.search
     _check(ps.multiple is None or ps.multiple >= 1, "prune.search.multiple", ps.multiple, "must be >= 1",
            "set e.g. prune.search.multiple=128, or null for automatic")

@@ -13,6 +13,7 @@ import torch
 
 from sapling.dist import gathered
 from sapling.distill.features import FeatureDistiller, capture_layer_outputs, feature_positions
+from sapling.distill.router import capture_router_logits, router_aux_loss, router_aux_weight
 from sapling.models import (
     IGNORE_INDEX,
     decoder_and_head,
@@ -42,8 +43,10 @@ def loss_on_batch(
     With `teacher=None` only the CE term is computed (training from scratch or fine-tuning), unless the
     batch carries the teacher's cached top-k (`teacher_lp`, `teacher_idx` from a teacher cache): then the
     fused loss's top-k path stands in for the teacher. `features` adds `distill.features.weight` x the
-    intermediate-layer loss (normalised by the same token count). The parts (`kd`, `ce`, `top1_agree`,
-    `feat`) are detached device tensors, so a step reads them back once, when it is logged.
+    intermediate-layer loss (normalised by the same token count). A training mixture-of-experts student adds
+    its router load-balancing loss x `distill.router_aux_weight` (null: its `router_aux_loss_coef`; `aux`,
+    weighted by this batch's share of the valid tokens). The parts (`kd`, `ce`, `top1_agree`, `feat`, `aux`)
+    are detached device tensors, so a step reads them back once, when it is logged.
     """
     input_ids, labels = batch["input_ids"], batch["labels"]
     if "teacher_records" in batch:
@@ -53,7 +56,9 @@ def loss_on_batch(
     if teacher is None:
         features = None
     s_layers = features.student_layers if features is not None else []
-    with capture_layer_outputs(student, s_layers) as s_feats:
+    aux_weight = router_aux_weight(student, distill_cfg) if student.training else 0.0
+    with capture_layer_outputs(student, s_layers) as s_feats, \
+            capture_router_logits(student if aux_weight > 0 else None) as routers:
         hs = final_hidden(student, input_ids)
     has_teacher = teacher is not None or cached
     kd_weight = distill_cfg.kd_weight if has_teacher else 0.0
@@ -102,6 +107,11 @@ def loss_on_batch(
     out = {"kd": parts["kd"].detach(), "ce": parts["ce"].detach()}
     if "top1_agree" in parts:  # rows where the student's and the teacher's argmax agree
         out["top1_agree"] = parts["top1_agree"]
+    if aux_weight > 0:  # an MoE student's load balancing, a token-weighted share of the global batch's
+        share = count_valid(labels) / (num_valid_tokens if num_valid_tokens is not None else count_valid(labels))
+        aux = router_aux_loss(student, routers) * share
+        loss = loss + aux_weight * aux
+        out["aux"] = aux.detach()
     if features is not None:  # through the module's call, so ZeRO-3 gathers the projection
         f_loss, f_parts = features(s_feats, t_feats, feature_positions(labels), num_valid_tokens=num_valid_tokens)
         loss = loss + f_loss

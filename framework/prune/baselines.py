@@ -28,7 +28,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from sapling.errors import ConfigError
 from sapling.models import decoder_layers
+from sapling.models.families import is_moe, moe_width_field
 from sapling.prune.importance import ImportanceScores, head_dim
 
 
@@ -53,6 +55,9 @@ def _cols_sq(linear: nn.Linear) -> Tensor:
 def magnitude_importance(model: nn.Module) -> ImportanceScores:
     """Weight-norm importance of MLP neurons, heads, KV groups, hidden channels and layers (no data)."""
     cfg = model.config
+    if is_moe(cfg):
+        raise ConfigError("prune.importance", "magnitude", f"weight-magnitude scores cover dense MLPs, not the "
+                          f"experts of a {cfg.model_type} model", "use prune.importance=activation (or random)")
     layers = decoder_layers(model)
     n_heads = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
@@ -100,7 +105,8 @@ def random_importance(model: nn.Module, seed: int = 0) -> ImportanceScores:
     n_layers = len(decoder_layers(model))
     n_heads = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-    intermediate = decoder_layers(model)[0].mlp.down_proj.in_features
+    moe = is_moe(cfg)
+    intermediate = 0 if moe else decoder_layers(model)[0].mlp.down_proj.in_features
     g = torch.Generator().manual_seed(seed)
     return ImportanceScores(
         mlp=torch.rand(n_layers, intermediate, generator=g),
@@ -111,4 +117,6 @@ def random_importance(model: nn.Module, seed: int = 0) -> ImportanceScores:
         layer_loss=None,
         num_tokens=0,
         aggregation="random",
+        experts=torch.rand(n_layers, cfg.num_experts, generator=g) if moe else None,
+        expert_mlp=torch.rand(n_layers, cfg.num_experts, getattr(cfg, moe_width_field(cfg)), generator=g) if moe else None,
     )

@@ -7,7 +7,11 @@ Forward hooks on a decoder of a family `sapling.prune.slicing` supports collect 
 - hidden channels: the outputs of every norm on the residual stream's width (each layer's `HIDDEN_NORMS`
   it has: two for Llama, four for Gemma's sandwich, two post-norms for OLMo 2; and the final one), summed;
 - depth: block influence, 1 - cos(layer input, layer output) averaged over tokens; optionally the LM-loss
-  increase when a layer is dropped (`layer_drop_loss`).
+  increase when a layer is dropped (`layer_drop_loss`);
+- mixture-of-experts layers (Qwen3-MoE, Mixtral, OLMoE), from the router's and the experts' inputs: each
+  expert's router probability mass and its routed output norm (routing weight x |expert output|), mixed half
+  and half as shares of the layer's totals (an expert the top-k never picks still ranks by its probability
+  mass); each expert's FFN neurons by their RMS activation over the tokens routed to it.
 
 Statistics are kept as sums and counts only (never means), so summing the accumulators of several
 data-parallel ranks (the `reduce` argument) gives exactly the scores of one rank that saw all the data.
@@ -36,6 +40,7 @@ from sapling.dist import all_reduce_sum, rank_world
 from sapling.errors import DataError, ModelSourceError
 from sapling.io import write_atomically
 from sapling.models import IGNORE_INDEX, decoder_layers
+from sapling.models.families import is_moe, moe_width_field
 from sapling.progress import progress as progress_bar
 from sapling.prune.distributed import gathered_forward, is_zero3_partitioned, max_across_ranks
 
@@ -67,6 +72,8 @@ class ImportanceScores:
     layer_loss: Tensor | None  # [L] or None
     num_tokens: int
     aggregation: str = "mean_l2"
+    experts: Tensor | None = None  # MoE: [L, num_experts]
+    expert_mlp: Tensor | None = None  # MoE: [L, num_experts, expert width]
 
     def state_dict(self) -> dict[str, Any]:
         """Plain dict of tensors, ints and strings (loadable with `torch.load(weights_only=True)`)."""
@@ -80,7 +87,8 @@ class ImportanceScores:
         if missing:
             raise KeyError(f"importance scores lack {sorted(missing)}")
         kwargs = {k: v for k, v in d.items() if k in names}
-        kwargs.setdefault("layer_loss", None)
+        for optional in ("layer_loss", "experts", "expert_mlp"):
+            kwargs.setdefault(optional, None)
         kwargs["num_tokens"] = int(kwargs["num_tokens"])
         return cls(**kwargs)
 
@@ -168,7 +176,8 @@ class ImportanceAccumulator:
         self.num_heads = cfg.num_attention_heads
         self.num_kv = getattr(cfg, "num_key_value_heads", None) or self.num_heads
         self.head_dim = head_dim(cfg)
-        widths = {layer.mlp.down_proj.in_features for layer in layers}
+        self.moe = is_moe(cfg)
+        widths = {0 if self.moe else layer.mlp.down_proj.in_features for layer in layers}
         if len(widths) != 1:
             raise ModelSourceError(f"MLP widths differ across layers ({sorted(widths)}); only uniform shapes are "
                                    "supported; fix: prune a model whose layers all have one shape")
@@ -184,6 +193,12 @@ class ImportanceAccumulator:
             for stat in _STATS[aggregation]:
                 self._acc[f"{kind}.{stat}"] = torch.zeros(sizes[kind], **zeros)
         self._acc["block_influence.sum"] = torch.zeros(self.num_layers, **zeros)
+        if self.moe:
+            n_experts, width = cfg.num_experts, getattr(cfg, moe_width_field(cfg))
+            self._acc["experts.prob"] = torch.zeros(self.num_layers, n_experts, **zeros)
+            self._acc["experts.out"] = torch.zeros(self.num_layers, n_experts, **zeros)
+            self._acc["expert_mlp.sq"] = torch.zeros(self.num_layers, n_experts, width, **zeros)
+            self._acc["expert_mlp.n"] = torch.zeros(self.num_layers, n_experts, **zeros)
         self._acc["tokens"] = torch.zeros((), **zeros)
         self._acc["samples"] = torch.zeros((), **zeros)
         self._handles: list[Any] = []
@@ -253,7 +268,11 @@ class ImportanceAccumulator:
 
         rows = itertools.count()
         for i, layer in enumerate(layers):
-            handles.append(layer.mlp.down_proj.register_forward_pre_hook(mlp_hook(i)))
+            if self.moe:
+                handles.append(layer.mlp.gate.register_forward_hook(self._router_hook(i)))
+                handles.append(layer.mlp.experts.register_forward_pre_hook(self._experts_hook(i), with_kwargs=True))
+            else:
+                handles.append(layer.mlp.down_proj.register_forward_pre_hook(mlp_hook(i)))
             handles.append(layer.self_attn.o_proj.register_forward_pre_hook(head_hook(i)))
             for norm in hidden_norms(layer):
                 handles.append(norm.register_forward_hook(norm_hook(next(rows))))
@@ -261,6 +280,42 @@ class ImportanceAccumulator:
             handles.append(layer.register_forward_hook(layer_out_hook(i), with_kwargs=True))
         handles.append(self.model.model.norm.register_forward_hook(norm_hook(next(rows))))
         return handles
+
+    def _flat_weights(self, tokens: int, device: torch.device) -> Tensor:
+        """[tokens] weights of the batch's flattened tokens (the MoE block flattens batch and sequence)."""
+        if self._weights is None:
+            return torch.ones(tokens, device=device)
+        return self._weights.reshape(-1).to(device)
+
+    def _router_hook(self, i: int) -> Callable:
+        def hook(_m: nn.Module, _args: tuple, out: Any) -> None:
+            logits = out[0] if isinstance(out, tuple) else out
+            probs = torch.softmax(logits.float(), dim=-1)
+            w = self._flat_weights(probs.shape[0], probs.device)
+            self._acc["experts.prob"][i] += (probs * w[:, None]).sum(dim=0).double()
+        return hook
+
+    def _experts_hook(self, i: int) -> Callable:
+        """Recompute each expert's FFN on the tokens routed to it (the fused experts expose no intermediate
+        activations): neuron statistics and routed output norms. Runs before the experts' forward, so under
+        ZeRO-3 their weights are gathered."""
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            names = ("hidden_states", "top_k_index", "top_k_weights")
+            x, index, weights = (args[k] if k < len(args) else kwargs[n] for k, n in enumerate(names))
+            w = self._flat_weights(x.shape[0], x.device)
+            for e in torch.unique(index).tolist():
+                rows, pos = torch.where(index == e)
+                if e >= module.gate_up_proj.shape[0] or rows.numel() == 0:
+                    continue
+                gate, up = F.linear(x[rows], module.gate_up_proj[e]).chunk(2, dim=-1)
+                h = module.act_fn(gate) * up
+                y = F.linear(h, module.down_proj[e])
+                wr = w[rows].float()
+                self._acc["expert_mlp.sq"][i, e] += (h.float().pow(2) * wr[:, None]).sum(dim=0).double()
+                self._acc["expert_mlp.n"][i, e] += wr.sum().double()
+                routed = weights[rows, pos].float() * y.float().norm(dim=-1) * wr
+                self._acc["experts.out"][i, e] += routed.sum().double()
+        return hook
 
     def attach(self) -> None:
         """Register the forward hooks (also done by `update` when not attached)."""
@@ -333,6 +388,13 @@ class ImportanceAccumulator:
                 s = (acc[f"{kind}.x2"] / tokens - mean.pow(2)).clamp_min(0.0)
             scores[kind] = s
         heads = scores["heads"]
+        experts = expert_mlp = None
+        if self.moe:
+            def share(x: Tensor) -> Tensor:
+                return x / x.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+
+            experts = (0.5 * share(acc["experts.out"]) + 0.5 * share(acc["experts.prob"])).float().cpu()
+            expert_mlp = (acc["expert_mlp.sq"] / acc["expert_mlp.n"][..., None].clamp_min(1.0)).sqrt().float().cpu()
         return ImportanceScores(
             mlp=scores["mlp"].float().cpu(),
             heads=heads.float().cpu(),
@@ -342,6 +404,8 @@ class ImportanceAccumulator:
             layer_loss=None,
             num_tokens=round(tokens),
             aggregation=self.aggregation,
+            experts=experts,
+            expert_mlp=expert_mlp,
         )
 
 

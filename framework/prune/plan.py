@@ -24,7 +24,7 @@ from sapling.dist import rank_world
 from sapling.io import write_text_atomically
 from sapling.models import count_parameters, place
 from sapling.prune.importance import ImportanceScores, distributed_importance
-from sapling.prune.select import TARGET_FIELDS, plan_from_scores, resolve_target
+from sapling.prune.select import plan_from_scores, resolve_target, target_fields
 from sapling.prune.slicing import slice_model
 
 log = logging.getLogger("sapling")
@@ -118,6 +118,8 @@ def round_shapes(start: dict[str, int], final: dict[str, int], rounds: int, mult
             v = math.ceil(_lerp(start[key], final[key], f) / multiple) * multiple
             shape[key] = min(start[key], max(final[key], v))
         shape["num_attention_heads"] = shape["num_key_value_heads"] * max(g1, round(_lerp(g0, g1, f)))
+        for key in final.keys() - shape.keys():  # MoE: experts and their width move linearly too
+            shape[key] = max(final[key], round(_lerp(start[key], final[key], f)))
         out.append(shape)
     return out
 
@@ -139,12 +141,13 @@ def _log_prune(metrics: Any, teacher: torch.nn.Module, student: torch.nn.Module,
     record = {"event": "prune", **extra, "calibration_tokens": scores.num_tokens,
               "importance": scores.aggregation, "teacher_params": count_parameters(teacher),
               "student_params": count_parameters(student), "val_loss": val["loss"], "val_ppl": val["ppl"]}
-    record.update({f"teacher_{k}": getattr(teacher.config, k) for k in TARGET_FIELDS})
-    record.update({f"student_{k}": getattr(student.config, k) for k in TARGET_FIELDS})
+    fields = target_fields(teacher.config)
+    record.update({f"teacher_{k}": getattr(teacher.config, k) for k in fields})
+    record.update({f"student_{k}": getattr(student.config, k) for k in fields})
     metrics.log(record)
     log.info("prune: %s -> %s parameters (%s); val loss before training %.4f",
              f"{record['teacher_params']:,}", f"{record['student_params']:,}",
-             ", ".join(f"{k}={getattr(student.config, k)}" for k in TARGET_FIELDS), val["loss"])
+             ", ".join(f"{k}={getattr(student.config, k)}" for k in fields), val["loss"])
     return record
 
 
@@ -177,7 +180,8 @@ def prune_teacher(cfg: Any, teacher: torch.nn.Module, data: Any, device: torch.d
         _save_scores(scores, output_dir / "prune_scores.pt")
 
     search_rows = None
-    if p.target.params is not None:
+    kind = "active_params" if p.target.get("active_params") is not None else "params"
+    if p.target[kind] is not None:
         from sapling.prune.search import format_table, search_target
 
         distill = None
@@ -189,7 +193,7 @@ def prune_teacher(cfg: Any, teacher: torch.nn.Module, data: Any, device: torch.d
                 return distill_fn(student, steps=p.search.distill_steps, output_dir=None, desc="prune search")["loss"]
 
         shape, search_rows = search_target(
-            teacher, scores, int(p.target.params),
+            teacher, scores, int(p.target[kind]), kind=kind,
             eval_batches=heldout_batches(data.train, p.calibration.samples, p.search.eval_batches,
                                          p.calibration.batch_size, device, seed=cfg.seed),
             multiple=p.search.multiple, tolerance=p.search.tolerance, max_candidates=p.search.max_candidates,
@@ -212,7 +216,7 @@ def prune_teacher(cfg: Any, teacher: torch.nn.Module, data: Any, device: torch.d
     from sapling.prune.search import default_multiple
 
     multiple = p.search.multiple or default_multiple(teacher.config)
-    start = {k: getattr(teacher.config, k) for k in TARGET_FIELDS}
+    start = {k: getattr(teacher.config, k) for k in target_fields(teacher.config)}
     shapes = round_shapes(start, shape, p.rounds, multiple)
     steps = list(p.round_steps) if p.round_steps is not None else [cfg.trainer.max_steps // p.rounds] * (p.rounds - 1)
     model, model_scores, index = teacher, scores, None  # index: the teacher channels of `model`'s
@@ -270,7 +274,7 @@ def resumed_student(cfg: Any, teacher: torch.nn.Module, shape_dir: Path, device:
     student = place(AutoModelForCausalLM.from_config(config, dtype=dtype), device)
     student.requires_grad_(True)
     student.train()
-    shape = {k: getattr(config, k) for k in TARGET_FIELDS}
+    shape = {k: getattr(config, k) for k in target_fields(config)}
     log.info("prune: resuming, so the pruned shape comes from %s (%s); calibration skipped, weights from the "
              "checkpoint", shape_dir, ", ".join(f"{k}={v}" for k, v in shape.items()))
     return PruneOutcome(student, main_run_cfg(cfg), shape)

@@ -5,6 +5,11 @@ Each candidate keeps one width dimension free to land within the tolerance of th
 (width-only and mixed shapes) or the number of layers (depth-only). Candidates are then cut out of the
 teacher with its importance scores and ranked by LM loss on held-out batches (optionally after a short
 distillation of the best few), and the best one is the target.
+
+Mixture-of-experts teachers: candidates also keep all, 3/4, 1/2 or 1/4 of the experts (never fewer than a
+token is routed to), the free width being the experts' FFN width; the budget is `prune.target.params` (all
+parameters) or `prune.target.active_params` (those a token uses: the router and its top-k experts, besides
+attention, norms and embeddings).
 """
 
 from __future__ import annotations
@@ -20,16 +25,18 @@ from torch import nn
 
 from sapling.errors import ConfigError, ModelSourceError
 from sapling.models import count_parameters
+from sapling.models.families import is_moe, moe_width_field
 from sapling.models.shapes import shape_problem
 from sapling.progress import progress as progress_bar
 from sapling.prune.importance import ImportanceScores, Reduce, _apply_reduce, _loss_sums
-from sapling.prune.select import TARGET_FIELDS, plan_from_scores, target_config
+from sapling.prune.select import plan_from_scores, target_config, target_fields
 from sapling.prune.slicing import GEMMA_TYPES, SUPPORTED_MODEL_TYPES, slice_model
 
 # Candidate groups, in the order slots are dealt (see `candidate_shapes`): width-only, mixed and depth-only
 # shapes that keep every attention head, then shapes that also cut attention (width-only or mixed).
 GROUPS = ("width", "mixed", "depth", "attention")
 _KEY = "prune.target.params"
+BUDGETS = ("params", "active_params")  # what a budget counts: all parameters, or those active per token
 _MIN_STEPS = 4  # default_multiple: at least this many multiples must fit in hidden and intermediate sizes
 _MIN_AUTO_MULTIPLE = 8  # the automatic multiple is never made finer than this
 
@@ -49,6 +56,9 @@ class _Arch:
     mlp_bias: bool
     qk_norm: str | None  # None, "head" (one head_dim vector each: Qwen3, Gemma 3), "projection" (OLMo 2)
     layer_norms: int  # norms over the hidden width per layer (Gemma's sandwich: 4)
+    width: str = "intermediate_size"  # the MLP width field (MoE: each expert's)
+    moe: bool = False
+    top_k: int = 0  # MoE: experts per token
 
     @classmethod
     def of(cls, config: Any) -> _Arch:
@@ -64,9 +74,12 @@ class _Arch:
             qkv_bias=kind == "qwen2" or attn_bias,  # Qwen2 always has q/k/v biases (and no o_proj bias)
             o_bias=attn_bias,
             mlp_bias=kind in ("llama", "granite") and bool(getattr(config, "mlp_bias", False)),
-            qk_norm="head" if kind in ("qwen3", "gemma3_text") else "projection" if kind == "olmo2" or (
+            qk_norm="head" if kind in ("qwen3", "gemma3_text", "qwen3_moe") else "projection" if kind in ("olmo2", "olmoe") or (
                 kind == "cohere" and getattr(config, "use_qk_norm", False)) else None,
             layer_norms=4 if kind in GEMMA_TYPES else 1 if kind in ("cohere", "cohere2") else 2,
+            width=moe_width_field(config) if is_moe(config) else "intermediate_size",
+            moe=is_moe(config),
+            top_k=int(getattr(config, "num_experts_per_tok", 0) or 0),
         )
 
     def params(self, shape: dict[str, int]) -> int:
@@ -75,15 +88,29 @@ class _Arch:
         attn = h * d * (q + 2 * kv) + q * d * h
         attn += self.qkv_bias * d * (q + 2 * kv) + self.o_bias * h
         attn += {"head": 2 * d, "projection": (q + kv) * d}.get(self.qk_norm, 0)
-        mlp = 3 * h * i + self.mlp_bias * (2 * i + h)
+        if self.moe:  # the router ([E, H]) and E experts of width I
+            i = shape[self.width]
+            mlp = shape["num_experts"] * (3 * h * i + h)
+        else:
+            mlp = 3 * h * i + self.mlp_bias * (2 * i + h)
         layer = attn + mlp + self.layer_norms * h
         embeddings = self.vocab * h * (1 if self.tied else 2)
         return embeddings + h + shape["num_hidden_layers"] * layer  # + final norm
 
+    def active(self, shape: dict[str, int]) -> int:
+        """Parameters a token uses: all but the experts it is not routed to (dense models: all)."""
+        if not self.moe:
+            return self.params(shape)
+        idle = shape["num_experts"] - min(self.top_k, shape["num_experts"])
+        return self.params(shape) - shape["num_hidden_layers"] * idle * 3 * shape["hidden_size"] * shape[self.width]
+
+    def count(self, shape: dict[str, int], budget: str = "params") -> int:
+        return self.active(shape) if budget == "active_params" else self.params(shape)
+
 
 def _shape_of(config: Any) -> dict[str, int]:
-    """The config's TARGET_FIELDS (num_key_value_heads defaults to num_attention_heads)."""
-    shape = {k: getattr(config, k) for k in TARGET_FIELDS}
+    """The config's target fields (num_key_value_heads defaults to num_attention_heads)."""
+    shape = {k: getattr(config, k) for k in target_fields(config)}
     shape["num_key_value_heads"] = shape["num_key_value_heads"] or shape["num_attention_heads"]
     return {k: int(v) for k, v in shape.items()}
 
@@ -98,6 +125,12 @@ def count_params(config: Any, shape: dict[str, int] | None = None) -> int:
     return _Arch.of(config).params(_shape_of(config) if shape is None else shape)
 
 
+def count_active_params(config: Any, shape: dict[str, int] | None = None) -> int:
+    """`count_params` of what one token uses: an MoE model's router and top-k experts instead of all its
+    experts (`num_experts_per_tok`, capped at the experts kept, as the slicer caps it); dense: all."""
+    return _Arch.of(config).active(_shape_of(config) if shape is None else shape)
+
+
 def default_multiple(teacher_cfg: Any) -> int:
     """Width granularity: the largest power of two <= 128 dividing hidden and intermediate sizes that still
     leaves at least 4 steps in each (so there are several widths to choose from), else 1.
@@ -105,7 +138,8 @@ def default_multiple(teacher_cfg: Any) -> int:
     128 keeps quantized / tensor-core kernels on their fast paths for real models (hidden 4096 -> 128);
     a demo-sized teacher (hidden 256, intermediate 768) gets 64.
     """
-    h, i = teacher_cfg.hidden_size, teacher_cfg.intermediate_size
+    h = teacher_cfg.hidden_size
+    i = getattr(teacher_cfg, moe_width_field(teacher_cfg) if is_moe(teacher_cfg) else "intermediate_size")
     m = 128
     while m > 1:
         if h % m == 0 and i % m == 0 and h // m >= _MIN_STEPS and i // m >= _MIN_STEPS:
@@ -120,7 +154,7 @@ def default_multiple(teacher_cfg: Any) -> int:
 def _family(teacher: dict[str, int], shape: dict[str, int]) -> str:
     """width (all layers kept), depth (only layers removed) or mixed."""
     shallower = shape["num_hidden_layers"] < teacher["num_hidden_layers"]
-    narrower = any(shape[k] < teacher[k] for k in TARGET_FIELDS if k != "num_hidden_layers")
+    narrower = any(shape[k] < teacher[k] for k in teacher if k != "num_hidden_layers")
     return "mixed" if shallower and narrower else "depth" if shallower else "width"
 
 
@@ -160,9 +194,10 @@ class _Pool:
     """
 
     def __init__(self, teacher_cfg: Any, budget: int, multiple: int, tolerance: float, probe: bool = False,
-                 buildable: dict[tuple[int, ...], bool] | None = None) -> None:
+                 buildable: dict[tuple[int, ...], bool] | None = None, kind: str = "params") -> None:
         self.teacher_cfg = teacher_cfg
         self.arch = _Arch.of(teacher_cfg)
+        self.kind = kind
         self.teacher = _shape_of(teacher_cfg)
         self.budget, self.multiple, self.slack = budget, multiple, tolerance * budget
         self.found: dict[str, list[dict[str, int]]] = {g: [] for g in GROUPS}
@@ -182,7 +217,7 @@ class _Pool:
         the teacher's here), so each width is checked once, on a one-layer cut (target_config is per layer)."""
         key = (shape["hidden_size"], shape["num_attention_heads"], shape["num_key_value_heads"])
         if key not in self._buildable:
-            probe = {**shape, "num_hidden_layers": 1, "intermediate_size": self.teacher["intermediate_size"]}
+            probe = {**shape, "num_hidden_layers": 1, self.arch.width: self.teacher[self.arch.width]}
             try:
                 self._buildable[key] = shape_problem(target_config(self.teacher_cfg, probe), self.teacher_cfg) is None
             except (ConfigError, ValueError, TypeError):
@@ -194,8 +229,8 @@ class _Pool:
 
         Counts are linear in `field`, so the size is solved for, then rounded both ways.
         """
-        base = self.arch.params({**shape, field: 0})
-        slope = self.arch.params({**shape, field: 1}) - base
+        base = self.arch.count({**shape, field: 0}, self.kind)
+        slope = self.arch.count({**shape, field: 1}, self.kind) - base
         best: tuple[int, dict[str, int]] | None = None
         for v in _nearest((self.budget - base) / slope, self.teacher[field], step, low):
             candidate, n = {**shape, field: v}, base + slope * v
@@ -208,33 +243,43 @@ class _Pool:
             if abs(n - self.budget) <= self.slack and (best is None or abs(n - self.budget) < best[0]):
                 best = (abs(n - self.budget), candidate)
         if best is not None:
-            key = tuple(best[1][k] for k in TARGET_FIELDS)
+            key = tuple(best[1][k] for k in self.teacher)
             if key not in self._seen:
                 self._seen.add(key)
                 self.found[_group(self.teacher, best[1])].append(best[1])
 
+    def _expert_options(self) -> list[int | None]:
+        """Experts per layer to try (MoE): all, 3/4, 1/2, 1/4, never below num_experts_per_tok."""
+        if not self.arch.moe:
+            return [None]
+        e = self.teacher["num_experts"]
+        return sorted({max(min(self.arch.top_k, e), round(e * f)) for f in (1, 0.75, 0.5, 0.25)}, reverse=True)
+
     def _enumerate(self) -> None:
-        t, m = self.teacher, self.multiple
-        min_mlp = min(m, t["intermediate_size"])
+        t, m, width = self.teacher, self.multiple, self.arch.width
+        min_mlp = min(m, t[width])
         lower, upper = self.budget - self.slack, self.budget + self.slack
         self._solve(dict(t), "num_hidden_layers", 1, 1)  # depth-only
         widths = _widths(t["hidden_size"], m)
         for layers in range(t["num_hidden_layers"], 0, -1):
-            for heads, kv in _attention_options(t["num_attention_heads"], t["num_key_value_heads"]):
-                if self._probe and len(self):
-                    return
-                shape = {"num_hidden_layers": layers, "hidden_size": 0, "intermediate_size": 0,
-                         "num_attention_heads": heads, "num_key_value_heads": kv}
+            for experts in self._expert_options():
+                for heads, kv in _attention_options(t["num_attention_heads"], t["num_key_value_heads"]):
+                    if self._probe and len(self):
+                        return
+                    shape = {**t, "num_hidden_layers": layers, "hidden_size": 0, width: 0,
+                             "num_attention_heads": heads, "num_key_value_heads": kv}
+                    if experts is not None:
+                        shape["num_experts"] = experts
 
-                def count(hidden: int, mlp: int, shape: dict[str, int] = shape) -> int:
-                    return self.arch.params({**shape, "hidden_size": hidden, "intermediate_size": mlp})
+                    def count(hidden: int, mlp: int, shape: dict[str, int] = shape) -> int:
+                        return self.arch.count({**shape, "hidden_size": hidden, width: mlp}, self.kind)
 
-                # Hidden sizes whose count range [narrowest MLP, full MLP] meets [lower, upper], plus one
-                # neighbour on each side so the nearest counts (reported when nothing fits) are right.
-                first = bisect.bisect_left(widths, lower, key=lambda h: count(h, t["intermediate_size"]))
-                last = bisect.bisect_right(widths, upper, key=lambda h: count(h, min_mlp))
-                for hidden in widths[max(first - 1, 0):last + 1]:
-                    self._solve({**shape, "hidden_size": hidden}, "intermediate_size", m, min_mlp)
+                    # Hidden sizes whose count range [narrowest MLP, full MLP] meets [lower, upper], plus one
+                    # neighbour on each side so the nearest counts (reported when nothing fits) are right.
+                    first = bisect.bisect_left(widths, lower, key=lambda h: count(h, t[width]))
+                    last = bisect.bisect_right(widths, upper, key=lambda h: count(h, min_mlp))
+                    for hidden in widths[max(first - 1, 0):last + 1]:
+                        self._solve({**shape, "hidden_size": hidden}, width, m, min_mlp)
 
 
 def _spread(items: list[dict[str, int]], k: int) -> list[dict[str, int]]:
@@ -248,28 +293,30 @@ def _spread(items: list[dict[str, int]], k: int) -> list[dict[str, int]]:
 
 def _order(shape: dict[str, int]) -> tuple[int, ...]:
     """Sort key along the free axes: deepest first, then widest hidden size, then most heads."""
-    return tuple(-shape[k] for k in ("num_hidden_layers", "hidden_size", "num_key_value_heads",
-                                     "num_attention_heads", "intermediate_size"))
+    return tuple(-shape.get(k, 0) for k in ("num_hidden_layers", "hidden_size", "num_experts", "num_key_value_heads",
+                                            "num_attention_heads", "intermediate_size", "moe_intermediate_size"))
 
 
 def _candidates(teacher_cfg: Any, budget: int, multiple: int | None, tolerance: float,
-                max_candidates: int) -> tuple[list[dict[str, int]], int]:
+                max_candidates: int, kind: str = "params") -> tuple[list[dict[str, int]], int]:
     """`candidate_shapes` and the multiple it used."""
-    teacher_params = count_params(teacher_cfg)
+    key = f"prune.target.{kind}"
+    teacher_params = _Arch.of(teacher_cfg).count(_shape_of(teacher_cfg), kind)
     if budget <= 0 or budget >= teacher_params:
-        raise ConfigError(_KEY, budget, f"must be between 0 and the teacher's {teacher_params:,} parameters",
-                          f"choose a smaller budget, e.g. prune.target.params={teacher_params // 2}")
+        what = "active parameters" if kind == "active_params" else "parameters"
+        raise ConfigError(key, budget, f"must be between 0 and the teacher's {teacher_params:,} {what}",
+                          f"choose a smaller budget, e.g. {key}={teacher_params // 2}")
     if multiple is not None and multiple < 1:
         raise ValueError(f"multiple must be >= 1, got {multiple}")
     m = default_multiple(teacher_cfg) if multiple is None else multiple
     buildable: dict[tuple[int, ...], bool] = {}
-    pool = _Pool(teacher_cfg, budget, m, tolerance, buildable=buildable)
+    pool = _Pool(teacher_cfg, budget, m, tolerance, buildable=buildable, kind=kind)
     # Automatic: finer widths while too few shapes fit (tiny teachers), but never below _MIN_AUTO_MULTIPLE.
     while multiple is None and len(pool) < (max_candidates + 1) // 2 and m // 2 >= _MIN_AUTO_MULTIPLE:
         m //= 2
-        pool = _Pool(teacher_cfg, budget, m, tolerance, buildable=buildable)
+        pool = _Pool(teacher_cfg, budget, m, tolerance, buildable=buildable, kind=kind)
     if not len(pool):
-        raise ConfigError(_KEY, budget, _no_shape_problem(pool, tolerance),
+        raise ConfigError(key, budget, _no_shape_problem(pool, tolerance),
                           _no_shape_fix(teacher_cfg, budget, pool, tolerance, buildable))
     found = {g: sorted(pool.found[g], key=_order) for g in GROUPS}
     quota = dict.fromkeys(GROUPS, 0)
@@ -281,7 +328,7 @@ def _candidates(teacher_cfg: Any, budget: int, multiple: int | None, tolerance: 
 
 
 def candidate_shapes(teacher_cfg: Any, budget: int, *, multiple: int | None, tolerance: float = 0.01,
-                     max_candidates: int = 12) -> list[dict[str, int]]:
+                     max_candidates: int = 12, kind: str = "params") -> list[dict[str, int]]:
     """Target shapes (TARGET_FIELDS) of `teacher_cfg` with |params - budget| <= tolerance * budget.
 
     Constraints: no dimension above the teacher's; hidden and intermediate sizes are multiples of
@@ -302,7 +349,7 @@ def candidate_shapes(teacher_cfg: Any, budget: int, *, multiple: int | None, tol
     shape is within tolerance; the message names the nearest achievable counts and a smaller multiple that
     works, if any.
     """
-    return _candidates(teacher_cfg, budget, multiple, tolerance, max_candidates)[0]
+    return _candidates(teacher_cfg, budget, multiple, tolerance, max_candidates, kind)[0]
 
 
 def _no_shape_problem(pool: _Pool, tolerance: float) -> str:
@@ -314,11 +361,11 @@ def _no_shape_problem(pool: _Pool, tolerance: float) -> str:
 def _no_shape_fix(teacher_cfg: Any, budget: int, pool: _Pool, tolerance: float,
                   buildable: dict[tuple[int, ...], bool]) -> str:
     nearest = pool.above if pool.below is None else pool.below
-    fixes = [f"prune.target.params={nearest}"] if nearest is not None else []
+    fixes = [f"prune.target.{pool.kind}={nearest}"] if nearest is not None else []
     # Suggest finer widths down to _MIN_AUTO_MULTIPLE (or to 1 when already that fine).
     m, floor = pool.multiple // 2, _MIN_AUTO_MULTIPLE if pool.multiple > _MIN_AUTO_MULTIPLE else 1
     while m >= floor:
-        if len(_Pool(teacher_cfg, budget, m, tolerance, probe=True, buildable=buildable)):
+        if len(_Pool(teacher_cfg, budget, m, tolerance, probe=True, buildable=buildable, kind=pool.kind)):
             fixes.append(f"prune.search.multiple={m}")
             break
         m //= 2
@@ -369,6 +416,7 @@ def search_target(
     log: Callable[[str], Any] = print,
     reduce: Reduce | None = None,
     progress: bool = False,
+    kind: str = "params",
 ) -> tuple[dict[str, int], list[dict[str, Any]]]:
     """The best shape for a parameter budget, and the ranking table (one dict per candidate, best first).
 
@@ -383,9 +431,11 @@ def search_target(
     if not batches:
         raise ValueError("prune search needs at least one evaluation batch")
     cfg = teacher.config
-    shapes, multiple = _candidates(cfg, budget, multiple, tolerance, max_candidates)
+    shapes, multiple = _candidates(cfg, budget, multiple, tolerance, max_candidates, kind)
     teacher_shape = _shape_of(cfg)
-    log(f"prune search: {len(shapes)} candidate shapes within {100 * tolerance:g}% of {budget:,} parameters "
+    arch = _Arch.of(cfg)
+    log(f"prune search: {len(shapes)} candidate shapes within {100 * tolerance:g}% of {budget:,} "
+        f"{'active ' if kind == 'active_params' else ''}parameters "
         f"(widths multiple of {multiple}), ranked by held-out LM loss")
 
     where = batches[0]["input_ids"].device if batches else None  # also from a ZeRO-3 teacher (else on the CPU)
@@ -397,7 +447,7 @@ def search_target(
     for idx, shape in enumerate(progress_bar(shapes, desc="prune search: candidates", unit="shape",
                                              enabled=progress)):
         model = student(shape)
-        params = count_parameters(model)
+        params = count_parameters(model) if kind == "params" else arch.active(shape)
         loss = _eval_loss(model, batches, reduce)
         del model
         _release_memory()
@@ -407,7 +457,7 @@ def search_target(
     if distill is not None and distill_top_k > 0:
         top = rows[:distill_top_k]
         for row in top:
-            model = student({k: row[k] for k in TARGET_FIELDS})
+            model = student({k: row[k] for k in teacher_shape})
             model.requires_grad_(True)
             model.train()
             row["loss_distilled"] = float(distill(model))
@@ -418,18 +468,22 @@ def search_target(
         row["rank"] = rank
     for line in format_table(rows).splitlines():
         log(line)
-    best = {k: rows[0][k] for k in TARGET_FIELDS}
+    best = {k: rows[0][k] for k in teacher_shape}
     return best, rows
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The ranking as a markdown table (rows as returned by `search_target`)."""
-    header = ("rank", "family", "layers", "hidden", "intermediate", "heads", "kv_heads", "params", "vs budget",
+    moe = bool(rows) and "num_experts" in rows[0]
+    qwen_moe = bool(rows) and "moe_intermediate_size" in rows[0]
+    header = ("rank", "family", "layers", "hidden", "intermediate", *(("experts",) if moe else ()),
+              *(("expert width",) if qwen_moe else ()), "heads", "kv_heads", "params", "vs budget",
               "loss (pruned)", "loss (distilled)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     for r in rows:
         distilled = "-" if r.get("loss_distilled") is None else f"{r['loss_distilled']:.4f}"
         cells = (r["rank"], r["family"], r["num_hidden_layers"], r["hidden_size"], r["intermediate_size"],
+                 *((r["num_experts"],) if moe else ()), *((r["moe_intermediate_size"],) if qwen_moe else ()),
                  r["num_attention_heads"], r["num_key_value_heads"], f"{r['params']:,}", f"{r['budget_pct']:+.2f}%",
                  f"{r['loss_pruned']:.4f}", distilled)
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")

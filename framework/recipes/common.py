@@ -19,6 +19,7 @@ from sapling.dist import barrier, broadcast_object, init_distributed, is_main, l
 from sapling.errors import ConfigError, OutputError, SaplingError
 from sapling.io import check_output, claim_output, write_text_atomically
 from sapling.models import count_parameters, install_kd_head, resolve_dtype, source_config
+from sapling.models.families import is_moe
 from sapling.models.shapes import check_shape, check_source_shape, check_vocab
 from sapling.prune.select import check_prune_shape
 from sapling.recipes.hooks import HookContext, run_hooks
@@ -183,12 +184,16 @@ def check_prune_target(cfg: DictConfig, teacher_cfg: Any, *, seq_len: int | None
     target's HF config is built as the pruner will and checked with the teacher's (`check_shape`)."""
     seq_len = cfg.data.seq_len if seq_len is None else seq_len
     check_shape("teacher.config", teacher_cfg, seq_len=seq_len)
+    if is_moe(teacher_cfg) and cfg.prune.importance == "magnitude":
+        raise ConfigError("prune.importance", "magnitude", f"weight-magnitude scores cover dense MLPs, not the experts "
+                          f"of a {teacher_cfg.model_type} model", "use prune.importance=activation (or random)")
     check_prune_shape(teacher_cfg, OmegaConf.to_container(cfg.prune.target), seq_len=seq_len)
-    if cfg.prune.target.params is not None:
+    kind = "active_params" if cfg.prune.target.get("active_params") is not None else "params"
+    if cfg.prune.target[kind] is not None:
         from sapling.prune.search import candidate_shapes
 
         s = cfg.prune.search
-        candidate_shapes(teacher_cfg, int(cfg.prune.target.params), multiple=s.multiple, tolerance=s.tolerance,
+        candidate_shapes(teacher_cfg, int(cfg.prune.target[kind]), kind=kind, multiple=s.multiple, tolerance=s.tolerance,
                          max_candidates=s.max_candidates)
 
 

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from sapling.eval.perplexity import PERPLEXITY_COLUMNS, perplexity_rows
 from sapling.eval.report import write_report
 from sapling.models import build_model, load_tokenizer, save_hf_checkpoint, source_config
-from sapling.prune.select import TARGET_FIELDS
+from sapling.prune.select import target_fields
 from sapling.recipes.common import (
     check_prune_target,
     check_tokenizer_fits,
@@ -44,7 +44,7 @@ def run_prune(cfg: DictConfig) -> dict[str, Any]:
                                max_tokens=cfg.trainer.eval_tokens, progress=cfg.trainer.progress)
     finally:
         metrics.close()
-    shapes = [[k, getattr(teacher.config, k), getattr(student.config, k)] for k in TARGET_FIELDS]
+    shapes = [[k, getattr(teacher.config, k), getattr(student.config, k)] for k in target_fields(teacher.config)]
     sections = [
         ("Validation perplexity (before any distillation)", PERPLEXITY_COLUMNS, rows),
         ("Shapes", ["field", "teacher", "pruned"], shapes),

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from sapling.errors import ConfigError, ModelSourceError
+from sapling.models.families import is_moe, moe_width_field
 
 __all__ = [
     "DecoderDims",
@@ -76,24 +77,30 @@ class DecoderDims:
     kv_heads: int
     head_dim: int
     vocab: int
+    router_experts: int = 0  # MoE: the router's [experts, hidden] matmul; `intermediate` is top-k x expert width
 
     @classmethod
     def from_config(cls, config: Any) -> DecoderDims:
         """Read an HF config (``head_dim`` defaults to ``hidden_size // num_attention_heads``)."""
-        if getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None):
-            raise ModelSourceError(f"{type(config).__name__}: mixture-of-experts configs are not supported; fix: use a "
-                                   "dense model")
         heads = int(config.num_attention_heads)
         kv = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        intermediate, experts = int(config.intermediate_size), 0
+        if is_moe(config):  # a token runs the router and its top-k experts: their widths add up
+            experts = int(config.num_experts)
+            intermediate = min(int(config.num_experts_per_tok), experts) * int(getattr(config, moe_width_field(config)))
+        elif getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None):
+            raise ModelSourceError(f"{type(config).__name__}: mixture-of-experts configs of this family are not "
+                                   "supported; fix: use Qwen3-MoE, Mixtral, OLMoE or a dense model")
         return cls(
             hidden=int(config.hidden_size),
-            intermediate=int(config.intermediate_size),
+            intermediate=intermediate,
             layers=int(config.num_hidden_layers),
             heads=heads,
             kv_heads=int(kv),
             head_dim=int(head_dim),
             vocab=int(config.vocab_size),
+            router_experts=experts,
         )
 
 
@@ -105,7 +112,7 @@ def _layers_forward(d: DecoderDims, seq_len: int, causal: bool) -> float:
     """Forward FLOPs per token of all decoder layers at sequence length ``seq_len``."""
     ctx = (seq_len + 1) / 2 if causal else float(seq_len)
     proj = 4 * d.hidden * d.head_dim * (d.heads + d.kv_heads)
-    mlp = 6 * d.hidden * d.intermediate
+    mlp = 6 * d.hidden * d.intermediate + 2 * d.hidden * d.router_experts
     attn = 4 * d.heads * d.head_dim * ctx
     return d.layers * (proj + mlp + attn)
 

@@ -31,6 +31,7 @@ from sapling import faults
 from sapling.data import PackedData, ResumableLoader
 from sapling.dist import all_reduce_sum, any_across_ranks, barrier, rank_world
 from sapling.distill.features import FeatureDistiller, StudentWithFeatures, student_weights
+from sapling.distill.router import router_aux_weight
 from sapling.distill.step import count_valid, loss_on_batch
 from sapling.errors import CheckpointError
 from sapling.eval.perplexity import evaluate_lm
@@ -41,7 +42,7 @@ from sapling.train.flops import distill_step_flops, kd_head_flops_per_row, peak_
 from sapling.train.metrics import MetricsLogger
 
 # What a step sums over its micro-batches (and ranks): loss_on_batch's parts and the loss.
-STEP_STATS = ("loss", "kd", "ce", "feat", "top1_agree")
+STEP_STATS = ("loss", "kd", "ce", "feat", "top1_agree", "aux")
 # USR1: Slurm's --signal (launchers/slurm.sbatch); USR2: submitit's; TERM: preemption and scancel; INT: Ctrl-C.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
@@ -193,6 +194,7 @@ def fit(
     # `model` is the HF student (validated and exported); the projections live beside it in the engine
     model, features = (engine.module.model, engine.module.features) if features is not None else (engine.module, None)
     cached_teacher = getattr(data.train, "has_teacher", False)  # a teacher cache: top-k comes with the batches
+    router_aux = router_aux_weight(model, cfg.distill) > 0  # an MoE student's load-balancing loss is logged
     loader = ResumableLoader(data.train, t.micro_batch_size, rank=rank, world_size=world, seed=t.seed)
     tokens_per_step = t.micro_batch_size * t.grad_accum * data.train[0].numel() * world
 
@@ -278,7 +280,7 @@ def fit(
             if logged or evaluating:  # this step's one host sync: its sums (all ranks) and the finite check
                 read = torch.cat([nonfinite, stats, num_valid.reshape(1).to(stats)]).tolist()
                 check_finite(read[:2])
-                step_loss, step_kd, step_ce, step_feat, step_top1 = read[2:-1]
+                step_loss, step_kd, step_ce, step_feat, step_top1, step_aux = read[2:-1]
                 n_valid = read[-1]
             if logged:
                 now = time.perf_counter()
@@ -287,6 +289,8 @@ def fit(
                           "ce": step_ce, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
                 if features is not None:
                     record["feat"] = step_feat
+                if router_aux:
+                    record["router_aux"] = step_aux
                 if (teacher is not None or cached_teacher) and cfg.distill.kd_weight > 0:
                     record["top1_agreement"] = step_top1 / max(n_valid, 1)  # of this step's valid tokens
                 record.update(_speed_record(step_flops, tok_s / tokens_per_step, world, peak, device))

@@ -7,7 +7,8 @@
   trained engine's logits;
 - a run killed (SIGKILL) in the middle of a checkpoint save resumes from the previous checkpoint and then
   reproduces the uninterrupted run exactly; SIGUSR1 checkpoints at the next step and exits cleanly;
-- a 2-rank checkpoint resumes on 1 rank through DeepSpeed's universal checkpoint conversion.
+- a 2-rank checkpoint resumes on 1 rank through DeepSpeed's universal checkpoint conversion;
+- a mixture-of-experts student (its router load-balancing loss included) under ZeRO-3 matches one process.
 """
 
 from __future__ import annotations
@@ -181,3 +182,52 @@ def test_kill_mid_save_then_signal_then_resume_on_one_rank(runs, models, tmp_pat
     assert last["step"] == STEPS
     assert last["loss"] == pytest.approx(reference[STEPS], rel=1e-4)
     assert (out / "model" / "config.json").exists()
+
+
+MOE_STEPS = 4
+
+
+# A mixture-of-experts student (Qwen3-MoE, pruned to 3 of 4 experts and a narrower expert FFN) distilled with
+# ZeRO-3 gives the single-process losses, router load-balancing loss and gradient norms (issue 20.3).
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory, tokenizer, text_files) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from sapling.models import save_hf_checkpoint, tiny_config
+    from sapling.prune.slicing import KeepPlan, slice_model
+
+    torch.manual_seed(0)
+    cfg = tiny_config("qwen3-moe-tiny", vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                      moe_intermediate_size=16)
+    teacher = AutoModelForCausalLM.from_config(cfg)
+    root = tmp_path_factory.mktemp("moe")
+    plan = KeepPlan(experts=[torch.tensor([0, 1, 3]), torch.tensor([1, 2, 3])],
+                    expert_mlp=[torch.arange(8).expand(3, 8)] * 2)
+    student = slice_model(teacher, plan)
+    return {"teacher": save_hf_checkpoint(teacher, tokenizer, root / "teacher"),
+            "student": save_hf_checkpoint(student, tokenizer, root / "student"), "data": text_files[-1]}
+
+
+def test_moe_zero3_distillation_matches_one_process(moe_models, tmp_path, run_sapling):
+    m = moe_models
+    args = [f"teacher.path={m['teacher']}", f"student.path={m['student']}", f"data.files=[{m['data']}]", *COMMON,
+            f"trainer.max_steps={MOE_STEPS}", "distill.router_aux_weight=0.05"]
+    single = tmp_path / "single"
+    assert run_sapling(tmp_path, "distill", *args, "trainer.grad_accum=4", f"hydra.run.dir={single}") == 0
+    zero3 = tmp_path / "zero3"
+    res = subprocess.run(_torchrun(2, "-m", "sapling", "distill", *args, "trainer.grad_accum=2", "deepspeed=zero3",
+                                   "deepspeed.param_persistence_threshold=0", f"hydra.run.dir={zero3}"),
+                         env=_env(), capture_output=True, text=True, timeout=900)
+    _check(res)
+    ref, got = _records(single), _records(zero3)
+    assert [r["step"] for r in got] == list(range(1, MOE_STEPS + 1))
+    for a, b in zip(ref, got):
+        for key in ("loss", "kd", "ce", "router_aux", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (key, a["step"], a[key], b[key])
+    assert ref[0]["router_aux"] > 0 and ref[-1]["loss"] < ref[0]["loss"]
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(zero3 / "model")
+    assert (student.config.num_experts, student.config.moe_intermediate_size) == (3, 8)

@@ -4,6 +4,7 @@ the teacher with the removed experts masked out of its router and the removed ne
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -160,3 +161,114 @@ def test_invalid_moe_plans() -> None:
     sparse_every_other = AutoModelForCausalLM.from_config(tiny_config("qwen3-moe-tiny", **SIZES, decoder_sparse_step=2))
     with pytest.raises(ModelSourceError, match="dense MLP instead of experts"):
         slice_model(sparse_every_other, KeepPlan())
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_param_and_active_param_counts_equal_the_loaded_models(family: str) -> None:
+    """Counted from the config (teacher and pruned shapes) = counted on the model: all parameters, and those a
+    token uses (everything but the experts it is not routed to: (E - top-k) / E of the expert tensors)."""
+    from sapling.prune.search import count_active_params, count_params
+    from sapling.prune.select import resolve_target, target_config
+
+    teacher = make_moe(family)
+    field = "moe_intermediate_size" if family == "qwen3_moe" else "intermediate_size"
+    for target in ({}, {"num_experts": 3, field: 16, "hidden_size": 32 if family == "olmoe" else 48,
+                        "num_hidden_layers": 2, **({"num_attention_heads": 2} if family == "olmoe" else {})},
+                   {"num_experts": 1}):
+        shape = resolve_target(teacher.config, target)
+        model = AutoModelForCausalLM.from_config(target_config(teacher.config, shape))
+        total = sum(p.numel() for p in model.parameters())
+        experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+        e, k = model.config.num_experts, model.config.num_experts_per_tok
+        assert count_params(teacher.config, shape) == total == count_parameters(model)
+        assert count_active_params(teacher.config, shape) == total - experts * (e - k) // e
+        assert count_active_params(model.config) == count_active_params(teacher.config, shape)
+
+
+def test_router_aux_loss_is_the_models_own(tokenizer) -> None:
+    """The step's load-balancing term equals the HF model's `aux_loss` (output_router_logits=True) and is
+    weighted by distill.router_aux_weight (null: router_aux_loss_coef; 0: off)."""
+    from types import SimpleNamespace
+
+    from sapling.distill.step import loss_on_batch
+
+    teacher, student = make_moe("mixtral", 0).train(), make_moe("mixtral", 1).train()
+    x = ids()
+    cfg = dict(kd_weight=1.0, ce_weight=0.0, divergence="forward_kl", beta=0.5, temperature=1.0, chunk_size=None)
+    with torch.no_grad():
+        hf_aux = float(student(input_ids=x, labels=x, output_router_logits=True).aux_loss)
+    base, parts0 = loss_on_batch(student, teacher, {"input_ids": x, "labels": x},
+                                 SimpleNamespace(**cfg, router_aux_weight=0.0))
+    assert "aux" not in parts0
+    for weight, expect in ((None, student.config.router_aux_loss_coef), (0.5, 0.5)):
+        loss, parts = loss_on_batch(student, teacher, {"input_ids": x, "labels": x},
+                                    SimpleNamespace(**cfg, router_aux_weight=weight))
+        assert float(parts["aux"]) == pytest.approx(hf_aux, rel=1e-6)
+        assert float((loss - base).detach()) == pytest.approx(expect * hf_aux, rel=1e-4)
+    loss.backward()
+    assert student.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+
+
+QUIET = ("logger=none", "trainer.progress=false", "data.seq_len=32", "prune.calibration.samples=8",
+         "prune.calibration.batch_size=4", "trainer.micro_batch_size=2", "trainer.eval_batches=1")
+
+
+@pytest.fixture(scope="module")
+def moe_teacher(tmp_path_factory, tokenizer) -> Any:
+    from sapling.models import save_hf_checkpoint
+
+    torch.manual_seed(0)
+    cfg = tiny_config("qwen3-moe-tiny", vocab_size=len(tokenizer), num_hidden_layers=3, num_experts=8)
+    return save_hf_checkpoint(AutoModelForCausalLM.from_config(cfg), tokenizer,
+                              tmp_path_factory.mktemp("moe_teacher") / "model")
+
+
+def test_moe_teacher_pruned_and_distilled_end_to_end(cli_in_process, tmp_path, moe_teacher, text_files):
+    """`sapling distill hooks.pre=[prune]` on a Qwen3-MoE teacher: experts, expert width, hidden and depth cut
+    by calibrated importance, distilled with the router loss logged, saved and reloaded with exact dims."""
+    out = tmp_path / "kd"
+    files = "[" + ",".join(str(p) for p in text_files) + "]"
+    res = cli_in_process("distill", f"teacher.path={moe_teacher}", f"data.files={files}", *QUIET, "hooks.pre=[prune]",
+                         "prune.target.num_experts=4", "prune.target.moe_intermediate_size=16",
+                         "prune.target.hidden_size=48", "prune.target.num_hidden_layers=2", "trainer.max_steps=3",
+                         "trainer.log_every=1", f"hydra.run.dir={out}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    student, info = AutoModelForCausalLM.from_pretrained(out / "model", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    s = student.config
+    assert (s.num_experts, s.moe_intermediate_size, s.hidden_size, s.num_hidden_layers) == (4, 16, 48, 2)
+    assert student.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=4, do_sample=False).shape == (1, 8)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["event"] == "train"]
+    assert len(train) == 3 and all(r["router_aux"] > 0 for r in train)
+    prune = next(r for r in records if r["event"] == "prune")
+    assert (prune["teacher_num_experts"], prune["student_num_experts"]) == (8, 4)
+
+
+def test_active_param_budget_is_searched_and_met(cli_in_process, tmp_path, moe_teacher, text_files):
+    from sapling.prune.search import count_active_params
+
+    teacher_cfg = AutoModelForCausalLM.from_pretrained(moe_teacher).config
+    budget = count_active_params(teacher_cfg) * 6 // 10
+    out = tmp_path / "p"
+    files = "[" + ",".join(str(p) for p in text_files) + "]"
+    res = cli_in_process("prune", f"teacher.path={moe_teacher}", f"data.files={files}", *QUIET,
+                         f"prune.target.active_params={budget}", "prune.search.tolerance=0.05",
+                         "prune.search.max_candidates=4", f"hydra.run.dir={out}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    student = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert abs(count_active_params(student.config) / budget - 1) <= 0.05
+    assert "experts" in (out / "prune_search.md").read_text()
+
+
+def test_moe_target_mistakes_are_refused_in_one_line(cli_in_process, tmp_path, moe_teacher, text_files):
+    args = ("prune", f"teacher.path={moe_teacher}", f"data.files=[{','.join(map(str, text_files))}]", *QUIET)
+    res = cli_in_process(*args, "prune.target.intermediate_size=64", f"hydra.run.dir={tmp_path / 'a'}")
+    assert res.returncode == 2 and "prune.target.intermediate_size=64" in res.stderr
+    assert "moe_intermediate_size" in res.stderr
+    res = cli_in_process(*args, "prune.target.num_experts=9", f"hydra.run.dir={tmp_path / 'b'}")
+    assert res.returncode == 2 and "prune.target.num_experts=9" in res.stderr and "teacher's 8" in res.stderr
+    res = cli_in_process(*args, "prune.target.num_experts=4", "prune.importance=magnitude",
+                         f"hydra.run.dir={tmp_path / 'c'}")
+    assert res.returncode == 2 and "prune.importance=" in res.stderr and "not the experts" in res.stderr
+    assert "Loading weights" not in res.stderr  # refused before the teacher loads

@@ -274,7 +274,7 @@ def test_invalid_plan_rejected_before_any_work() -> None:
 
 def test_unsupported_architecture() -> None:
     with pytest.raises(ValueError, match=r"slicing supports model types llama, mistral, qwen2, qwen3, granite, gemma2, "
-                                         r"gemma3_text, olmo2, phi3, cohere, cohere2; got 'gpt2'"):
+                                         r"gemma3_text, olmo2, phi3, cohere, cohere2, qwen3_moe, mixtral, olmoe; got 'gpt2'"):
         pruned_config(AutoConfig.for_model("gpt2"), KeepPlan())
 
 
