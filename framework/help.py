@@ -57,7 +57,7 @@ HELP: dict[str, CommandHelp] = {
         "Cross-entropy training: fine-tunes model.path, or trains from scratch a named tiny config\n"
         "(model.tiny) with model.config.* overrides and data.tokenizer. Writes output_dir/model.",
         (("model.path", "HF checkpoint directory or hub id to fine-tune"),
-         ("model.tiny", "a named toy config: llama-tiny, mistral-tiny, qwen2-tiny, qwen3-tiny"),
+         ("model.tiny", "a named toy config: llama-tiny, qwen3-tiny, gemma2-tiny, qwen3-moe-tiny, ... (TINY_CONFIGS)"),
          ("model.config.num_hidden_layers", f"HF config overrides (model.config.<field>: {_SHAPE})"),
          ("data.files", "training files: .jsonl/.json (data.text_field), .parquet, any UTF-8 text (.txt, .py...)"),
          ("data.tokenizer", "tokenizer directory (null: the model's)"),
@@ -95,6 +95,8 @@ HELP: dict[str, CommandHelp] = {
          ("prune.target.num_hidden_layers", f"the pruned shape (prune.target.<field>: {_SHAPE}; null keeps the "
                                             "teacher's)"),
          ("prune.target.params", "a parameter budget instead: candidate shapes ranked by held-out loss"),
+         ("prune.target.active_params", "MoE: a budget on the parameters a token uses (router + top-k experts)"),
+         ("prune.target.num_experts", "MoE: experts kept per layer (with moe_intermediate_size / intermediate_size)"),
          ("prune.importance", "activation | magnitude | random"),
          ("prune.depth_metric", "block_influence | layer_loss"),
          ("prune.calibration.samples", "calibration sequences from the training split"),
