@@ -187,33 +187,28 @@ def test_kill_mid_save_then_signal_then_resume_on_one_rank(runs, models, tmp_pat
 MOE_STEPS = 4
 
 
-# A mixture-of-experts student (Qwen3-MoE, pruned to 3 of 4 experts and a narrower expert FFN) distilled with
-# ZeRO-3 gives the single-process losses, router load-balancing loss and gradient norms (issue 20.3).
+# A mixture-of-experts teacher (Qwen3-MoE) pruned by the prune pre-hook to 3 of 4 experts and a narrower expert
+# FFN (calibration split over the ranks, scores all-reduced, a ZeRO-3 teacher read layer by layer) and distilled
+# with ZeRO-3 gives the single-process pruning, losses, router load-balancing loss and gradient norms (issue 20.3).
 
 
 @pytest.fixture(scope="module")
-def moe_models(tmp_path_factory, tokenizer, text_files) -> dict:
+def moe_teacher(tmp_path_factory, tokenizer) -> Path:
     from transformers import AutoModelForCausalLM
 
     from sapling.models import save_hf_checkpoint, tiny_config
-    from sapling.prune.slicing import KeepPlan, slice_model
 
     torch.manual_seed(0)
     cfg = tiny_config("qwen3-moe-tiny", vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
                       moe_intermediate_size=16)
-    teacher = AutoModelForCausalLM.from_config(cfg)
-    root = tmp_path_factory.mktemp("moe")
-    plan = KeepPlan(experts=[torch.tensor([0, 1, 3]), torch.tensor([1, 2, 3])],
-                    expert_mlp=[torch.arange(8).expand(3, 8)] * 2)
-    student = slice_model(teacher, plan)
-    return {"teacher": save_hf_checkpoint(teacher, tokenizer, root / "teacher"),
-            "student": save_hf_checkpoint(student, tokenizer, root / "student"), "data": text_files[-1]}
+    return save_hf_checkpoint(AutoModelForCausalLM.from_config(cfg), tokenizer,
+                              tmp_path_factory.mktemp("moe") / "teacher")
 
 
-def test_moe_zero3_distillation_matches_one_process(moe_models, tmp_path, run_sapling):
-    m = moe_models
-    args = [f"teacher.path={m['teacher']}", f"student.path={m['student']}", f"data.files=[{m['data']}]", *COMMON,
-            f"trainer.max_steps={MOE_STEPS}", "distill.router_aux_weight=0.05"]
+def test_moe_prune_and_zero3_distillation_match_one_process(moe_teacher, text_files, tmp_path, run_sapling):
+    args = [f"teacher.path={moe_teacher}", f"data.files=[{text_files[-1]}]", *COMMON, f"trainer.max_steps={MOE_STEPS}",
+            "distill.router_aux_weight=0.05", "hooks.pre=[prune]", "prune.target.num_experts=3",
+            "prune.target.moe_intermediate_size=8", "prune.calibration.samples=8", "prune.calibration.batch_size=2"]
     single = tmp_path / "single"
     assert run_sapling(tmp_path, "distill", *args, "trainer.grad_accum=4", f"hydra.run.dir={single}") == 0
     zero3 = tmp_path / "zero3"
@@ -221,6 +216,9 @@ def test_moe_zero3_distillation_matches_one_process(moe_models, tmp_path, run_sa
                                    "deepspeed.param_persistence_threshold=0", f"hydra.run.dir={zero3}"),
                          env=_env(), capture_output=True, text=True, timeout=900)
     _check(res)
+    (p1,), (p2,) = _records(single, "prune"), _records(zero3, "prune")
+    assert p2["student_params"] == p1["student_params"] and p2["calibration_tokens"] == p1["calibration_tokens"]
+    assert p2["val_loss"] == pytest.approx(p1["val_loss"], rel=1e-5)
     ref, got = _records(single), _records(zero3)
     assert [r["step"] for r in got] == list(range(1, MOE_STEPS + 1))
     for a, b in zip(ref, got):
