@@ -787,6 +787,7 @@ def validate(cfg: DictConfig) -> None:
     _check_quantizing(cfg)
     _check_inputs(cfg)
     check_model_shapes(cfg)
+    check_moe_quantization(cfg)
 
 
 # Cross-field checks: keys of several sections (or a key and the command) that must fit together.
@@ -919,6 +920,28 @@ def _local_source(src: Any) -> bool:
 
     path = Path(os.path.expanduser(src.path))
     return path.is_dir() or (is_gguf(path) and path.is_file())
+
+
+def check_moe_quantization(cfg: DictConfig) -> None:
+    """Quantizing a mixture-of-experts model is refused before anything loads: its fused experts stay 16-bit
+    and transformers cannot reload the compressed-tensors export (the per-expert weights are not converted
+    back under a quantization config)."""
+    cmd = cfg.command
+    if cmd == "quantize":
+        sources = [("model.path", cfg.model)]
+    elif "quantize" in cfg.hooks.post or (cmd == "pipeline" and cfg.pipeline.quantize):
+        sources = [("teacher.path", cfg.teacher), ("student.path", cfg.student)]
+    else:
+        return
+    from sapling.models.families import is_moe
+    from sapling.models.hf import source_config
+
+    for key, src in sources:
+        if _local_source(src) and is_moe(source_config(src)):
+            fix = "drop hooks.post=[quantize] (or pipeline.quantize=false)" if cmd != "quantize" else \
+                "keep the model 16-bit (sapling distill without hooks.post=[quantize])"
+            _check(False, key, src.path or src.tiny, f"is a {source_config(src).model_type} mixture-of-experts model, "
+                   "which Sapling does not quantize yet (its experts' compressed-tensors export does not reload)", fix)
 
 
 def check_model_shapes(cfg: DictConfig) -> None:

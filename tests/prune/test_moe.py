@@ -272,3 +272,15 @@ def test_moe_target_mistakes_are_refused_in_one_line(cli_in_process, tmp_path, m
                          f"hydra.run.dir={tmp_path / 'c'}")
     assert res.returncode == 2 and "prune.importance=" in res.stderr and "not the experts" in res.stderr
     assert "Loading weights" not in res.stderr  # refused before the teacher loads
+
+
+def test_quantizing_an_moe_model_is_refused_before_it_loads(cli_in_process, tmp_path, moe_teacher, text_files):
+    """Its fused experts would stay 16-bit and the compressed-tensors export does not reload in transformers:
+    refused in one line (sapling quantize, and hooks.post=[quantize] on an MoE teacher)."""
+    res = cli_in_process("quantize", f"model.path={moe_teacher}", f"data.files=[{text_files[0]}]",
+                         f"output_dir={tmp_path / 'q'}")
+    assert res.returncode == 2 and "model.path=" in res.stderr and "mixture-of-experts" in res.stderr
+    res = cli_in_process("distill", f"teacher.path={moe_teacher}", f"data.files=[{text_files[0]}]", "hooks.pre=[prune]",
+                         "prune.target.num_experts=4", "hooks.post=[quantize]", f"output_dir={tmp_path / 'd'}")
+    assert res.returncode == 2 and "teacher.path=" in res.stderr and "mixture-of-experts" in res.stderr
+    assert not (tmp_path / "q").exists() and not (tmp_path / "d").exists()
