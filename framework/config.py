@@ -511,6 +511,9 @@ class PipelineConfig:
     corpus: DemoCorpusConfig = field(default_factory=DemoCorpusConfig)
     teacher_steps: int = 400
     teacher_lr: float = 2e-3
+    # Minitron's teacher correction: a pretrained teacher.path fine-tuned with CE on the distillation data first
+    teacher_correction_steps: int = 0
+    teacher_correction_lr: float = 3e-5
     scratch_baseline: bool = True  # also train the student shape from scratch with CE for the same steps
     quantize: bool = True  # end with the distilled student quantized (quant.*) and exported
     sample_prompts: list[str] = field(default_factory=list)  # each model's greedy answer to these, in report.md
@@ -520,6 +523,10 @@ class PipelineConfig:
 def check_pipeline(p: Any) -> None:
     _check(p.teacher_steps > 0, "pipeline.teacher_steps", p.teacher_steps, "must be positive", "use e.g. 400")
     _check(p.sample_tokens > 0, "pipeline.sample_tokens", p.sample_tokens, "must be positive", "use e.g. 32")
+    _check(p.teacher_correction_steps >= 0, "pipeline.teacher_correction_steps", p.teacher_correction_steps,
+           "must be >= 0", "0 (no correction) or the steps of CE fine-tuning, e.g. 200")
+    _check(p.teacher_correction_lr > 0, "pipeline.teacher_correction_lr", p.teacher_correction_lr, "must be > 0",
+           "e.g. 3e-5")
 
 
 @dataclass
@@ -777,6 +784,10 @@ def validate(cfg: DictConfig) -> None:
     check_quant(cfg.quant)
     if cfg.command == "pipeline":
         check_pipeline(cfg.pipeline)
+        _check(cfg.pipeline.teacher_correction_steps == 0 or cfg.teacher.path is not None,
+               "pipeline.teacher_correction_steps", cfg.pipeline.teacher_correction_steps,
+               "corrects a pretrained teacher.path on the distillation data; the demo's own teacher is trained on it",
+               "pass teacher.path=<pretrained checkpoint>, or set pipeline.teacher_correction_steps=0")
     for key in ("teacher", "student", "model"):
         check_source(key, cfg[key])
     check_data(cfg.data)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 TOY = [
     "pipeline.corpus.max_bytes=300000", "pipeline.corpus.vocab_size=320", "pipeline.teacher_steps=12",
     "teacher.config.hidden_size=64", "teacher.config.intermediate_size=128", "teacher.config.num_hidden_layers=2",
@@ -97,3 +99,37 @@ def test_pipeline_distill_stage_runs_the_post_hooks(sapling_main, tmp_path):
     hooks = [(r["stage"], r["name"]) for r in _events(out / "distill", "hook")]
     assert hooks == [("pre", "prune"), ("post", "eval")]
     assert (out / "prune_scores.pt").exists() and _events(out, "prune")
+
+
+def test_pipeline_corrects_a_pretrained_teacher_first(sapling_main, tmp_path, teacher_dir, text_files):
+    """pipeline.teacher_correction_steps=N: the teacher.path is fine-tuned with CE on the distillation data
+    (`sapling train`'s code path, stage `teacher_correction`) and that corrected teacher is pruned, distilled
+    and reported; without a teacher.path it is refused in one line."""
+    out = tmp_path / "corrected"
+    files = "[" + ",".join(str(p) for p in text_files) + "]"
+    demo_shape = [f"teacher.config.{k}=null" for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                         "num_attention_heads", "num_key_value_heads",
+                                                         "max_position_embeddings")]
+    args = [f"teacher.path={teacher_dir}", f"data.files={files}", *demo_shape, "prune.target.hidden_size=32",
+            "prune.target.intermediate_size=64", "prune.target.num_attention_heads=2", "prune.target.num_key_value_heads=1",
+            "prune.target.num_hidden_layers=1", "prune.calibration.samples=8", "data.seq_len=32",
+            "trainer.max_steps=2", "trainer.micro_batch_size=2", "trainer.eval_batches=1", "eval.batches=2",
+            "logger=none", "pipeline.scratch_baseline=false", "pipeline.quantize=false", "eval.gen_tokens=0",
+            "pipeline.teacher_correction_steps=3", "pipeline.teacher_correction_lr=1e-3"]
+    code, err = sapling_main("pipeline", *args, f"hydra.run.dir={out}")
+    assert code == 0, err[-3000:]
+    done = _events(out / "teacher_correction", "done")
+    assert done and done[0]["step"] == 3
+    assert (out / "teacher_correction" / "model" / "config.json").exists()
+    report = (out / "report.md").read_text()
+    assert "corrected on this data (3 CE steps" in report
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(teacher_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out / "teacher_correction" / "model").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the correction trained the teacher
+    curve = [r["loss"] for r in _events(out / "teacher_correction", "train")]
+    assert curve and all(c == c for c in curve)
+
+    code, err = sapling_main("pipeline", *args[1:], f"hydra.run.dir={tmp_path / 'refused'}")
+    assert code == 2 and "pipeline.teacher_correction_steps=3" in err

@@ -282,6 +282,13 @@ def _run_stages(cfg: DictConfig, stop: StopRequest) -> dict[str, Any]:
         teacher = build_model(cfg.teacher, teacher_cfg, device)
         teacher_note = cfg.teacher.path
         teacher_dir = Path(os.path.expanduser(cfg.teacher.path))
+        steps = cfg.pipeline.teacher_correction_steps
+        if steps > 0:  # Minitron's teacher correction: CE fine-tuning on this data, as `sapling train model.path=T`
+            lr = cfg.pipeline.teacher_correction_lr
+            teacher = train_stage("teacher_correction", "train", _stage_cfg(cfg, max_steps=steps, lr=lr), teacher,
+                                  None, steps=steps, hooks=False)
+            teacher_dir = out / "teacher_correction" / "model"
+            teacher_note = f"{cfg.teacher.path}, corrected on this data ({steps} CE steps, lr {lr:g}): {teacher_dir}"
     else:
         try:
             cached, teacher_cfg, teacher_note = trained_demo_teacher(cfg, tokenizer, data, device, out / "teacher")
