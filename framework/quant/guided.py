@@ -67,17 +67,17 @@ def distillation_saliency(
     s_transform, t_transform = model_logit_transform(student, "student"), model_logit_transform(teacher, "teacher")
     try:
         t_device = next(teacher.parameters()).device
-        rows = slice(None) if vocab is None else slice(0, vocab)
-        t_weight = t_head.weight.detach()[rows].to(device)
-        t_bias = None if t_head.bias is None else t_head.bias.detach()[rows].to(device)
-        s_bias = None if s_head.bias is None else s_head.bias[rows]
+        shared = slice(None) if vocab is None else slice(0, vocab)  # the ids both vocabularies hold
+        t_weight = t_head.weight.detach()[shared].to(device)
+        t_bias = None if t_head.bias is None else t_head.bias.detach()[shared].to(device)
+        s_bias = None if s_head.bias is None else s_head.bias[shared]
         for ids in progress_bar(batches, desc="guided saliency", unit="batch", enabled=progress, leave=False):
             outputs.clear()
             with torch.no_grad():
                 t_hidden = final_hidden(teacher, ids.to(t_device)).to(device)
             with torch.enable_grad():
                 s_hidden = final_hidden(student, ids.to(device))
-                loss = fused_linear_kd_loss(s_hidden, s_head.weight[rows], teacher_hidden=t_hidden,
+                loss = fused_linear_kd_loss(s_hidden, s_head.weight[shared], teacher_hidden=t_hidden,
                                             teacher_weight=t_weight, divergence=divergence,
                                             temperature=temperature, num_valid_tokens=1,
                                             student_bias=s_bias, teacher_bias=t_bias,

@@ -160,6 +160,23 @@ def test_saliency_is_the_squared_kd_gradient_at_each_linear_output():
     assert all(p.grad is None for p in student.parameters())  # parameter gradients were not accumulated
 
 
+def test_saliency_across_padded_vocabularies_ignores_the_padded_rows():
+    """A student with 8 padded lm_head rows more than its teacher: with vocab=120 the padded rows take no part
+    (changing them changes nothing), over every batch."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    student, teacher = AutoModelForCausalLM.from_config(cfg).eval(), tiny_llama(seed=7)
+    batches, targets = calib(2), plan_targets(student, SPEC)[0]
+    a = distillation_saliency(student, teacher, batches, targets, progress=False, vocab=120)
+    with torch.no_grad():
+        student.lm_head.weight[120:] = torch.randn(8, 64)
+    b = distillation_saliency(student, teacher, batches, targets, progress=False, vocab=120)
+    for name in targets:
+        for x, y in zip(a[name], b[name]):
+            torch.testing.assert_close(x, y)
+
+
 def test_guided_gptq_differs_from_plain_and_uses_per_group_hessians():
     student, teacher = tiny_llama(seed=0), tiny_llama(seed=7)
     batches = calib(3)
