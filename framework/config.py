@@ -22,7 +22,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from sapling.errors import ConfigError  # noqa: F401  (re-exported: `from sapling.config import ConfigError`)
+from sapling.errors import ConfigError, SaplingError  # noqa: F401  (ConfigError re-exported: `from sapling.config import ConfigError`)
 
 COMMANDS = ("pipeline", "train", "distill", "prune", "quantize", "eval", "cache-teacher")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -948,10 +948,16 @@ def check_moe_quantization(cfg: DictConfig) -> None:
     from sapling.models.hf import source_config
 
     for key, src in sources:
-        if _local_source(src) and is_moe(source_config(src)):
+        if not _local_source(src):
+            continue
+        try:
+            model_cfg = source_config(src)
+        except SaplingError:  # an unreadable config is reported, with its fix, where the model loads
+            continue
+        if is_moe(model_cfg):
             fix = "drop hooks.post=[quantize] (or pipeline.quantize=false)" if cmd != "quantize" else \
                 "keep the model 16-bit (sapling distill without hooks.post=[quantize])"
-            _check(False, key, src.path or src.tiny, f"is a {source_config(src).model_type} mixture-of-experts model, "
+            _check(False, key, src.path or src.tiny, f"is a {model_cfg.model_type} mixture-of-experts model, "
                    "which Sapling does not quantize yet (its experts' compressed-tensors export does not reload)", fix)
 
 
