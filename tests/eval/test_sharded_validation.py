@@ -41,3 +41,29 @@ def test_rank_shares_sum_to_the_single_process_value(monkeypatch, lockstep):
         assert ran == [[[0, 1], [6]], [[2, 3], [0, 1]], [[4, 5], [0, 1]]]
     else:
         assert ran == [[[0, 1], [6]], [[2, 3]], [[4, 5]]]
+
+
+def test_a_budget_takes_blocks_spread_over_the_split(monkeypatch):
+    """max_tokens / max_batches below the split take blocks j * n // k (evenly spread), not the first k: the
+    validation split is in document order, and its first documents are not the split."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama-tiny", vocab_size=64, hidden_size=32,
+                                                         num_hidden_layers=1))
+    blocks = torch.randint(0, 64, (10, 9))
+    blocks[:, 0] = torch.arange(10)
+    ran = []
+    final_hidden = perplexity.final_hidden
+
+    def recorded(model, ids):
+        ran.extend(ids[:, 0].tolist())
+        return final_hidden(model, ids)
+
+    monkeypatch.setattr(perplexity, "final_hidden", recorded)
+    got = evaluate_lm(model, blocks, micro_batch_size=2, max_tokens=4 * 9)
+    assert ran == [0, 2, 5, 7]
+    ran.clear()
+    evaluate_lm(model, blocks, micro_batch_size=2, max_batches=1)
+    assert ran == [0, 5]
+    ran.clear()
+    want = evaluate_lm(model, blocks[[0, 2, 5, 7]], micro_batch_size=2)
+    assert got == want
