@@ -341,8 +341,14 @@ def quant_part(s: Setup, args: argparse.Namespace, results: dict[str, Any]) -> d
                 continue  # the teacher against itself: the KD loss and its gradients are zero
             out = s.work / "quant" / f"{model}_{slug(label)}"
             t0 = time.perf_counter()
-            summary = run_quantize(compose_cfg(*s.overrides("quantize", out), f"model.path={path}",
-                                               f"quant.calibration.samples={args.quant_calibration}", *ov))
+            done = [r for r in events(out) if r.get("event") == "quantize"] if (out / "metrics.jsonl").exists() \
+                else []
+            if done:  # finished by an earlier run of this part (same work dir): kept, not redone
+                summary = done[-1]
+                print(f"{model}: {label}: already quantized in {out}, kept", flush=True)
+            else:
+                summary = run_quantize(compose_cfg(*s.overrides("quantize", out), f"model.path={path}",
+                                                   f"quant.calibration.samples={args.quant_calibration}", *ov))
             rows[f"{model}: {label}"] = {
                 "model": model, "recipe": label, "val_16bit": summary["val_16bit"],
                 "val_quantized": summary["val_quantized"], "bytes": summary["bytes"],
@@ -361,7 +367,8 @@ def quant_part(s: Setup, args: argparse.Namespace, results: dict[str, Any]) -> d
             *(f"prune.target.{k}={shape.get(k, 'null')}" for k in SHAPE_KEYS),
             f"prune.importance={best['importance']}", f"prune.depth_metric={best['depth_metric']}",
             f"trainer.max_steps={results['prune']['kd_steps']}", "trainer.eval_every=0",
-            "quant.aware=true", "quant.guided=false", "quant.group_size=64", "hooks.post=[quantize]"))
+            "quant.aware=true", "quant.method=rtn", "quant.guided=false", "quant.group_size=64",
+            "hooks.post=[quantize]"))
         q = last(out, "quantize")
         qad = {"val_quantized": q["val_quantized"], "val_16bit": q.get("val_16bit"), "bytes": q["bytes"],
                "wall_s": time.perf_counter() - t0}
