@@ -18,6 +18,7 @@ from sapling.models import (
     IGNORE_INDEX,
     decoder_and_head,
     final_hidden,
+    first_rows,
     install_kd_head,
     model_logit_transform,
     shifted_targets,
@@ -98,9 +99,7 @@ def loss_on_batch(
     # the student's goes through the head's forward, so ZeRO-3 gathers it and reduce-scatters its gradient.
     with gathered(teacher_head):
         if kd_weight > 0 and not cached:
-            t_weight, t_bias = t_head.weight, t_head.bias
-            if rows is not None:
-                t_weight, t_bias = t_weight[:rows], None if t_bias is None else t_bias[:rows]
+            t_weight, t_bias = first_rows(t_head.weight, t_head.bias, rows)
             kd.update(teacher_hidden=ht, teacher_weight=t_weight, teacher_bias=t_bias,
                       teacher_logit_transform=model_logit_transform(teacher, "teacher"))
         loss, parts = head(hs, kd=kd)

@@ -26,6 +26,7 @@ from sapling.models import (
     IGNORE_INDEX,
     decoder_and_head,
     final_hidden,
+    first_rows,
     install_kd_head,
     model_logit_transform,
 )
@@ -97,10 +98,9 @@ def sliding_window_eval(
                                   num_valid_tokens=1, return_parts=True)
         hidden = final_hidden(model, ids)
         if teacher is not None:
-            rows = slice(None) if kd_vocab is None else slice(0, kd_vocab)
-            kd.update(teacher_hidden=final_hidden(teacher, ids), teacher_weight=t_head.weight[rows],
-                      teacher_bias=None if t_head.bias is None else t_head.bias[rows], teacher_logit_transform=t_transform,
-                      divergence="forward_kl", kd_weight=1.0)
+            t_weight, t_bias = first_rows(t_head.weight, t_head.bias, kd_vocab)
+            kd.update(teacher_hidden=final_hidden(teacher, ids), teacher_weight=t_weight, teacher_bias=t_bias,
+                      teacher_logit_transform=t_transform, divergence="forward_kl", kd_weight=1.0)
             if kd_vocab is not None:  # the perplexity over all the model's rows, the comparison over the shared ones
                 nll += float(head(hidden, kd={**kd, "kd_weight": 0.0, "teacher_hidden": None, "teacher_weight": None,
                                               "teacher_bias": None, "teacher_logit_transform": None})[1]["ce"])

@@ -13,7 +13,7 @@ from sapling.models.hf import (
     source_config,
 )
 from sapling.models.init_scope import model_init_scope
-from sapling.models.kd_head import KDHead, install_kd_head, model_logit_transform
+from sapling.models.kd_head import KDHead, first_rows, install_kd_head, model_logit_transform
 from sapling.models.layers import IGNORE_INDEX, decoder_layers, final_hidden, shifted_targets, unwrap_hf
 from sapling.models.placement import place
 from sapling.models.tiny import TINY_CONFIGS, tiny_config
@@ -30,6 +30,7 @@ __all__ = [
     "decoder_and_head",
     "decoder_layers",
     "final_hidden",
+    "first_rows",
     "install_kd_head",
     "load_tokenizer",
     "logit_transform",

@@ -36,14 +36,19 @@ class KDHead(nn.Linear):
     def forward(self, hidden: torch.Tensor, kd: dict[str, Any] | None = None) -> Any:  # type: ignore[override]
         if kd is None:
             return F.linear(hidden, self.weight, self.bias)
-        weight, bias = self.weight, self.bias
-        rows = kd.get("vocab")
-        if "vocab" in kd:
-            kd = {k: v for k, v in kd.items() if k != "vocab"}
-        if rows is not None:  # only the first `rows` rows take part (the rest get no probability)
-            weight, bias = weight[:rows], None if bias is None else bias[:rows]
+        kd = dict(kd)
+        weight, bias = first_rows(self.weight, self.bias, kd.pop("vocab", None))  # the rest get no probability
         return fused_linear_kd_loss(hidden, weight, student_bias=bias,
                                     student_logit_transform=self.logit_transform, **kd)
+
+
+def first_rows(weight: torch.Tensor, bias: torch.Tensor | None,
+               rows: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An lm_head's weight and bias cut to their first `rows` output rows (None: whole), as views (gradients
+    flow back to the full parameters): the ids two vocabularies that differ in padded rows share."""
+    if rows is None:
+        return weight, bias
+    return weight[:rows], None if bias is None else bias[:rows]
 
 
 def install_kd_head(model: nn.Module, key: str = "model") -> KDHead:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from sapling.kernels import fused_linear_kd_loss
-from sapling.models import decoder_and_head, final_hidden, model_logit_transform
+from sapling.models import decoder_and_head, final_hidden, first_rows, model_logit_transform
 from sapling.progress import progress as progress_bar
 from sapling.quant.layerwise import saliency_groups
 
@@ -67,17 +67,16 @@ def distillation_saliency(
     s_transform, t_transform = model_logit_transform(student, "student"), model_logit_transform(teacher, "teacher")
     try:
         t_device = next(teacher.parameters()).device
-        shared = slice(None) if vocab is None else slice(0, vocab)  # the ids both vocabularies hold
-        t_weight = t_head.weight.detach()[shared].to(device)
-        t_bias = None if t_head.bias is None else t_head.bias.detach()[shared].to(device)
-        s_bias = None if s_head.bias is None else s_head.bias[shared]
+        t_weight, t_bias = first_rows(t_head.weight.detach(), t_head.bias, vocab)  # the ids both vocabularies hold
+        t_weight, t_bias = t_weight.to(device), None if t_bias is None else t_bias.detach().to(device)
+        s_weight, s_bias = first_rows(s_head.weight, s_head.bias, vocab)
         for ids in progress_bar(batches, desc="guided saliency", unit="batch", enabled=progress, leave=False):
             outputs.clear()
             with torch.no_grad():
                 t_hidden = final_hidden(teacher, ids.to(t_device)).to(device)
             with torch.enable_grad():
                 s_hidden = final_hidden(student, ids.to(device))
-                loss = fused_linear_kd_loss(s_hidden, s_head.weight[shared], teacher_hidden=t_hidden,
+                loss = fused_linear_kd_loss(s_hidden, s_weight, teacher_hidden=t_hidden,
                                             teacher_weight=t_weight, divergence=divergence,
                                             temperature=temperature, num_valid_tokens=1,
                                             student_bias=s_bias, teacher_bias=t_bias,
