@@ -230,7 +230,7 @@ def teacher_loss(s: Setup) -> dict[str, float]:
     from sapling.models import build_model, load_tokenizer, source_config
     from sapling.recipes.common import load_data, select_device
 
-    cfg = compose_cfg(*s.overrides("eval", s.work / "teacher_eval"))
+    cfg = compose_cfg(*s.overrides("distill", s.work / "teacher_eval"))  # (a config with teacher.path)
     device = select_device(cfg)
     teacher = build_model(cfg.teacher, source_config(cfg.teacher), device).eval()
     data = load_data(cfg, load_tokenizer(str(s.teacher_dir)))

@@ -105,10 +105,37 @@ class DataConfig:
     seed: int = 0
     num_proc: int = 1
     cache_dir: str | None = None  # defaults to <cache_dir>/data
+    format: str = "text"  # text | chat (rows of `messages_field` conversations)
+    packing: str | None = None  # stream | per_document; null: per_document for chat, stream for text
+    messages_field: str = "messages"
+    role_key: str | None = None  # null: role, else from (ShareGPT)
+    content_key: str | None = None  # null: content, else value (ShareGPT)
+    chat_template: str | None = None  # Jinja text or a file holding it; null: the tokenizer's own
+    loss_on: str = "assistant"  # assistant | all
+
+
+DATA_FORMATS = ("text", "chat")  # sapling.data.pack.FORMATS, PACKINGS (importing the data layer loads `datasets`)
+DATA_PACKINGS = ("stream", "per_document")
+LOSS_ON = ("assistant", "all")
+
 
 def check_data(data: Any, required: bool = False) -> None:
     """`data.*` values, the files (they exist and hold text) and the tokenizer; `required`: some data is given."""
     _check(data.seq_len > 0, "data.seq_len", data.seq_len, "must be > 0", "set data.seq_len to the block length, e.g. 256")
+    _check_choice("data.format", data.format, DATA_FORMATS, "data format",
+                  "use text (plain documents) or chat (rows of messages)")
+    if data.packing is not None:
+        _check_choice("data.packing", data.packing, DATA_PACKINGS, "packing",
+                      "use stream (documents cut into blocks) or per_document (attention within each document)")
+    _check_choice("data.loss_on", data.loss_on, LOSS_ON, "loss_on", "use assistant or all")
+    if data.chat_template is not None:
+        _check("{" in data.chat_template or Path(os.path.expanduser(data.chat_template)).is_file(),
+               "data.chat_template", data.chat_template, "neither a Jinja template nor a file",
+               "give the template's text or the path of a file holding it")
+    if data.format == "chat" and data.files:
+        bad = [f for f in data.files if os.path.splitext(f)[1].lower() not in (".jsonl", ".json", ".parquet")]
+        _check(not bad, "data.files", bad, "chat data must be .jsonl/.json/.parquet rows of conversations",
+               "convert them, or set data.format=text for plain text files")
     _check(0.0 <= data.val_fraction < 1.0, "data.val_fraction", data.val_fraction, "must be in [0, 1)",
            "set data.val_fraction=0.05")
     if data.max_tokens is not None:

@@ -1,8 +1,8 @@
 """Fingerprinting of packing inputs and the on-disk cache of packed arrays.
 
-Layout: ``<cache_dir>/<fingerprint>/{train.npy,val.npy,meta.json}``. Every file is written to a
+Layout: ``<cache_dir>/<fingerprint>/{train.npy,val.npy,[train_mask.npy...],meta.json}``. Every file is written to a
 temporary name and moved into place with ``os.replace``, so readers never see a partial file; an
-entry counts as present only when all three files exist. Arrays are re-opened memory-mapped.
+entry counts as present only when meta.json and every array it lists exist. Arrays are re-opened memory-mapped.
 """
 
 from __future__ import annotations
@@ -39,20 +39,23 @@ def fingerprint(payload: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def save_entry(entry_dir: str, train: np.ndarray, val: np.ndarray, meta: dict[str, Any]) -> None:
-    """Atomically write one cache entry (meta.json last)."""
+def save_entry(entry_dir: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """Atomically write one cache entry: ``<name>.npy`` per array (``train`` and ``val`` at least, the label masks
+    and position ids of chat / per-document data beside them), meta.json (listing them) last."""
     os.makedirs(entry_dir, exist_ok=True)
-    write_atomically(os.path.join(entry_dir, "train.npy"), lambda f: np.save(f, train))
-    write_atomically(os.path.join(entry_dir, "val.npy"), lambda f: np.save(f, val))
+    for name, array in arrays.items():
+        write_atomically(os.path.join(entry_dir, f"{name}.npy"), lambda f, a=array: np.save(f, a))
+    meta = {**meta, "arrays": sorted(arrays)}
     write_text_atomically(os.path.join(entry_dir, "meta.json"), json.dumps(meta, indent=2, sort_keys=True))
 
 
-def load_entry(entry_dir: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]] | None:
-    """Return memory-mapped (train, val, meta) of a complete cache entry, or None when absent."""
+def load_entry(entry_dir: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """Return the memory-mapped arrays (by name) and the meta of a complete cache entry, or None when absent."""
     if not all(os.path.isfile(os.path.join(entry_dir, name)) for name in _FILES):
         return None
-    train = np.load(os.path.join(entry_dir, "train.npy"), mmap_mode="r")
-    val = np.load(os.path.join(entry_dir, "val.npy"), mmap_mode="r")
     with open(os.path.join(entry_dir, "meta.json"), encoding="utf-8") as f:
         meta = json.load(f)
-    return train, val, meta
+    names = meta.get("arrays", ["train", "val"])
+    if not all(os.path.isfile(os.path.join(entry_dir, f"{name}.npy")) for name in names):
+        return None
+    return {name: np.load(os.path.join(entry_dir, f"{name}.npy"), mmap_mode="r") for name in names}, meta

@@ -9,12 +9,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from sapling.data.blocks import block_batch
 from sapling.errors import DataError
 
 
 def calibration_batches(blocks: Any, samples: int, batch_size: int, device: torch.device | str, seed: int = 0,
                         rank: int = 0, world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
-    """Up to `samples` training blocks, drawn in a seeded order, as {"input_ids": [B, L]} batches.
+    """Up to `samples` training blocks, drawn in a seeded order, as {"input_ids", "labels"} [B, L] batches
+    (with "position_ids" for per-document blocks: see sapling.data.blocks).
 
     With `world_size` > 1, this rank's share only: a contiguous slice of the same global order, the
     shares disjoint and covering it, their sizes differing by at most one (a share may be empty).
@@ -24,8 +26,7 @@ def calibration_batches(blocks: Any, samples: int, batch_size: int, device: torc
     order = np.random.default_rng(seed).permutation(len(blocks))[: min(samples, len(blocks))]
     order = np.array_split(order, world_size)[rank]
     for start in range(0, len(order), batch_size):
-        ids = torch.stack([blocks[int(i)] for i in order[start:start + batch_size]]).to(device)
-        yield {"input_ids": ids}
+        yield {k: v.to(device) for k, v in block_batch(blocks, order[start:start + batch_size]).items()}
 
 
 def heldout_batches(blocks: Any, skip: int, batches: int, batch_size: int, device: torch.device | str,
@@ -38,5 +39,5 @@ def heldout_batches(blocks: Any, skip: int, batches: int, batch_size: int, devic
         raise DataError(f"no training blocks left after the {skip} calibration samples to rank "
                         "prune candidates on; fix: lower prune.calibration.samples or add data")
     rest = rest[:batches * batch_size]
-    return [{"input_ids": torch.stack([blocks[int(i)] for i in rest[j:j + batch_size]]).to(device)}
+    return [{k: v.to(device) for k, v in block_batch(blocks, rest[j:j + batch_size]).items()}
             for j in range(0, len(rest), batch_size)]

@@ -15,9 +15,15 @@ special token right after it.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from sapling.errors import DataError
 
@@ -112,3 +118,101 @@ def render_chat(messages: list[dict[str, str]], tokenizer: Any, *, chat_template
         if inside and not verbatim and inside[-1] + 1 < len(ids) and ids[inside[-1] + 1] in special:
             mask[inside[-1] + 1] = True  # the end-of-turn token right after the message's text
     return ids, mask
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How chat rows are read and labelled (`data.messages_field`, `data.role_key`, `data.content_key`,
+    `data.chat_template`: Jinja text, `data.loss_on`)."""
+
+    messages_field: str = "messages"
+    role_key: str | None = None
+    content_key: str | None = None
+    chat_template: str | None = None
+    loss_on: str = "assistant"
+
+    def key(self) -> dict[str, Any]:
+        """What the tokens depend on, for the packed-data fingerprint."""
+        template = None if self.chat_template is None else hashlib.sha256(self.chat_template.encode()).hexdigest()
+        return {"messages_field": self.messages_field, "role_key": self.role_key, "content_key": self.content_key,
+                "chat_template": template, "loss_on": self.loss_on}
+
+
+CHAT_FILE_KINDS = (".jsonl", ".json", ".parquet")
+
+
+def template_text(value: str | None) -> str | None:
+    """`data.chat_template` as Jinja text: the file's content when it names a file, else the value itself."""
+    if value is None:
+        return None
+    path = os.path.expanduser(value)
+    if "{" not in value and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    return value
+
+
+def read_chat_rows(path: str, field: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) of every conversation in a .jsonl/.json (one JSON object per line, or one JSON array of them)
+    or .parquet file; `where` names the file and line for errors."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in CHAT_FILE_KINDS:
+        raise DataError(f"{path}: chat data must be {'/'.join(CHAT_FILE_KINDS)} rows holding {field!r}; fix: convert "
+                        "it, or set data.format=text for plain text files")
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(path).names
+        if field not in names:
+            raise DataError(f"{path}: no column {field!r} (columns: {names}); fix: set data.messages_field to the "
+                            "column that holds the conversations")
+        for i, value in enumerate(pq.read_table(path, columns=[field]).column(field).to_pylist()):
+            yield f"{path} row {i}", {field: value}
+        return
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1)
+        while head.isspace():
+            head = f.read(1)
+        f.seek(0)
+        if head == "[":  # one JSON array of rows
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: not valid JSON ({err}); fix: write one JSON object per line") from err
+            for i, row in enumerate(rows):
+                yield f"{path} item {i}", row
+            return
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {n}: not valid JSON ({err.msg}); fix: write one JSON object per "
+                                "line") from err
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {n}: a JSON {type(row).__name__}, not an object with {field!r}")
+            yield f"{path} line {n}", row
+
+
+def tokenize_conversations(rows: Iterable[tuple[str, Mapping[str, Any]]], tokenizer: Any, fmt: ChatFormat,
+                           batch: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(flat token ids, per-conversation lengths, flat label flags) for every `batch` conversations of `rows`."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    lengths: list[int] = []
+    for where, row in rows:
+        try:
+            messages = normalize_messages(row, fmt.messages_field, fmt.role_key, fmt.content_key)
+            conv_ids, conv_mask = render_chat(messages, tokenizer, chat_template=fmt.chat_template,
+                                              loss_on=fmt.loss_on)
+        except DataError as err:
+            raise DataError(f"{where}: {err}") from None
+        ids += conv_ids
+        mask += conv_mask
+        lengths.append(len(conv_ids))
+        if len(lengths) >= batch:
+            yield np.asarray(ids, np.int64), np.asarray(lengths, np.int64), np.asarray(mask, bool)
+            ids, mask, lengths = [], [], []
+    if lengths:
+        yield np.asarray(ids, np.int64), np.asarray(lengths, np.int64), np.asarray(mask, bool)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sapling.data.blocks import PackedBlocks
+from sapling.data.blocks import PackedBlocks, block_batch
 from sapling.errors import CheckpointError
 
 _RESUME_FIX = ("fix: resume with the settings the checkpoint was written with, or start over in a new output_dir "
@@ -29,7 +29,8 @@ _MASK64 = (1 << 64) - 1
 class ResumableLoader:
     """Yields ``{"input_ids", "labels"}`` LongTensors ``[micro_batch_size, seq_len]`` forever.
 
-    ``labels`` equals ``input_ids`` (the model/loss shifts). See the module docstring for the order.
+    ``labels`` equals ``input_ids`` (the model/loss shifts), -100 where the blocks' label mask is off (chat data:
+    the non-assistant tokens); per-document blocks add ``position_ids``. See the module docstring for the order.
     Blocks whose ``get_batch`` returns a dict (a teacher cache) add their other keys to each batch.
     """
 
@@ -89,11 +90,13 @@ class ResumableLoader:
         return out
 
     def _fetch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        """``{"input_ids": ...}`` plus whatever else the blocks carry (a teacher cache: the teacher's top-k)."""
-        if hasattr(self.blocks, "get_batch"):
+        """``{"input_ids", "labels"}`` (and ``position_ids`` of per-document packing), plus whatever else the
+        blocks carry (a teacher cache: the teacher's top-k)."""
+        if not isinstance(self.blocks, PackedBlocks) and hasattr(self.blocks, "get_batch"):
             out = self.blocks.get_batch(indices)
-            return out if isinstance(out, dict) else {"input_ids": out}
-        return {"input_ids": torch.stack([self.blocks[int(i)] for i in indices])}
+            out = out if isinstance(out, dict) else {"input_ids": out}
+            return {**out, "labels": out["input_ids"].clone()}
+        return block_batch(self.blocks, indices)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         batch, world = self.micro_batch_size, self.world_size
@@ -101,7 +104,7 @@ class ResumableLoader:
             indices = self.sample_indices(self.consumed_samples + self.rank * batch, batch)
             fetched = self._fetch(indices)
             self.consumed_samples += batch * world
-            yield {**fetched, "labels": fetched["input_ids"].clone()}
+            yield fetched
 
     def state_dict(self) -> dict[str, Any]:
         """Resumable state; ``consumed_samples`` counts global samples and is world-size independent."""

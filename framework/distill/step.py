@@ -49,7 +49,7 @@ def loss_on_batch(
     weighted by this batch's share of the valid tokens). The parts (`kd`, `ce`, `top1_agree`, `feat`, `aux`)
     are detached device tensors, so a step reads them back once, when it is logged.
     """
-    input_ids, labels = batch["input_ids"], batch["labels"]
+    input_ids, labels, positions = batch["input_ids"], batch["labels"], batch.get("position_ids")
     if "teacher_records" in batch:
         raise ValueError("the batch holds packed teacher records: decode it first (CachedTeacherBlocks.decode)")
     head = install_kd_head(student, "student")
@@ -60,7 +60,7 @@ def loss_on_batch(
     aux_weight = router_aux_weight(student, distill_cfg) if student.training else 0.0
     with capture_layer_outputs(student, s_layers) as s_feats, \
             capture_router_logits(student if aux_weight > 0 else None) as routers:
-        hs = final_hidden(student, input_ids)
+        hs = final_hidden(student, input_ids, positions)
     has_teacher = teacher is not None or cached
     kd_weight = distill_cfg.kd_weight if has_teacher else 0.0
     ce_weight = distill_cfg.ce_weight if has_teacher else 1.0
@@ -92,7 +92,7 @@ def loss_on_batch(
         _, t_head = decoder_and_head(teacher)
         t_layers = features.teacher_layers if features is not None else []
         with torch.no_grad(), capture_layer_outputs(teacher, t_layers) as t_feats:
-            ht = final_hidden(teacher, input_ids)
+            ht = final_hidden(teacher, input_ids, positions)
         if kd_weight > 0:
             teacher_head = list(t_head.parameters())
     # A ZeRO-3 teacher's lm_head is gathered on its own for the loss (the loss reads its weight directly);

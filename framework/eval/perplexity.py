@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from sapling.data.blocks import block_batch
 from sapling.dist import all_reduce_sum, rank_world
 from sapling.models import IGNORE_INDEX, final_hidden, install_kd_head, shifted_targets
 from sapling.progress import progress as progress_bar
@@ -57,10 +58,10 @@ def evaluate_lm(
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # NLL sum, tokens: read once at the end
     for b in progress_bar(mine, desc=desc, unit="batch", enabled=progress, leave=False):
         first = 0 if b is None else b * micro_batch_size
-        ids = torch.stack([blocks[chosen[i]] for i in range(first, min(n, first + micro_batch_size))])
-        ids = ids.to(device)
-        hidden = final_hidden(model, ids)
-        targets = shifted_targets(ids)
+        batch = block_batch(blocks, [chosen[i] for i in range(first, min(n, first + micro_batch_size))])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        hidden = final_hidden(model, batch["input_ids"], batch.get("position_ids"))
+        targets = shifted_targets(batch["labels"])
         nll_sum = head(hidden, kd=dict(labels=targets, kd_weight=0.0, ce_weight=1.0, ignore_index=IGNORE_INDEX,
                                        num_valid_tokens=1))
         if b is not None:

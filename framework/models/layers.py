@@ -9,10 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sapling.data.blocks import IGNORE_INDEX  # noqa: F401  (re-exported: a label left out of every loss)
 from sapling.errors import ModelSourceError
 from sapling.models.hf import decoder_and_head
-
-IGNORE_INDEX = -100  # a label left out of every loss and count (HF's and torch's cross-entropy default)
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -20,10 +19,14 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:].reshape(-1)
 
 
-def final_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Final (post-norm) hidden states for positions that predict a next token: [B*(L-1), H]."""
+def final_hidden(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Final (post-norm) hidden states for positions that predict a next token: [B*(L-1), H].
+
+    `position_ids` that restart within a block (documents packed one after another) keep attention within each
+    document: transformers builds a block-diagonal causal mask from them (SDPA, eager) or runs flash-attn varlen.
+    """
     decoder, _ = decoder_and_head(model)
-    hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+    hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
     return hidden[:, :-1].reshape(-1, hidden.shape[-1])
 
 

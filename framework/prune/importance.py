@@ -346,7 +346,8 @@ class ImportanceAccumulator:
         self._weights = _token_weights(batch)
         try:
             with _eval_no_grad(self.model):
-                self.model.model(input_ids=ids, attention_mask=batch.get("attention_mask"), use_cache=False)
+                self.model.model(input_ids=ids, attention_mask=batch.get("attention_mask"),
+                                 position_ids=batch.get("position_ids"), use_cache=False)
             self._acc["tokens"] += float(ids.numel()) if self._weights is None else self._weights.sum().double()
             self._acc["samples"] += float(ids.shape[0])
         finally:
@@ -516,7 +517,7 @@ def _loss_sums(model: nn.Module, batches: list[dict[str, Tensor]], passes: int =
         labels = batch.get("labels")
         if labels is None:
             labels = ids if mask is None else ids.masked_fill(mask == 0, IGNORE_INDEX)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=batch.get("position_ids"), use_cache=False).logits
         target = labels[:, 1:]
         ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX,
                              reduction="none")

@@ -39,6 +39,12 @@ def run_cache_teacher(cfg: DictConfig) -> dict[str, Any]:
     from sapling.train.engine import prepare_teacher
 
     c = cfg.cache
+    d = cfg.data
+    if d.format == "chat" or d.packing == "per_document":
+        key, value = ("data.format", d.format) if d.format == "chat" else ("data.packing", d.packing)
+        raise ConfigError(key, value, "a teacher cache holds token blocks only, not the label masks and position ids "
+                          "of chat or per-document data", "distil from the teacher online (sapling distill without "
+                          "cache.dir), or cache plain text with data.packing=stream")
     teacher_cfg = source_config(cfg.teacher)
     check_shape("teacher.config", teacher_cfg, seq_len=cfg.data.seq_len)
     top_k = c.top_k or DEFAULT_TOP_K
@@ -54,7 +60,6 @@ def run_cache_teacher(cfg: DictConfig) -> dict[str, Any]:
     teacher = build_model(cfg.teacher, teacher_cfg, device, seed=cfg.seed,
                           ds_config=engine_ds_config(cfg, "teacher", cfg.teacher, device))
     teacher = prepare_teacher(teacher, cfg, world)
-    d = cfg.data
     plan = CachePlan(
         data_fingerprint=data.fingerprint, tokenizer_hash=tokenizer_hash(tokenizer),
         teacher_hash=teacher_fingerprint(cfg.teacher, teacher_cfg, cfg.seed),

@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sapling.data import PackedData, build_packed_data
+from sapling.data.chat import ChatFormat, template_text
 from sapling.dist import barrier, broadcast_object, init_distributed, is_main, launch_env, rank_world
 from sapling.errors import ConfigError, OutputError, SaplingError
 from sapling.io import check_output, claim_output, write_text_atomically
@@ -151,11 +152,14 @@ def tokenizer_path(cfg: DictConfig, *fallback_keys: str) -> str:
 
 def load_data(cfg: DictConfig, tokenizer: Any, *, val_fraction: float | None = None) -> PackedData:
     d = cfg.data
+    chat = ChatFormat(messages_field=d.messages_field, role_key=d.role_key, content_key=d.content_key,
+                      chat_template=template_text(d.chat_template), loss_on=d.loss_on)
     return build_packed_data(
         list(d.files) or None, tokenizer, d.seq_len, hub_name=d.hub_name, hub_config=d.hub_config,
         hub_split=d.hub_split, text_field=d.text_field,
         val_fraction=d.val_fraction if val_fraction is None else val_fraction, seed=d.seed,
         max_tokens=d.max_tokens, cache_dir=d.cache_dir or str(Path(cfg.cache_dir) / "data"), num_proc=d.num_proc,
+        format=d.format, packing=d.packing, chat=chat,
     )
 
 

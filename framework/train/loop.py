@@ -229,7 +229,7 @@ def fit(
         # Cumulative model FLOPs so far: the student's training (6N per token + attention + head) and the
         # whole step's, which adds the online teacher's forward (a cached teacher's pass is not counted).
         metrics.log({"event": "eval", "step": step, "tokens": tokens_seen, "val_loss": val["loss"],
-                     "val_ppl": val["ppl"], "student_flops": step * step_flops[0], "flops": step * step_flops[1]})
+                     "val_ppl": val["ppl"], "val_tokens": val["tokens"], "student_flops": step * step_flops[0], "flops": step * step_flops[1]})
         return val
 
     def checkpoint(step: int) -> None:
@@ -286,7 +286,8 @@ def fit(
                 now = time.perf_counter()
                 tok_s = window_tokens / max(1e-9, now - window_t0)
                 record = {"event": "train", "step": done, "tokens": tokens_seen, "loss": step_loss, "kd": step_kd,
-                          "ce": step_ce, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
+                          "ce": step_ce, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
+                          "label_tokens": int(n_valid)}  # this step's targets, all ranks (chat: assistant tokens)
                 if features is not None:
                     record["feat"] = step_feat
                 if router_aux:
