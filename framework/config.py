@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,11 +113,46 @@ class DataConfig:
     content_key: str | None = None  # null: content, else value (ShareGPT)
     chat_template: str | None = None  # Jinja text or a file holding it; null: the tokenizer's own
     loss_on: str = "assistant"  # assistant | all
+    mix: list[Any] = field(default_factory=list)  # [{files|hub_name, weight, format, name, ...}]: a weighted mixture
 
 
 DATA_FORMATS = ("text", "chat")  # sapling.data.pack.FORMATS, PACKINGS (importing the data layer loads `datasets`)
 DATA_PACKINGS = ("stream", "per_document")
 LOSS_ON = ("assistant", "all")
+
+
+def has_data(data: Any) -> bool:
+    """Some training data is given: data.files, data.hub_name or data.mix."""
+    return bool(data.files) or data.hub_name is not None or bool(data.get("mix"))
+
+
+def check_mix(data: Any) -> None:
+    """Each `data.mix` entry: known keys, one source (files or hub_name), a weight > 0, a known format."""
+    from sapling.data.mixture import MIX_KEYS, mix_entry  # imports `datasets`: only when a mixture is given
+
+    _check(not (data.files or data.hub_name is not None), "data.mix", "[...]", "given beside data.files/data.hub_name",
+           "put every source in data.mix (one entry per source), or drop data.mix")
+    names = set()
+    for i in range(len(data.mix)):
+        raw = data.mix[i]
+        _check(isinstance(raw, Mapping) or OmegaConf.is_dict(raw), f"data.mix[{i}]", raw,
+               "not a mapping", "write entries as {files: [a.jsonl], weight: 0.7}")
+        for key in raw:
+            _check(key in MIX_KEYS, f"data.mix[{i}].{key}", raw[key], "unknown key in a mixture entry",
+                   f"use {', '.join(MIX_KEYS)} (set the rest on data.*)")
+        e = mix_entry(data, i)
+        _check(bool(e["files"]) != (e["hub_name"] is not None), f"data.mix[{i}].files", list(e["files"] or []),
+               "a mixture entry needs exactly one of files or hub_name", "give files: [...] or hub_name: org/name")
+        w = e["weight"]
+        _check(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0,
+               f"data.mix[{i}].weight", w, "must be a finite number > 0", "e.g. weight: 0.3 (weights are normalised)")
+        _check_choice(f"data.mix[{i}].format", e["format"], DATA_FORMATS, "data format", "use text or chat")
+        _check(e["name"] not in names and "/" not in str(e["name"]), f"data.mix[{i}].name", e["name"],
+               "repeated or holds a /", "give each source its own name (it labels its metrics)")
+        names.add(e["name"])
+        if e["files"]:
+            _check_file_kinds(f"data.mix[{i}].files", list(e["files"]), e["format"])
+            check_data_files(list(e["files"]), key=f"data.mix[{i}].files")
 
 
 def check_data(data: Any, required: bool = False) -> None:
@@ -132,10 +168,8 @@ def check_data(data: Any, required: bool = False) -> None:
         _check("{" in data.chat_template or Path(os.path.expanduser(data.chat_template)).is_file(),
                "data.chat_template", data.chat_template, "neither a Jinja template nor a file",
                "give the template's text or the path of a file holding it")
-    if data.format == "chat" and data.files:
-        bad = [f for f in data.files if os.path.splitext(f)[1].lower() not in (".jsonl", ".json", ".parquet")]
-        _check(not bad, "data.files", bad, "chat data must be .jsonl/.json/.parquet rows of conversations",
-               "convert them, or set data.format=text for plain text files")
+    if data.files:
+        _check_file_kinds("data.files", list(data.files), data.format)
     _check(0.0 <= data.val_fraction < 1.0, "data.val_fraction", data.val_fraction, "must be in [0, 1)",
            "set data.val_fraction=0.05")
     if data.max_tokens is not None:
@@ -144,13 +178,22 @@ def check_data(data: Any, required: bool = False) -> None:
         _check_data_given(data)
     if data.files:
         check_data_files(list(data.files))
+    if data.get("mix"):
+        check_mix(data)
     if data.tokenizer is not None:
         check_model_path("data.tokenizer", data.tokenizer, ("tokenizer.json", "tokenizer_config.json"))
 
 
+def _check_file_kinds(key: str, files: list[str], format: str) -> None:
+    if format == "chat":
+        bad = [f for f in files if os.path.splitext(f)[1].lower() not in (".jsonl", ".json", ".parquet")]
+        _check(not bad, key, bad, "chat data must be .jsonl/.json/.parquet rows of conversations",
+               "convert them, or set data.format=text for plain text files")
+
+
 def _check_data_given(data: Any) -> None:
-    _check(bool(data.files) or data.hub_name is not None, "data.files", list(data.files), "no training data given",
-           "pass data.files=[a.txt,b.jsonl,c.parquet] or data.hub_name=org/dataset")
+    _check(has_data(data), "data.files", list(data.files), "no training data given",
+           "pass data.files=[a.txt,b.jsonl,c.parquet], data.hub_name=org/dataset or data.mix=[...]")
 
 
 @dataclass
@@ -713,7 +756,7 @@ def hub_problem(repo_id: str, markers: tuple[str, ...] = ("config.json",)) -> st
     return f"not a local directory, not in the HF cache, and the hub is unreachable ({host}:{port}: {why})"
 
 
-def check_data_files(files: list[str]) -> None:
+def check_data_files(files: list[str], key: str = "data.files") -> None:
     """Each file exists and its first bytes are UTF-8 text (any extension) or Parquet; not all are empty.
 
     Cheap: reads at most the first 64 KiB of each file; the readers check the rest when they load it.
@@ -722,14 +765,14 @@ def check_data_files(files: list[str]) -> None:
 
     paths = [os.path.expanduser(f) for f in files]
     for i, (f, path) in enumerate(zip(files, paths, strict=True)):
-        key = f"data.files[{i}]"
-        _check(not Path(path).is_dir(), key, f, "is a directory, not a file",
+        item = f"{key}[{i}]"
+        _check(not Path(path).is_dir(), item, f, "is a directory, not a file",
                "list the files in it, e.g. data.files=[dir/a.txt,dir/b.py]")
-        _check(Path(path).is_file(), key, f, "no such file", "check the path (relative paths are "
+        _check(Path(path).is_file(), item, f, "no such file", "check the path (relative paths are "
                "resolved from the directory you launched from)")
         if problem := file_problem(path):
-            raise ConfigError(key, f, *problem)
-    _check(not all(is_blank(p) for p in paths), "data.files", files,
+            raise ConfigError(item, f, *problem)
+    _check(not all(is_blank(p) for p in paths), key, files,
            "every file is empty or blank", "pass files that hold text")
 
 
@@ -929,7 +972,7 @@ def _check_quantizing(cfg: DictConfig) -> None:
                "is already quantized (its config.json has a quantization_config)",
                "quantize the full-precision model it was made from (e.g. the distill run's output_dir/model)")
         gptq = q.method == "gptq" or (q.method == "auto" and not q.aware)
-        _check(not (gptq or q.eval) or bool(cfg.data.files) or cfg.data.hub_name is not None, "data.files", None,
+        _check(not (gptq or q.eval) or has_data(cfg.data), "data.files", None,
                "GPTQ calibration and the perplexity report need data", "pass data.files=[...] (or quant.method=rtn "
                "quant.eval=false to quantize without data)")
 

@@ -87,3 +87,23 @@ def train_bpe_tokenizer(corpus: Path, vocab_size: int, cache: Path) -> Path:
                                 pad_token=EOS).save_pretrained(tmp)
 
     return cached_dir(cache / f"tokenizer-{key}", build)
+
+
+def stdlib_chat(n: int, modules: tuple[str, ...] = ("textwrap", "json", "inspect", "string", "shutil")) -> list[dict]:
+    """Up to `n` short two-turn conversations about public names of standard-library modules, answered with the
+    first sentence of their docstrings (`{"messages": [...]}` rows): chat data every machine can build."""
+    import importlib
+    import inspect
+
+    rows = []
+    for module_name in modules:
+        module = importlib.import_module(module_name)
+        for name, obj in sorted(vars(module).items()):
+            doc = inspect.getdoc(obj) if callable(obj) and not name.startswith("_") else None
+            if doc:
+                rows.append({"messages": [
+                    {"role": "user", "content": f"{name}?"},
+                    {"role": "assistant", "content": doc.strip().split(".")[0][:60] + "."},
+                    {"role": "user", "content": "Class?"},
+                    {"role": "assistant", "content": "Yes." if inspect.isclass(obj) else "No."}]})
+    return rows[:n]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from sapling.data.blocks import PackedBlocks, block_batch
+from sapling.data.mixture import CHUNK, MixtureOrder
 from sapling.errors import CheckpointError
 
 _RESUME_FIX = ("fix: resume with the settings the checkpoint was written with, or start over in a new output_dir "
@@ -43,6 +44,7 @@ class ResumableLoader:
         world_size: int = 1,
         seed: int = 0,
         shuffle: bool = True,
+        mixture: MixtureOrder | None = None,
     ) -> None:
         if micro_batch_size <= 0:
             raise ValueError(f"micro_batch_size must be > 0, got {micro_batch_size}")
@@ -58,6 +60,7 @@ class ResumableLoader:
         self.shuffle = shuffle
         self.num_blocks = len(blocks)
         self.consumed_samples = 0
+        self.mixture = mixture  # a data mixture: its weighted order over the sources' blocks replaces the epochs
         self._perms: dict[int, np.ndarray] = {}  # at most two epochs (a batch may straddle a boundary)
 
     @property
@@ -80,6 +83,8 @@ class ResumableLoader:
 
     def sample_indices(self, start: int, count: int) -> np.ndarray:
         """Block indices at global positions ``[start, start + count)`` of the infinite sample order."""
+        if self.mixture is not None:
+            return self.mixture.indices(start, count)
         out = np.empty(count, dtype=np.int64)
         filled = 0
         while filled < count:
@@ -114,6 +119,7 @@ class ResumableLoader:
             "num_blocks": self.num_blocks,
             "shuffle": self.shuffle,
             "epoch": self.epoch,
+            **({"mix_quota": self.mixture.quota.tolist()} if self.mixture is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -136,6 +142,12 @@ class ResumableLoader:
             raise CheckpointError(
                 f"the checkpoint's loader state was saved with shuffle={bool(state['shuffle'])} "
                 f"but this loader has shuffle={self.shuffle}; {_RESUME_FIX}"
+            )
+        quota = self.mixture.quota.tolist() if self.mixture is not None else None
+        if state.get("mix_quota") != quota:
+            raise CheckpointError(
+                f"the checkpoint's loader state was saved with data mixture quotas {state.get('mix_quota')} (samples "
+                f"per {CHUNK} of each source) but this run has {quota}: data.mix changed; {_RESUME_FIX}"
             )
         consumed = int(state["consumed_samples"])
         if consumed < 0:

@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sapling.data import PackedData, build_packed_data
 from sapling.data.chat import ChatFormat, template_text
+from sapling.data.mixture import mix_entry, mix_packed_data
 from sapling.dist import barrier, broadcast_object, init_distributed, is_main, launch_env, rank_world
 from sapling.errors import ConfigError, OutputError, SaplingError
 from sapling.io import check_output, claim_output, write_text_atomically
@@ -48,6 +50,7 @@ def command_inputs(cfg: DictConfig) -> list[tuple[str, str]]:
     items += [("teacher.cache", cfg.teacher.cache), ("prune.scores", cfg.prune.scores),
               ("data.tokenizer", cfg.data.tokenizer)]
     items += [(f"data.files[{i}]", f) for i, f in enumerate(cfg.data.files)]
+    items += [(f"data.mix[{i}].files[{j}]", f) for i, e in enumerate(cfg.data.mix) for j, f in enumerate(e.get("files") or [])]
     return [(k, v) for k, v in items if v is not None and Path(os.path.expanduser(str(v))).exists()]
 
 
@@ -151,16 +154,24 @@ def tokenizer_path(cfg: DictConfig, *fallback_keys: str) -> str:
 
 
 def load_data(cfg: DictConfig, tokenizer: Any, *, val_fraction: float | None = None) -> PackedData:
+    """`data.*` packed into blocks; with `data.mix`, every source packed alike and mixed (sapling.data.mixture)."""
     d = cfg.data
     chat = ChatFormat(messages_field=d.messages_field, role_key=d.role_key, content_key=d.content_key,
                       chat_template=template_text(d.chat_template), loss_on=d.loss_on)
-    return build_packed_data(
-        list(d.files) or None, tokenizer, d.seq_len, hub_name=d.hub_name, hub_config=d.hub_config,
-        hub_split=d.hub_split, text_field=d.text_field,
+    cache_dir = d.cache_dir or str(Path(cfg.cache_dir) / "data")
+    entries = [mix_entry(d, i) for i in range(len(d.mix))] or [{**d, "files": list(d.files)}]
+    packing = d.packing or ("per_document" if any(e["format"] == "chat" for e in entries) else "stream")
+    parts = [build_packed_data(
+        list(e["files"]) or None, tokenizer, d.seq_len, hub_name=e["hub_name"], hub_config=e["hub_config"],
+        hub_split=e["hub_split"], text_field=e["text_field"],
         val_fraction=d.val_fraction if val_fraction is None else val_fraction, seed=d.seed,
-        max_tokens=d.max_tokens, cache_dir=d.cache_dir or str(Path(cfg.cache_dir) / "data"), num_proc=d.num_proc,
-        format=d.format, packing=d.packing, chat=chat,
-    )
+        max_tokens=e["max_tokens"], cache_dir=cache_dir, num_proc=d.num_proc, format=e["format"], packing=packing,
+        chat=replace(chat, messages_field=e["messages_field"]),
+    ) for e in entries]
+    if not d.mix:
+        return parts[0]
+    return mix_packed_data(parts, [str(e["name"]) for e in entries], [float(e["weight"]) for e in entries],
+                           cache_dir=cache_dir)
 
 
 def check_tokenizer_fits(tokenizer: Any, model_cfg: Any, key: str) -> None:

@@ -104,7 +104,7 @@ def run_distill_from_cache(cfg: DictConfig) -> TrainResult:
     device = setup_distributed(cfg)
     if cfg.cache.verify:
         cache.verify()
-    if cfg.data.files or cfg.data.hub_name:
+    if cfg.data.files or cfg.data.hub_name or cfg.data.mix:
         fp = load_data_once(cfg, tokenizer).fingerprint
         if fp != m["data_fingerprint"]:
             d = m.get("data_config", {})

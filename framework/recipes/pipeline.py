@@ -250,8 +250,9 @@ def _run_stages(cfg: DictConfig, stop: StopRequest) -> dict[str, Any]:
 
     # 1. corpus, tokenizer, data
     t0 = time.perf_counter()
-    if cfg.data.files or cfg.data.hub_name:
-        corpus_note = "data.files" if cfg.data.files else f"hub data set {cfg.data.hub_name}"
+    if cfg.data.files or cfg.data.hub_name or cfg.data.mix:
+        corpus_note = "data.files" if cfg.data.files else "data.mix" if cfg.data.mix else \
+            f"hub data set {cfg.data.hub_name}"
         tok_path = cfg.data.tokenizer or cfg.teacher.path
         if tok_path is None:
             raise ConfigError("data.tokenizer", None, "the pipeline with your own data needs a tokenizer",

@@ -14,6 +14,7 @@ or Ctrl-C makes every rank stop at the next step boundary (the last one too), af
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import signal
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from sapling import faults
 from sapling.data import PackedData, ResumableLoader
+from sapling.data.mixture import MixtureOrder, mix_sources
 from sapling.dist import all_reduce_sum, any_across_ranks, barrier, rank_world
 from sapling.distill.features import FeatureDistiller, StudentWithFeatures, student_weights
 from sapling.distill.router import router_aux_weight
@@ -195,7 +197,11 @@ def fit(
     model, features = (engine.module.model, engine.module.features) if features is not None else (engine.module, None)
     cached_teacher = getattr(data.train, "has_teacher", False)  # a teacher cache: top-k comes with the batches
     router_aux = router_aux_weight(model, cfg.distill) > 0  # an MoE student's load-balancing loss is logged
-    loader = ResumableLoader(data.train, t.micro_batch_size, rank=rank, world_size=world, seed=t.seed)
+    sources = mix_sources(data.meta)  # a data mixture: sampled by weight, counted and validated per source
+    mixture = MixtureOrder([b - a for a, b in (m.train for m in sources)], [m.weight for m in sources],
+                           seed=t.seed) if sources else None
+    loader = ResumableLoader(data.train, t.micro_batch_size, rank=rank, world_size=world, seed=t.seed,
+                             mixture=mixture)
     tokens_per_step = t.micro_batch_size * t.grad_accum * data.train[0].numel() * world
 
     start_step, tokens_seen = 0, 0
@@ -223,13 +229,23 @@ def fit(
         check_finite()
         # Each rank evaluates its share of the batches (the sums are all-reduced); under ZeRO-3 every rank
         # takes part in each forward, so all ranks run as many forwards (lockstep).
-        val = evaluate_lm(model, data.val, micro_batch_size=t.micro_batch_size, max_batches=t.eval_batches,
-                          max_tokens=t.eval_tokens, device=device, progress=t.progress, desc="validation",
-                          shard=True, lockstep=engine.kind == "deepspeed" and int(cfg.deepspeed.stage) == 3)
+        lockstep = engine.kind == "deepspeed" and int(cfg.deepspeed.stage) == 3
+        parts = [(m.name, data.val[m.val[0]:m.val[1]]) for m in sources if m.val[1] > m.val[0]] or [("", data.val)]
+        per_source = {}
+        for name, blocks in parts:  # each source's share of the budget
+            per_source[name] = evaluate_lm(
+                model, blocks, micro_batch_size=t.micro_batch_size, max_batches=t.eval_batches,
+                max_tokens=None if t.eval_tokens is None else max(1, t.eval_tokens // len(parts)), device=device,
+                progress=t.progress, desc=f"validation {name}".strip(), shard=True, lockstep=lockstep)
+        tokens = sum(v["tokens"] for v in per_source.values())
+        loss = sum(v["loss"] * v["tokens"] for v in per_source.values()) / max(1, tokens)
+        val = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": tokens}
         # Cumulative model FLOPs so far: the student's training (6N per token + attention + head) and the
         # whole step's, which adds the online teacher's forward (a cached teacher's pass is not counted).
         metrics.log({"event": "eval", "step": step, "tokens": tokens_seen, "val_loss": val["loss"],
-                     "val_ppl": val["ppl"], "val_tokens": val["tokens"], "student_flops": step * step_flops[0], "flops": step * step_flops[1]})
+                     "val_ppl": val["ppl"], "val_tokens": val["tokens"],
+                     **{f"val_loss/{n}": v["loss"] for n, v in per_source.items() if n},
+                     "student_flops": step * step_flops[0], "flops": step * step_flops[1]})
         return val
 
     def checkpoint(step: int) -> None:
@@ -288,6 +304,9 @@ def fit(
                 record = {"event": "train", "step": done, "tokens": tokens_seen, "loss": step_loss, "kd": step_kd,
                           "ce": step_ce, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
                           "label_tokens": int(n_valid)}  # this step's targets, all ranks (chat: assistant tokens)
+                if mixture is not None:  # blocks drawn from each source so far, in tokens
+                    counts = mixture.counts_before(loader.consumed_samples) * data.train.seq_len
+                    record.update({f"tokens/{m.name}": int(c) for m, c in zip(sources, counts, strict=True)})
                 if features is not None:
                     record["feat"] = step_feat
                 if router_aux:

@@ -4,9 +4,7 @@ and `sapling distill data.format=chat` training on them."""
 
 from __future__ import annotations
 
-import inspect
 import json
-import textwrap
 
 import numpy as np
 import pytest
@@ -14,40 +12,21 @@ import torch
 
 from sapling.data import ResumableLoader, build_packed_data
 from sapling.data.chat import ChatFormat, render_chat
+from sapling.data.demo import stdlib_chat
 from sapling.data.pack import pack_documents
-
-# ChatML-style, markers as plain text: any tokenizer renders it
-TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
-            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
-
-def stdlib_conversations(n: int) -> list[dict]:
-    """`n` two-turn conversations about standard-library names, answered with their docstrings' first words."""
-    rows = []
-    for module in (textwrap, json, inspect):
-        for name, fn in sorted(vars(module).items()):
-            doc = inspect.getdoc(fn) if callable(fn) and not name.startswith("_") else None
-            if doc:
-                first = doc.strip().split(".")[0][:60] + "."
-                rows.append({"messages": [
-                    {"role": "user", "content": f"{name}?"},
-                    {"role": "assistant", "content": first},
-                    {"role": "user", "content": "Class?"},
-                    {"role": "assistant", "content": "Yes." if inspect.isclass(fn) else "No."}]})
-    return rows[:n]
 
 
 @pytest.fixture
-def chat_tokenizer(tokenizer):
+def chat_tokenizer(tokenizer, chatml_template):
     tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)
-    tok.chat_template = TEMPLATE
+    tok.chat_template = chatml_template
     return tok
 
 
 @pytest.fixture
 def chat_file(tmp_path):
     path = tmp_path / "chat.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in stdlib_conversations(40)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in stdlib_chat(40)))
     return path
 
 
@@ -77,7 +56,7 @@ def test_chat_blocks_label_exactly_the_assistant_tokens(chat_tokenizer, chat_fil
     data = build_packed_data([str(chat_file)], chat_tokenizer, 192, format="chat", chat=fmt, val_fraction=0.1,
                              cache_dir=str(tmp_path / "cache"))
     assert data.meta["packing"] == "per_document" and data.meta["train_cut_docs"] == 0
-    rows = stdlib_conversations(40)
+    rows = stdlib_chat(40)
     want = sum(sum(render_chat(r["messages"], chat_tokenizer)[1]) for r in rows)
     assert data.meta["train_label_tokens"] + data.meta["val_label_tokens"] == want
     answers = {m["content"] + "<|im_end|>" for r in rows for m in r["messages"] if m["role"] == "assistant"}
@@ -126,9 +105,10 @@ def test_a_packed_block_gives_each_conversation_its_own_logits(chat_tokenizer, c
     assert not torch.allclose(packed[starts[1]:starts[2]], unpacked[starts[1]:starts[2]], atol=1e-3)
 
 
-def test_distill_trains_on_chat_data(sapling_main, teacher_dir, chat_tokenizer, chat_file, tmp_path):
+def test_distill_trains_on_chat_data(sapling_main, teacher_dir, chat_tokenizer, chat_file, tmp_path,
+                                     chatml_template):
     template = tmp_path / "template.jinja"
-    template.write_text(TEMPLATE)
+    template.write_text(chatml_template)
     code, err = sapling_main("distill", f"teacher.path={teacher_dir}", "student.config.num_hidden_layers=1",
                              f"data.files=[{chat_file}]", "data.format=chat", f"data.chat_template={template}",
                              "data.seq_len=192", "data.val_fraction=0.1", "trainer.max_steps=8",
@@ -140,7 +120,7 @@ def test_distill_trains_on_chat_data(sapling_main, teacher_dir, chat_tokenizer, 
     assert train[-1]["kd"] < train[0]["kd"]
     assert all(0 < r["label_tokens"] < 0.6 * 4 * 192 for r in train)  # the loss counts assistant tokens only
     tok = type(chat_tokenizer).from_pretrained(str(teacher_dir))  # the run's: the teacher's, with the template
-    data = build_packed_data([str(chat_file)], tok, 192, format="chat", chat=ChatFormat(chat_template=TEMPLATE),
+    data = build_packed_data([str(chat_file)], tok, 192, format="chat", chat=ChatFormat(chat_template=chatml_template),
                              val_fraction=0.1)
     evals = [r for r in recs if r.get("event") == "eval"]
     assert evals[-1]["val_tokens"] == data.meta["val_label_tokens"] < 0.6 * data.val.num_tokens  # assistant only
