@@ -231,6 +231,29 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")  # sapling.kernels.DIVERGENCES
 
 
 @dataclass
+class OnPolicyConfig:
+    """On-policy distillation (GKD): the share `fraction` of micro-batches the student generates itself."""
+
+    fraction: float = 0.0  # GKD's lambda; 0 = off (every batch from the data)
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # sampling (not the loss's distill.temperature)
+    top_p: float = 1.0
+    divergence: str | None = None  # the loss on generated batches; null = distill.divergence
+
+
+def check_on_policy(op: Any, seq_len: int) -> None:
+    _check(0.0 <= op.fraction <= 1.0, "distill.on_policy.fraction", op.fraction, "must be in [0, 1]",
+           "set distill.on_policy.fraction=0.5 (half the batches generated) or 0 (off)")
+    _check(1 <= op.max_new_tokens < seq_len, "distill.on_policy.max_new_tokens", op.max_new_tokens,
+           f"must be in [1, data.seq_len={seq_len})", "e.g. distill.on_policy.max_new_tokens=64")
+    _check(op.temperature > 0, "distill.on_policy.temperature", op.temperature, "must be > 0", "e.g. 1.0")
+    _check(0 < op.top_p <= 1, "distill.on_policy.top_p", op.top_p, "must be in (0, 1]", "e.g. 1.0 (no nucleus cut)")
+    if op.divergence is not None:
+        _check_choice("distill.on_policy.divergence", op.divergence, DIVERGENCES, "divergence",
+                      f"use one of {', '.join(DIVERGENCES)} (GKD: reverse_kl or jsd), or null for distill.divergence")
+
+
+@dataclass
 class DistillConfig:
     divergence: str = "forward_kl"
     beta: float = 0.5
@@ -240,6 +263,7 @@ class DistillConfig:
     chunk_size: int | None = None  # tokens per loss chunk; None = let the kernel choose
     router_aux_weight: float | None = None  # MoE students: load-balancing loss weight; None = router_aux_loss_coef
     features: FeatureDistillConfig = field(default_factory=FeatureDistillConfig)
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
 
 def check_distill(d: Any) -> None:
     """`distill.*` (that the loss has a term at all depends on the command: `validate`)."""
@@ -251,6 +275,9 @@ def check_distill(d: Any) -> None:
     _check(d.router_aux_weight is None or d.router_aux_weight >= 0, "distill.router_aux_weight", d.router_aux_weight,
            "must be >= 0", "set distill.router_aux_weight=null (the model's router_aux_loss_coef) or 0 to drop it")
     check_features(d.features)
+    if d.get("on_policy") is not None:
+        _check(d.on_policy.fraction == 0 or d.kd_weight > 0, "distill.kd_weight", d.kd_weight,
+               "on-policy batches learn from the teacher's scores only", "set distill.kd_weight=1.0")
 
 
 @dataclass
@@ -844,6 +871,7 @@ def validate(cfg: DictConfig) -> None:
     check_known_keys(cfg)
     _check_choice("command", cfg.command, COMMANDS, "command")
     check_distill(cfg.distill)
+    check_on_policy(cfg.distill.on_policy, cfg.data.seq_len)
     check_trainer(cfg.trainer)
     check_logger(cfg.logger)
     check_deepspeed(cfg.deepspeed)
@@ -942,6 +970,9 @@ def _check_teacher(cfg: DictConfig) -> None:
            "use it with `sapling distill teacher.cache=<dir> ...`")
     _check(Path(os.path.expanduser(t.cache)).is_dir(), "teacher.cache", t.cache, "no such directory",
            "point it at a `sapling cache-teacher` cache.dir")
+    _check(cfg.distill.on_policy.fraction == 0, "distill.on_policy.fraction", cfg.distill.on_policy.fraction,
+           "the teacher scores the student's own samples, which a cache cannot hold",
+           "set distill.on_policy.fraction=0, or distil from teacher.path without teacher.cache")
     _check(cfg.distill.features.weight == 0, "distill.features.weight", cfg.distill.features.weight,
            "feature distillation needs the teacher's hidden states, which a cache does not hold",
            "set distill.features.weight=0, or distil from teacher.path without teacher.cache")

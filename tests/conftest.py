@@ -199,3 +199,10 @@ def load_benchmark():
             sys.path.remove(str(bench))
 
     return load
+
+
+@pytest.fixture(scope="session")
+def chatml_template() -> str:
+    """A ChatML-style chat template whose markers are plain text, so any tokenizer renders it."""
+    return ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
+            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")

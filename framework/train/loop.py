@@ -33,6 +33,7 @@ from sapling.data import PackedData, ResumableLoader
 from sapling.data.mixture import MixtureOrder, mix_sources
 from sapling.dist import all_reduce_sum, any_across_ranks, barrier, rank_world
 from sapling.distill.features import FeatureDistiller, StudentWithFeatures, student_weights
+from sapling.distill.on_policy import GenerationWindow, OnPolicy
 from sapling.distill.router import router_aux_weight
 from sapling.distill.step import count_valid, loss_on_batch
 from sapling.errors import CheckpointError
@@ -202,6 +203,10 @@ def fit(
                            seed=t.seed) if sources else None
     loader = ResumableLoader(data.train, t.micro_batch_size, rank=rank, world_size=world, seed=t.seed,
                              mixture=mixture)
+    on_policy = OnPolicy.from_config(cfg, model, tokenizer, data, synced=engine.kind == "deepspeed" and world > 1
+                                     and int(cfg.deepspeed.stage) == 3, rank=rank, world=world) \
+        if teacher is not None else None
+    gen_window = GenerationWindow()
     tokens_per_step = t.micro_batch_size * t.grad_accum * data.train[0].numel() * world
 
     start_step, tokens_seen = 0, 0
@@ -269,12 +274,16 @@ def fit(
             micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(t.grad_accum)]
             if cached_teacher:  # packed top-k records were copied; decode them on the device
                 micro = [data.train.decode(mb) for mb in micro]
+            if on_policy is not None:  # GKD: some micro-batches become the student's own samples
+                micro, generated = on_policy.replace(micro, step)
+                gen_window.add(generated)
             # Everything per step stays on the device (a GPU never waits for the host to read a number back)
             # and is read once, when the step is logged or validated.
             num_valid = all_reduce_sum(sum(count_valid(mb["labels"]) for mb in micro))  # the global batch's
             stats = torch.zeros(len(STEP_STATS), dtype=torch.float64, device=device)
             for mb in micro:
-                loss, parts = loss_on_batch(model, teacher, mb, cfg.distill, num_valid_tokens=num_valid,
+                loss_cfg = on_policy.loss_cfg if mb.pop("on_policy", False) else cfg.distill
+                loss, parts = loss_on_batch(model, teacher, mb, loss_cfg, num_valid_tokens=num_valid,
                                             features=features)
                 engine.backward(loss)
                 parts["loss"] = loss.detach()  # each part is already normalised by num_valid
@@ -304,6 +313,8 @@ def fit(
                 record = {"event": "train", "step": done, "tokens": tokens_seen, "loss": step_loss, "kd": step_kd,
                           "ce": step_ce, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
                           "label_tokens": int(n_valid)}  # this step's targets, all ranks (chat: assistant tokens)
+                if on_policy is not None:
+                    record.update(gen_window.record(now - window_t0))
                 if mixture is not None:  # blocks drawn from each source so far, in tokens
                     counts = mixture.counts_before(loader.consumed_samples) * data.train.seq_len
                     record.update({f"tokens/{m.name}": int(c) for m, c in zip(sources, counts, strict=True)})

@@ -229,3 +229,30 @@ def test_moe_prune_and_zero3_distillation_match_one_process(moe_teacher, text_fi
 
     student = AutoModelForCausalLM.from_pretrained(zero3 / "model")
     assert (student.config.num_experts, student.config.moe_intermediate_size) == (3, 8)
+
+
+def test_on_policy_distillation_under_zero3_matches_one_process(models, tmp_path, run_sapling, chatml_template):
+    """lambda = 1 on chat data: both ranks generate together (synced), and the samples, losses and gradient
+    norms are one process's with the same global batch."""
+    from sapling.data.demo import stdlib_chat
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps(r) + "\n" for r in stdlib_chat(40)))
+    template = tmp_path / "chatml.jinja"
+    template.write_text(chatml_template)
+    args = [f"teacher.path={models['teacher']}", f"student.path={models['student']}", f"data.files=[{chat}]",
+            "data.format=chat", f"data.chat_template={template}", *COMMON, "data.seq_len=160", "trainer.max_steps=3",
+            "distill.on_policy.fraction=1.0", "distill.on_policy.max_new_tokens=8", "distill.ce_weight=0.0"]
+    single = tmp_path / "single"
+    assert run_sapling(tmp_path, "distill", *args, "trainer.grad_accum=4", f"hydra.run.dir={single}") == 0
+    zero3 = tmp_path / "zero3"
+    res = subprocess.run(_torchrun(2, "-m", "sapling", "distill", *args, "trainer.grad_accum=2", "deepspeed=zero3",
+                                   "deepspeed.param_persistence_threshold=0", f"hydra.run.dir={zero3}"),
+                         env=_env(), capture_output=True, text=True, timeout=900)
+    _check(res)
+    ref, got = _records(single), _records(zero3)
+    assert [r["step"] for r in got] == [1, 2, 3] and all(r["on_policy_batches"] == 2 for r in got)
+    for a, b in zip(ref, got, strict=True):
+        assert b["label_tokens"] == a["label_tokens"]  # the same completions, all ranks counted
+        for key in ("loss", "kd", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (key, a["step"], a[key], b[key])
