@@ -244,8 +244,9 @@ class OnPolicyConfig:
 def check_on_policy(op: Any, seq_len: int) -> None:
     _check(0.0 <= op.fraction <= 1.0, "distill.on_policy.fraction", op.fraction, "must be in [0, 1]",
            "set distill.on_policy.fraction=0.5 (half the batches generated) or 0 (off)")
-    _check(1 <= op.max_new_tokens < seq_len, "distill.on_policy.max_new_tokens", op.max_new_tokens,
-           f"must be in [1, data.seq_len={seq_len})", "e.g. distill.on_policy.max_new_tokens=64")
+    _check(op.max_new_tokens >= 1 and (op.fraction == 0 or op.max_new_tokens < seq_len),
+           "distill.on_policy.max_new_tokens", op.max_new_tokens, f"must be in [1, data.seq_len={seq_len})",
+           f"e.g. distill.on_policy.max_new_tokens={max(1, min(64, seq_len // 2))}")
     _check(op.temperature > 0, "distill.on_policy.temperature", op.temperature, "must be > 0", "e.g. 1.0")
     _check(0 < op.top_p <= 1, "distill.on_policy.top_p", op.top_p, "must be in (0, 1]", "e.g. 1.0 (no nucleus cut)")
     if op.divergence is not None:
