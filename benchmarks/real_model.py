@@ -224,6 +224,21 @@ def best_prune_row(results: dict[str, Any]) -> dict[str, Any]:
     return min(results["prune"]["rows"], key=lambda r: r["loss_distilled"])
 
 
+def prune_best(s: Setup, best: dict[str, Any], out: Path) -> Path:
+    """The teacher pruned to the prune part's best shape by `sapling prune` into `out` (kept: done once; its
+    saved importance scores reused when that run directory is still there); returns the model directory."""
+    from sapling.recipes.prune import run_prune
+
+    if not (out / "model" / "config.json").exists():
+        shape, scores = best["shape"], Path(best["dir"]) / "prune_scores.pt"
+        prune_ov = [*(f"prune.target.{k}={shape.get(k, 'null')}" for k in SHAPE_KEYS), "prune.target.params=null",
+                    f"prune.importance={best['importance']}", f"prune.depth_metric={best['depth_metric']}"]
+        if scores.exists():
+            prune_ov.append(f"prune.scores={scores}")
+        run_prune(compose_cfg(*s.overrides("prune", out), *prune_ov))
+    return out / "model"
+
+
 def teacher_loss(s: Setup) -> dict[str, float]:
     """The teacher's held-out loss on the split every run is scored on."""
     from sapling.eval.perplexity import evaluate_lm
@@ -243,7 +258,6 @@ def recovery_part(s: Setup, args: argparse.Namespace, results: dict[str, Any], s
     """The runs of `--runs` not yet in the saved results (same shape and steps), each saved as it finishes, so
     the ~3 h of runs can be spread over several sessions."""
     from sapling.recipes.distill import run_distill
-    from sapling.recipes.prune import run_prune
     from sapling.recipes.train import run_train
 
     best = best_prune_row(results)
@@ -252,15 +266,8 @@ def recovery_part(s: Setup, args: argparse.Namespace, results: dict[str, Any], s
     rec = results.get("recovery") or {}
     if (rec.get("case"), rec.get("steps"), rec.get("eval_every")) != (best["case"], steps, every):
         rec = {}  # a different shape or length: start over
-    scores = Path(best["dir"]) / "prune_scores.pt"
     pruned_out = s.work / "recovery" / "pruned"
-    pruned_dir = pruned_out / "model"
-    if not (pruned_dir / "config.json").exists():
-        prune_ov = [*(f"prune.target.{k}={shape.get(k, 'null')}" for k in SHAPE_KEYS), "prune.target.params=null",
-                    f"prune.importance={best['importance']}", f"prune.depth_metric={best['depth_metric']}"]
-        if scores.exists():
-            prune_ov.append(f"prune.scores={scores}")
-        run_prune(compose_cfg(*s.overrides("prune", pruned_out), *prune_ov))
+    pruned_dir = prune_best(s, best, pruned_out)
     start = last(pruned_out, "prune")
     rec.update({"case": best["case"], "shape": shape, "params": start["student_params"], "steps": steps,
                 "scratch_lr": args.scratch_lr, "eval_every": every, "loss_pruned": start["val_loss"]})
