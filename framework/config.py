@@ -239,12 +239,13 @@ class OnPolicyConfig:
     temperature: float = 1.0  # sampling (not the loss's distill.temperature)
     top_p: float = 1.0
     divergence: str | None = None  # the loss on generated batches; null = distill.divergence
+    teacher_samples: bool = False  # sequence-level KD: the other batches are the teacher's answers (cached once)
 
 
 def check_on_policy(op: Any, seq_len: int) -> None:
     _check(0.0 <= op.fraction <= 1.0, "distill.on_policy.fraction", op.fraction, "must be in [0, 1]",
            "set distill.on_policy.fraction=0.5 (half the batches generated) or 0 (off)")
-    _check(op.max_new_tokens >= 1 and (op.fraction == 0 or op.max_new_tokens < seq_len),
+    _check(op.max_new_tokens >= 1 and ((op.fraction == 0 and not op.teacher_samples) or op.max_new_tokens < seq_len),
            "distill.on_policy.max_new_tokens", op.max_new_tokens, f"must be in [1, data.seq_len={seq_len})",
            f"e.g. distill.on_policy.max_new_tokens={max(1, min(64, seq_len // 2))}")
     _check(op.temperature > 0, "distill.on_policy.temperature", op.temperature, "must be > 0", "e.g. 1.0")
@@ -971,9 +972,10 @@ def _check_teacher(cfg: DictConfig) -> None:
            "use it with `sapling distill teacher.cache=<dir> ...`")
     _check(Path(os.path.expanduser(t.cache)).is_dir(), "teacher.cache", t.cache, "no such directory",
            "point it at a `sapling cache-teacher` cache.dir")
-    _check(cfg.distill.on_policy.fraction == 0, "distill.on_policy.fraction", cfg.distill.on_policy.fraction,
-           "the teacher scores the student's own samples, which a cache cannot hold",
-           "set distill.on_policy.fraction=0, or distil from teacher.path without teacher.cache")
+    op = cfg.distill.on_policy
+    _check(op.fraction == 0 and not op.teacher_samples, "distill.on_policy.fraction", op.fraction,
+           "the teacher scores (or writes) samples, which a cache cannot",
+           "set distill.on_policy.fraction=0 teacher_samples=false, or distil from teacher.path without teacher.cache")
     _check(cfg.distill.features.weight == 0, "distill.features.weight", cfg.distill.features.weight,
            "feature distillation needs the teacher's hidden states, which a cache does not hold",
            "set distill.features.weight=0, or distil from teacher.path without teacher.cache")

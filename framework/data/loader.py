@@ -31,7 +31,8 @@ class ResumableLoader:
     """Yields ``{"input_ids", "labels"}`` LongTensors ``[micro_batch_size, seq_len]`` forever.
 
     ``labels`` equals ``input_ids`` (the model/loss shifts), -100 where the blocks' label mask is off (chat data:
-    the non-assistant tokens); per-document blocks add ``position_ids``. See the module docstring for the order.
+    the non-assistant tokens); per-document blocks add ``position_ids``; ``index`` holds the blocks' indices. See the
+    module docstring for the order.
     Blocks whose ``get_batch`` returns a dict (a teacher cache) add their other keys to each batch.
     """
 
@@ -109,7 +110,7 @@ class ResumableLoader:
             indices = self.sample_indices(self.consumed_samples + self.rank * batch, batch)
             fetched = self._fetch(indices)
             self.consumed_samples += batch * world
-            yield fetched
+            yield {**fetched, "index": torch.from_numpy(indices)}
 
     def state_dict(self) -> dict[str, Any]:
         """Resumable state; ``consumed_samples`` counts global samples and is world-size independent."""

@@ -204,8 +204,8 @@ def fit(
     loader = ResumableLoader(data.train, t.micro_batch_size, rank=rank, world_size=world, seed=t.seed,
                              mixture=mixture)
     on_policy = OnPolicy.from_config(cfg, model, tokenizer, data, synced=engine.kind == "deepspeed" and world > 1
-                                     and int(cfg.deepspeed.stage) == 3, rank=rank, world=world) \
-        if teacher is not None else None
+                                     and int(cfg.deepspeed.stage) == 3, rank=rank, world=world, teacher=teacher,
+                                     output_dir=output_dir) if teacher is not None else None
     gen_window = GenerationWindow()
     tokens_per_step = t.micro_batch_size * t.grad_accum * data.train[0].numel() * world
 

@@ -79,7 +79,7 @@ def test_chat_blocks_label_exactly_the_assistant_tokens(chat_tokenizer, chat_fil
         assert np.array_equal(np.asarray(a), np.asarray(b))
     loader = iter(ResumableLoader(again.train, 4, seed=0))
     mb = next(loader)
-    assert set(mb) == {"input_ids", "labels", "position_ids"} and (mb["labels"] == -100).any()
+    assert set(mb) == {"input_ids", "labels", "position_ids", "index"} and (mb["labels"] == -100).any()
 
 
 def test_a_packed_block_gives_each_conversation_its_own_logits(chat_tokenizer, chat_file):

@@ -141,3 +141,22 @@ def test_on_policy_with_a_teacher_cache_is_refused(sapling_main, tmp_path):
     assert rc == 2 and "distill.on_policy.fraction=0.5" in err
     rc, err = sapling_main("distill", "teacher.tiny=llama-tiny", "distill.on_policy.max_new_tokens=0")
     assert rc == 2 and "distill.on_policy.max_new_tokens=0" in err
+
+
+def test_sequence_kd_trains_on_teacher_answers_written_once(chat_data, tmp_path):
+    from sapling.distill.on_policy import TeacherSamples
+
+    tok, data = chat_data
+    recs = _fit(tmp_path / "seq", tok, data, "trainer.max_steps=3", "distill.on_policy.fraction=0",
+                "distill.on_policy.teacher_samples=true")
+    store = TeacherSamples(tmp_path / "seq" / "teacher_samples")
+    assert len(store.samples) == 3 * 2 * 2  # one completion per training block drawn, each generated once
+    assert all(1 <= len(t) <= 12 for t in store.samples.values())
+    assert all(r["on_policy_batches"] == 0 and r["label_tokens"] <= 4 * 12 for r in recs)
+    assert sum(r["gen_tokens"] for r in recs) == sum(len(t) for t in store.samples.values())
+    path = store.path
+    with open(path, "ab") as f:  # a record cut short by a crash is ignored, the rest kept
+        f.write(b"\x07\x00\x00\x00\x00\x00\x00\x00\x05\x00\x00\x00\x01\x00")
+    again = TeacherSamples(path.parent)
+    assert again.samples.keys() == store.samples.keys()
+    assert all(torch.equal(again.get(i), t) for i, t in store.samples.items())
