@@ -1017,6 +1017,11 @@ def _check_inputs(cfg: DictConfig) -> None:
     if cmd in ("train", "eval"):
         _check(cfg.model.path is not None or cfg.model.tiny is not None, "model.path", None,
                f"{cmd} needs a model", "pass model.path=<HF checkpoint dir> (or model.tiny=<name> to train from scratch)")
+    if cmd == "eval":
+        chat = cfg.data.format == "chat" or any(dict(e).get("format") == "chat" for e in cfg.data.mix)
+        _check(not chat, "data.format", "chat", "sapling eval scores plain text in sliding windows, not the "
+               "assistant turns of conversations", "score chat data by the validation loss of a train/distill run "
+               "(assistant tokens only, val_loss in metrics.jsonl), or evaluate text with data.format=text")
     from sapling.recipes.hooks import available
 
     for stage in ("pre", "post"):

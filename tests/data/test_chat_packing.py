@@ -133,3 +133,8 @@ def test_chat_config_errors_name_the_key(sapling_main, teacher_dir, text_files):
     code, err = sapling_main("distill", f"teacher.path={teacher_dir}", f"data.files=[{text_files[0]}]",
                              "data.packing=documents")
     assert code == 2 and "data.packing='documents'" in err and "per_document" in err
+
+
+def test_eval_refuses_chat_data_naming_the_key(sapling_main, teacher_dir, chat_file):
+    code, err = sapling_main("eval", f"model.path={teacher_dir}", f"data.files=[{chat_file}]", "data.format=chat")
+    assert code == 2 and "data.format='chat'" in err and "val_loss" in err
