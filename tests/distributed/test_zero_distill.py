@@ -205,10 +205,8 @@ def moe_teacher(tmp_path_factory, tokenizer) -> Path:
                               tmp_path_factory.mktemp("moe") / "teacher")
 
 
-def test_moe_prune_and_zero3_distillation_match_one_process(moe_teacher, text_files, tmp_path, run_sapling):
-    args = [f"teacher.path={moe_teacher}", f"data.files=[{text_files[-1]}]", *COMMON, f"trainer.max_steps={MOE_STEPS}",
-            "distill.router_aux_weight=0.05", "hooks.pre=[prune]", "prune.target.num_experts=3",
-            "prune.target.moe_intermediate_size=8", "prune.calibration.samples=8", "prune.calibration.batch_size=2"]
+def _one_process_and_zero3(tmp_path: Path, run_sapling, args: list[str]) -> tuple[Path, Path]:
+    """`sapling distill *args` in one process (4 micro-batches a step) and on 2 ZeRO-3 ranks (2 each)."""
     single = tmp_path / "single"
     assert run_sapling(tmp_path, "distill", *args, "trainer.grad_accum=4", f"hydra.run.dir={single}") == 0
     zero3 = tmp_path / "zero3"
@@ -216,6 +214,14 @@ def test_moe_prune_and_zero3_distillation_match_one_process(moe_teacher, text_fi
                                    "deepspeed.param_persistence_threshold=0", f"hydra.run.dir={zero3}"),
                          env=_env(), capture_output=True, text=True, timeout=900)
     _check(res)
+    return single, zero3
+
+
+def test_moe_prune_and_zero3_distillation_match_one_process(moe_teacher, text_files, tmp_path, run_sapling):
+    args = [f"teacher.path={moe_teacher}", f"data.files=[{text_files[-1]}]", *COMMON, f"trainer.max_steps={MOE_STEPS}",
+            "distill.router_aux_weight=0.05", "hooks.pre=[prune]", "prune.target.num_experts=3",
+            "prune.target.moe_intermediate_size=8", "prune.calibration.samples=8", "prune.calibration.batch_size=2"]
+    single, zero3 = _one_process_and_zero3(tmp_path, run_sapling, args)
     (p1,), (p2,) = _records(single, "prune"), _records(zero3, "prune")
     assert p2["student_params"] == p1["student_params"] and p2["calibration_tokens"] == p1["calibration_tokens"]
     assert p2["val_loss"] == pytest.approx(p1["val_loss"], rel=1e-5)
@@ -243,13 +249,7 @@ def test_on_policy_distillation_under_zero3_matches_one_process(models, tmp_path
     args = [f"teacher.path={models['teacher']}", f"student.path={models['student']}", f"data.files=[{chat}]",
             "data.format=chat", f"data.chat_template={template}", *COMMON, "data.seq_len=160", "trainer.max_steps=3",
             "distill.on_policy.fraction=1.0", "distill.on_policy.max_new_tokens=8", "distill.ce_weight=0.0"]
-    single = tmp_path / "single"
-    assert run_sapling(tmp_path, "distill", *args, "trainer.grad_accum=4", f"hydra.run.dir={single}") == 0
-    zero3 = tmp_path / "zero3"
-    res = subprocess.run(_torchrun(2, "-m", "sapling", "distill", *args, "trainer.grad_accum=2", "deepspeed=zero3",
-                                   "deepspeed.param_persistence_threshold=0", f"hydra.run.dir={zero3}"),
-                         env=_env(), capture_output=True, text=True, timeout=900)
-    _check(res)
+    single, zero3 = _one_process_and_zero3(tmp_path, run_sapling, args)
     ref, got = _records(single), _records(zero3)
     assert [r["step"] for r in got] == [1, 2, 3] and all(r["on_policy_batches"] == 2 for r in got)
     for a, b in zip(ref, got, strict=True):
