@@ -153,9 +153,15 @@ def tokenizer_path(cfg: DictConfig, *fallback_keys: str) -> str:
                       "pass data.tokenizer=<dir with tokenizer files>")
 
 
+_DATA_DEFAULTS = {"hub_name": None, "hub_config": None, "hub_split": "train", "text_field": "text", "max_tokens": None,
+                  "num_proc": 1, "cache_dir": None, "format": "text", "packing": None, "messages_field": "messages",
+                  "role_key": None, "content_key": None, "chat_template": None, "loss_on": "assistant", "mix": []}
+
+
 def load_data(cfg: DictConfig, tokenizer: Any, *, val_fraction: float | None = None) -> PackedData:
-    """`data.*` packed into blocks; with `data.mix`, every source packed alike and mixed (sapling.data.mixture)."""
-    d = cfg.data
+    """`data.*` packed into blocks; with `data.mix`, every source packed alike and mixed (sapling.data.mixture).
+    Keys a hand-made `cfg.data` leaves out take their defaults."""
+    d = OmegaConf.merge(_DATA_DEFAULTS, OmegaConf.to_container(cfg.data, resolve=True))
     chat = ChatFormat(messages_field=d.messages_field, role_key=d.role_key, content_key=d.content_key,
                       chat_template=template_text(d.chat_template), loss_on=d.loss_on)
     cache_dir = d.cache_dir or str(Path(cfg.cache_dir) / "data")

@@ -25,9 +25,9 @@ def test_rank_shares_sum_to_the_single_process_value(monkeypatch, lockstep):
     monkeypatch.setattr(perplexity, "all_reduce_sum", lambda t: sums.append(t.clone()) or t)
     final_hidden = perplexity.final_hidden
 
-    def recorded(model, ids):
+    def recorded(model, ids, position_ids=None):
         ran[-1].append(ids[:, 0].tolist())
-        return final_hidden(model, ids)
+        return final_hidden(model, ids, position_ids)
 
     monkeypatch.setattr(perplexity, "final_hidden", recorded)
     for rank in range(world):
@@ -54,9 +54,9 @@ def test_a_budget_takes_blocks_spread_over_the_split(monkeypatch):
     ran = []
     final_hidden = perplexity.final_hidden
 
-    def recorded(model, ids):
+    def recorded(model, ids, position_ids=None):
         ran.extend(ids[:, 0].tolist())
-        return final_hidden(model, ids)
+        return final_hidden(model, ids, position_ids)
 
     monkeypatch.setattr(perplexity, "final_hidden", recorded)
     got = evaluate_lm(model, blocks, micro_batch_size=2, max_tokens=4 * 9)
