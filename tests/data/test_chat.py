@@ -105,3 +105,49 @@ def test_sharegpt_rows_and_bad_rows():
         normalize_messages({"text": "x"})
     with pytest.raises(DataError, match=r"messages\[0\] lacks"):
         normalize_messages({"messages": [{"speaker": "a", "text": "b"}]})
+
+
+# The templates as the models publish them in tokenizer_config.json (Meta-Llama-3-8B-Instruct, gemma-2-*-it with
+# its role checks, Mistral-7B-Instruct-v0.1, Qwen2.5-*-Instruct's path without tools), transcribed. Gemma and
+# Mistral refuse a system turn, so theirs is the 4-message user/assistant conversation.
+PUBLISHED = {
+    "llama3": ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+               "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
+               "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+               "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}",
+               ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "{}<|eot_id|>", True),
+    "gemma2": ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+               "supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != "
+               "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
+               "user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set "
+               "role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + "
+               "'\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+               "{{'<start_of_turn>model\\n'}}{% endif %}",
+               ["<bos>", "<start_of_turn>", "<end_of_turn>"], "{}<end_of_turn>", False),
+    "mistral-v0.1": ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != "
+                     "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
+                     "user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' "
+                     "+ message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ "
+                     "message['content'] + eos_token + ' ' }}{% else %}{{ raise_exception('Only user and assistant "
+                     "roles are supported!') }}{% endif %}{% endfor %}",
+                     ["<s>", "[INST]", "[/INST]"], "{}<|endoftext|>", False),
+    "qwen2.5": ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
+                "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You "
+                "are a helpful assistant.<|im_end|>\\n' }}{%- endif %}{%- for message in messages %}{%- if "
+                "(message.role == \"user\") or (message.role == \"system\" and not loop.first) or (message.role == "
+                "\"assistant\") %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' "
+                "}}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}",
+                ["<|im_start|>", "<|im_end|>"], "{}<|im_end|>", True),
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_templates_label_exactly_the_assistant_turns(name, tokenizer_dir):
+    template, specials, expected, system = PUBLISHED[name]
+    tok = _tokenizer(tokenizer_dir, template, specials)
+    conversation = CONVERSATION if system else CONVERSATION[1:]
+    ids, mask = render_chat(conversation, tok)
+    assert tok.decode(ids) == tok.apply_chat_template(conversation, tokenize=False)
+    want = [expected.format(m["content"]) for m in conversation if m["role"] == "assistant"]
+    assert _labelled_runs(tok, ids, mask) == want
