@@ -276,7 +276,8 @@ def recovery_part(s: Setup, args: argparse.Namespace, results: dict[str, Any], s
     if "teacher" not in rec:
         rec["teacher"] = teacher_loss(s)
     pruned_point = {"step": 0, "tokens": 0, "flops": 0.0, "val_loss": start["val_loss"]}
-    common = [f"trainer.max_steps={steps}", f"trainer.eval_every={every}", "hooks.pre=[]"]
+    # a run not in the results starts over (an interrupted one is moved aside into replaced-<time>/)
+    common = [f"trainer.max_steps={steps}", f"trainer.eval_every={every}", "hooks.pre=[]", "trainer.overwrite=true"]
     plans = {
         "a": (run_distill, "distill", [f"student.path={pruned_dir}", "student.init=pretrained"]),
         "b": (run_train, "train", [f"model.path={pruned_dir}", "model.init=pretrained"]),
