@@ -3,7 +3,8 @@
     python benchmarks/real_model.py --part prune     [--kd-steps 40]     # ~75 min on 2 CPU cores (9 cases)
     python benchmarks/real_model.py --part quant                                        # ~35 min
     python benchmarks/real_model.py --part recovery  [--recovery-steps 600 --eval-every 50]   # ~3 h in all:
-    python benchmarks/real_model.py --part recovery --runs a   # one run at a time, saved as each finishes
+    python benchmarks/real_model.py --part recovery --runs a   # one run at a time, saved as each finishes;
+                                         # an interrupted run resumes from its last checkpoint (every --eval-every steps)
     python benchmarks/real_model.py --report                                            # rewrite md + png only
 
 Every run goes through the commands' Python entry points (`run_distill`, `run_train`, `run_prune`,
@@ -141,6 +142,20 @@ def last(out: Path, event: str) -> dict[str, Any]:
     return found[-1]
 
 
+def run_wall_s(out: Path) -> float:
+    """Wall time of a run in `out`, over every process that worked on it (a resumed run's segments added up):
+    each segment runs from its `start`/`resume` record to the last record before the next one."""
+    total, begin, end = 0.0, None, None
+    for r in events(out):
+        if r.get("event") in ("start", "resume"):
+            if begin is not None and end is not None:
+                total += end - begin
+            begin = end = r["time"]
+        elif begin is not None:
+            end = r["time"]
+    return total + (end - begin if begin is not None and end is not None else 0.0)
+
+
 def curve(out: Path, start: dict[str, float] | None = None) -> list[dict[str, float]]:
     """(step, tokens, flops, val_loss) of every evaluation, in step order; `start` is the step-0 point."""
     points = {0: start} if start else {}
@@ -276,8 +291,9 @@ def recovery_part(s: Setup, args: argparse.Namespace, results: dict[str, Any], s
     if "teacher" not in rec:
         rec["teacher"] = teacher_loss(s)
     pruned_point = {"step": 0, "tokens": 0, "flops": 0.0, "val_loss": start["val_loss"]}
-    # a run not in the results starts over (an interrupted one is moved aside into replaced-<time>/)
-    common = [f"trainer.max_steps={steps}", f"trainer.eval_every={every}", "hooks.pre=[]", "trainer.overwrite=true"]
+    # each run checkpoints every `every` steps and a rerun resumes it, so an hour-long run may span sessions
+    common = [f"trainer.max_steps={steps}", f"trainer.eval_every={every}", "hooks.pre=[]", "trainer.resume=true",
+              f"trainer.save_every={every}", "trainer.keep_last=1"]
     plans = {
         "a": (run_distill, "distill", [f"student.path={pruned_dir}", "student.init=pretrained"]),
         "b": (run_train, "train", [f"model.path={pruned_dir}", "model.init=pretrained"]),
@@ -292,9 +308,8 @@ def recovery_part(s: Setup, args: argparse.Namespace, results: dict[str, Any], s
         fn, command, extra = plans[key]
         out = s.work / "recovery" / f"{key}_{command}"
         cfg = compose_cfg(*s.overrides(command, out), *common, *extra)
-        t0 = time.perf_counter()
         fn(cfg)
-        rec["wall_s"][key] = time.perf_counter() - t0
+        rec["wall_s"][key] = run_wall_s(out)
         rec["curves"][key] = curve(out, pruned_point if key in "ab" else None)
         if key == "a":
             rec["lr"] = cfg.trainer.lr
