@@ -262,6 +262,12 @@ def _hydra_argv(command: str, args: list[str]) -> list[str]:
     return [*flags, f"command={command}", *overrides]
 
 
+# The demo experiment's teacher.config fields (conf/experiment/demo.yaml).
+DEMO_TEACHER_SHAPE = tuple(f"config.{k}" for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                   "num_attention_heads", "num_key_value_heads",
+                                                   "max_position_embeddings"))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     from sapling.help import HELP, command_help
@@ -295,7 +301,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"sapling: {user_error_line(err)}", file=sys.stderr)
         sys.exit(err.exit_code)
     if command == "pipeline" and not any(a.startswith(("experiment=", "+experiment=")) for a in rest):
-        rest = ["experiment=demo", *rest]  # the embedded default
+        # the embedded default; a teacher.path of the user's own drops the demo teacher's toy shape (it would
+        # override the checkpoint's), while a teacher.config.* the user gives still applies
+        own = [f"teacher.{k}=null" for k in ("tiny", *DEMO_TEACHER_SHAPE)] \
+            if any(a.startswith("teacher.path=") for a in rest) else []
+        rest = ["experiment=demo", *own, *rest]
     sys.argv = [f"sapling-{command}", *_hydra_argv(command, rest)]
     try:
         hydra.main(version_base=None, config_path=config_dir, config_name="config")(_dispatch)()

@@ -107,10 +107,7 @@ def test_pipeline_corrects_a_pretrained_teacher_first(sapling_main, tmp_path, te
     and reported; without a teacher.path it is refused in one line."""
     out = tmp_path / "corrected"
     files = "[" + ",".join(str(p) for p in text_files) + "]"
-    demo_shape = [f"teacher.config.{k}=null" for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                                         "num_attention_heads", "num_key_value_heads",
-                                                         "max_position_embeddings")]
-    args = [f"teacher.path={teacher_dir}", f"data.files={files}", *demo_shape, "prune.target.hidden_size=32",
+    args = [f"teacher.path={teacher_dir}", f"data.files={files}", "prune.target.hidden_size=32",
             "prune.target.intermediate_size=64", "prune.target.num_attention_heads=2", "prune.target.num_key_value_heads=1",
             "prune.target.num_hidden_layers=1", "prune.calibration.samples=8", "data.seq_len=32",
             "trainer.max_steps=2", "trainer.micro_batch_size=2", "trainer.eval_batches=1", "eval.batches=2",
