@@ -124,7 +124,7 @@ def _hub_batches(ds: datasets.IterableDataset, tokenize: _Tokenize) -> Iterator[
         yield np.fromiter(chain.from_iterable(docs), dtype=np.int64, count=int(lengths.sum())), lengths, None
 
 
-def _hub_chat_rows(hub_name: str, hub_config: str | None, hub_split: str, field: str) -> Iterator[tuple[str, Any]]:
+def _hub_chat_rows(hub_name: str, hub_config: str | None, hub_split: str) -> Iterator[tuple[str, Any]]:
     ds = datasets.load_dataset(hub_name, hub_config, split=hub_split, streaming=True)
     for i, row in enumerate(ds):
         yield f"hub dataset {short(hub_name)} row {i}", row
@@ -256,10 +256,10 @@ def _pack_split(split: Batch, seq_len: int, packing: str, pad_id: int, name: str
     if required:
         _blocks_or_raise(n, stream.size, seq_len, name)
     arrays = {name: stream[: n * seq_len].reshape(n, seq_len)}
-    if labels is not None:
-        arrays[f"{name}_mask"] = labels[: n * seq_len].reshape(n, seq_len)
-    return arrays, {"label_tokens": int(arrays.get(f"{name}_mask", arrays[name]).astype(bool).sum()
-                                        if labels is not None else n * seq_len)}
+    if labels is None:
+        return arrays, {"label_tokens": n * seq_len}
+    arrays[f"{name}_mask"] = labels[: n * seq_len].reshape(n, seq_len)
+    return arrays, {"label_tokens": int(arrays[f"{name}_mask"].sum())}
 
 
 def _as_packed(arrays: dict[str, np.ndarray], fp: str, meta: dict[str, Any]) -> PackedData:
@@ -354,7 +354,7 @@ def build_packed_data(
     with _hf_cache(cache_dir) as hf_dir:
         if format == "chat":
             rows = _file_chat_rows(paths, chat.messages_field) if files is not None else \
-                _hub_chat_rows(hub_name, hub_config, hub_split, chat.messages_field)
+                _hub_chat_rows(hub_name, hub_config, hub_split)
             batches: Iterator[Batch] = tokenize_conversations(rows, tokenizer, chat)
         elif files is not None:
             tokenize = _Tokenize(tokenizer, eos_id, "text", "data files")

@@ -271,7 +271,9 @@ def fit(
     done, stopped, step_loss = start_step, False, float("nan")
     with StopRequest() as stop:
         for step in range(start_step, t.max_steps):
-            micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(t.grad_accum)]
+            # (the block indices stay on the host: only teacher samples read them, as cache keys)
+            micro = [{k: v if k == "index" else v.to(device) for k, v in next(batches).items()}
+                     for _ in range(t.grad_accum)]
             if cached_teacher:  # packed top-k records were copied; decode them on the device
                 micro = [data.train.decode(mb) for mb in micro]
             if on_policy is not None:  # GKD: some micro-batches become the student's own samples
