@@ -274,6 +274,7 @@ def recovery_part(s: Setup, args: argparse.Namespace, results: dict[str, Any], s
     the ~3 h of runs can be spread over several sessions."""
     from sapling.recipes.distill import run_distill
     from sapling.recipes.train import run_train
+    from sapling.train.checkpoint import latest_tag
 
     best = best_prune_row(results)
     shape = best["shape"]
@@ -307,7 +308,9 @@ def recovery_part(s: Setup, args: argparse.Namespace, results: dict[str, Any], s
             continue
         fn, command, extra = plans[key]
         out = s.work / "recovery" / f"{key}_{command}"
-        cfg = compose_cfg(*s.overrides(command, out), *common, *extra)
+        # a run stopped before its first checkpoint has nothing to resume: it starts over (moved aside, not deleted)
+        fresh = ["trainer.overwrite=true"] if out.exists() and latest_tag(out / "checkpoints") is None else []
+        cfg = compose_cfg(*s.overrides(command, out), *common, *extra, *fresh)
         fn(cfg)
         rec["wall_s"][key] = run_wall_s(out)
         rec["curves"][key] = curve(out, pruned_point if key in "ab" else None)
