@@ -1,7 +1,7 @@
 """Fused linear KD loss benchmark: naive torch vs ours (torch path, Triton on CUDA) vs Liger-Kernel.
 
     python benchmarks/kd_loss.py [--device cpu|cuda] [--n 1024 4096] [--repeats K]
-                                 [--shapes design|gemma2] [--softcap CAP]
+                                 [--shapes design|gemma2|smollm2|smollm2_width] [--softcap CAP]
                                  [--out benchmarks/results/kd_loss_cpu.md]
 
 The quantity is the same for every row: forward KL(p_t || p_s) at T = 1, no hard-label CE, mean over the
@@ -16,6 +16,10 @@ N tokens, for a student lm_head ``[V, Hs]`` (inputs and weight get gradients) an
   ``weight_soft_loss=1``, ``weight_hard_loss=0`` (its CE is then not even computed), ``temperature=1`` (Liger
   applies no T^2; irrelevant at T = 1), labels all valid (it divides by their count = N), its defaults
   otherwise (``compiled=True``, ``chunk_size=1024``). torch.compile warm-up happens before any timing.
+
+``--shapes smollm2`` / ``smollm2_width``: the real SmolLM2-135M teacher's head (Hs=Ht=576, V=49,152) teaching a
+depth-pruned student of the same width, or a width-pruned one (Hs=432); `benchmarks/peers/loss.py` runs them
+beside the DESIGN shapes.
 
 ``--softcap CAP`` (``--shapes gemma2``: Gemma 2's 2B student / 9B teacher widths, V=256000, CAP=30) makes
 both models' logits ``CAP * tanh(z / CAP)``, as Gemma 2/3 compute them: the naive row applies it to its full
@@ -57,6 +61,8 @@ CPU_SHAPES = dict(hs=512, ht=1024, vocab=32000, n=[1024, 4096], dtype="float32")
 GPU_SHAPES = dict(hs=2048, ht=4096, vocab=128256, n=[1024, 2048, 4096, 8192], dtype="bfloat16")
 # Gemma 2: 2B (hidden 2304) student, 9B (hidden 3584) teacher, 256k vocabulary, final logits softcapped at 30
 GEMMA2_SHAPES = dict(hs=2304, ht=3584, vocab=256000, softcap=30.0)
+# SmolLM2-135M (hidden 576, V=49,152) teaching a depth-pruned student (same width) or a width-pruned one (432)
+REAL_SHAPES = {"smollm2": dict(hs=576, ht=576, vocab=49152), "smollm2_width": dict(hs=432, ht=576, vocab=49152)}
 H100_BF16_TFLOPS = 989.0
 VARIANTS = ("naive", "ours_torch", "ours_triton", "liger")
 LABELS = {
@@ -325,6 +331,8 @@ def _shapes(args) -> dict:
     base = GPU_SHAPES if args.device == "cuda" else CPU_SHAPES
     if args.shapes == "gemma2":
         base = {**base, **GEMMA2_SHAPES, "n": [1024, 4096]}
+    elif args.shapes in REAL_SHAPES:
+        base = {**base, **REAL_SHAPES[args.shapes], "n": [1024, 4096] if args.device == "cpu" else [4096, 8192]}
     softcap = args.softcap if args.softcap is not None else base.get("softcap")
     return {**base, "softcap": softcap}
 
@@ -549,8 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1, help="warm-up calls per variant before timing")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--shapes", choices=["design", "gemma2"], default="design",
-                   help="design: DESIGN's CPU/GPU shapes; gemma2: Hs=2304, Ht=3584, V=256000, softcap 30")
+    p.add_argument("--shapes", choices=["design", "gemma2", *REAL_SHAPES], default="design",
+                   help="design: DESIGN's CPU/GPU shapes; gemma2: Hs=2304, Ht=3584, V=256000, softcap 30; smollm2: "
+                        "Hs=Ht=576, V=49152; smollm2_width: Hs=432, Ht=576, V=49152")
     p.add_argument("--softcap", type=float, default=None, help="softcap both models' logits at this value")
     p.add_argument("--out", default=None, help="write the markdown table (+ .json beside it) here")
     p.add_argument("--_worker", choices=["time", "mem", "peak"], default=None, help=argparse.SUPPRESS)

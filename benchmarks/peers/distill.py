@@ -1,0 +1,254 @@
+"""Sapling's distillation step vs TRL's and vs a naive HF loop, on the real SmolLM2-135M-Instruct teacher.
+
+    python benchmarks/peers/distill.py [--shapes 256x4 1024x8] [--steps 8] [--peers-python .venv-peers/bin/python]
+                                       [--out benchmarks/results/peers_distill_cpu.md]
+
+Run with Sapling's virtualenv; the peers run in theirs (see benchmarks/peers/README.md). One student for all:
+the teacher pruned once by `sapling prune` to 20 layers and MLP 576 (activation importance, 65.9M
+parameters). For each shape (sequence length x micro-batch) the driver packs the standard-library corpus with
+Sapling's own data code and writes the first `--steps` micro-batches of its training order to a tensor file;
+then, one after another, each in a fresh process:
+
+- sapling: `sapling distill` (the CLI, `experiment=smollm2` settings) on that corpus and shape: it draws the
+  very same blocks in the same order;
+- trl: `trl.experimental.gkd.GKDTrainer`, lmbda=0, beta=0 (forward KL), on the tensor file (trl_worker.py);
+- naive: full-logit HF forward of both models + torch KL (trl_worker.py).
+
+Same teacher, student, blocks, forward KL at T = 1 over every next-token position, no CE, AdamW (betas, eps,
+weight decay on >= 2-D weights), warmup + cosine schedule and gradient clipping; fp32, no activation
+checkpointing. Reported per shape: the median step time over steps 2..N (the first is a warm-up), tokens/s,
+the memory the steps held (peak resident memory during training minus the resident memory when it began:
+the child's RSS sampled every 50 ms), the process's own peak, and each step's loss: step 1 sees identical
+weights and data in all three, so its losses must agree to float32 rounding; the later ones drift only by
+rounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402  (benchmarks/peers/ is not a package)
+    REPO,
+    header,
+    peers_python,
+    ratio,
+    run_measured,
+    tail,
+    train_peak,
+    versions,
+)
+
+SYSTEMS = ("sapling", "trl", "naive")
+LABELS = {"sapling": "Sapling `sapling distill`", "trl": "TRL `GKDTrainer` (lmbda=0, beta=0)",
+          "naive": "naive HF loop (full logits + torch KL)"}
+STUDENT_SHAPE = {"num_hidden_layers": 20, "intermediate_size": 576}
+OPTIM = {"lr": 3e-4, "warmup": 2, "min_lr_ratio": 0.1, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95,
+         "grad_clip": 1.0}
+
+
+def setup(args: argparse.Namespace):
+    """The converted teacher and the corpus (real_model.py's), and the pruned student (made once)."""
+    from demo_assets import compose_cfg
+    from real_model import Setup
+
+    from sapling.recipes.prune import run_prune
+
+    s = Setup(argparse.Namespace(cache_dir=args.cache_dir, corpus_bytes=args.corpus_bytes, work=args.work,
+                                 calibration_samples=32, val_tokens=4096))
+    if args.student:
+        return s, Path(args.student)
+    student = s.work / "student"
+    if not (student / "model" / "config.json").exists():
+        print(f"pruning the teacher to {STUDENT_SHAPE} into {student} ...", flush=True)
+        run_prune(compose_cfg(*s.overrides("prune", student), "trainer.overwrite=true", "prune.target.params=null",
+                              *(f"prune.target.{k}={v}" for k, v in STUDENT_SHAPE.items()),
+                              "prune.importance=activation"))
+    return s, student / "model"
+
+
+def sapling_overrides(s, student: Path, out: Path, seq: int, batch: int, steps: int) -> list[str]:
+    o = OPTIM
+    return ["experiment=smollm2", "logger=none", f"output_dir={out}", f"teacher.path={s.teacher_dir}",
+            f"student.path={student}", "student.init=pretrained", "hooks.pre=[]", "hooks.post=[]",
+            f"data.files=[{s.corpus}]", f"data.tokenizer={s.teacher_dir}", f"data.seq_len={seq}", "data.seed=0",
+            "trainer.seed=0", f"trainer.micro_batch_size={batch}", "trainer.grad_accum=1",
+            f"trainer.max_steps={steps}", "trainer.log_every=1", "trainer.eval_every=0",
+            f"trainer.eval_tokens={2 * seq}", "trainer.save_every=0", "trainer.progress=false",
+            "trainer.resume=false", f"trainer.lr={o['lr']}", f"trainer.warmup_steps={o['warmup']}",
+            f"trainer.min_lr_ratio={o['min_lr_ratio']}", f"trainer.weight_decay={o['weight_decay']}",
+            f"trainer.beta1={o['beta1']}", f"trainer.beta2={o['beta2']}", f"trainer.grad_clip={o['grad_clip']}",
+            "trainer.activation_checkpointing=false", "distill.divergence=forward_kl", "distill.temperature=1.0",
+            "distill.kd_weight=1.0", "distill.ce_weight=0.0"]
+
+
+def training_blocks(s, overrides: list[str], steps: int, batch: int, path: Path) -> torch.Tensor:
+    """The first `steps` micro-batches `sapling distill` with `overrides` trains on, in its order."""
+    from demo_assets import compose_cfg
+
+    from sapling.data.loader import ResumableLoader
+    from sapling.models import load_tokenizer
+    from sapling.recipes.common import load_data
+
+    cfg = compose_cfg("command=distill", *overrides)
+    data = load_data(cfg, load_tokenizer(str(s.teacher_dir)))
+    loader = iter(ResumableLoader(data.train, batch, seed=cfg.trainer.seed))
+    batches = [next(loader) for _ in range(steps)]
+    if any((b["labels"] != b["input_ids"]).any() for b in batches):
+        raise SystemExit("these blocks mask some labels: the peers would need the same mask")
+    ids = torch.cat([b["input_ids"] for b in batches])
+    torch.save(ids, path)
+    return ids
+
+
+def sapling_steps(out: Path) -> dict[str, Any]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    start = next(r["time"] for r in records if r.get("event") == "start")
+    steps = [{"step": r["step"], "time": r["time"], "loss": r["loss"]} for r in records if r.get("event") == "train"]
+    return {"start_time": start, "steps": steps}
+
+
+def summarize(record: dict[str, Any], measured: dict[str, Any], tokens_per_step: int) -> dict[str, Any]:
+    times = [record["start_time"]] + [s["time"] for s in record["steps"]]
+    durations = [b - a for a, b in zip(times, times[1:])]
+    med = statistics.median(durations[1:]) if len(durations) > 1 else durations[0]
+    mem = train_peak(measured["samples"], record["start_time"])
+    return {"step_s": durations, "median_step_s": med, "tokens_per_s": tokens_per_step / med,
+            "losses": [s["loss"] for s in record["steps"]], **mem, "hwm": measured["hwm"],
+            "wall_s": measured["wall_s"]}
+
+
+def run_shape(args, s, student: Path, py: Path, seq: int, batch: int) -> dict[str, Any]:
+    work = s.work / f"{seq}x{batch}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    sap_out = work / f"sapling-{stamp}"
+    overrides = sapling_overrides(s, student, sap_out, seq, batch, args.steps)
+    blocks = work / "blocks.pt"
+    work.mkdir(parents=True, exist_ok=True)
+    training_blocks(s, overrides, args.steps, batch, blocks)
+    res: dict[str, Any] = {}
+    for system in args.systems:
+        log = work / f"{system}-{stamp}.log"
+        print(f"{seq}x{batch}: {system} ...", flush=True)
+        if system == "sapling":
+            cmd = [str(Path(sys.executable).with_name("sapling")), "distill", *overrides]
+        else:
+            o = OPTIM
+            cmd = [str(py), str(Path(__file__).with_name("trl_worker.py")), "--system", system,
+                   "--teacher", str(s.teacher_dir), "--student", str(student), "--blocks", str(blocks),
+                   "--batch", str(batch), "--steps", str(args.steps), "--lr", str(o["lr"]), "--warmup", str(o["warmup"]),
+                   "--min-lr-ratio", str(o["min_lr_ratio"]), "--weight-decay", str(o["weight_decay"]),
+                   "--beta1", str(o["beta1"]), "--beta2", str(o["beta2"]), "--grad-clip", str(o["grad_clip"]),
+                   "--out", str(work / f"{system}-{stamp}.json")]
+        measured = run_measured(cmd, log)
+        if measured["rc"] != 0:
+            res[system] = {"error": f"exit {measured['rc']}: " + tail(log, 1)[:300], "log": str(log)}
+            print(f"  failed (see {log}):\n{tail(log)}", flush=True)
+            continue
+        record = sapling_steps(sap_out) if system == "sapling" else json.loads(
+            (work / f"{system}-{stamp}.json").read_text())
+        res[system] = summarize(record, measured, seq * batch)
+        r = res[system]
+        print(f"  median step {r['median_step_s']:.2f} s, {r['tokens_per_s']:.0f} tok/s, steps held "
+              f"{r['train_peak'] / 2**30:.2f} GiB, losses {', '.join(f'{x:.4f}' for x in r['losses'])}", flush=True)
+    return res
+
+
+def render(args, results: dict[str, dict[str, Any]], peer_versions: dict[str, str], student_params: int) -> str:
+    lines = [header("Distillation step: Sapling vs TRL vs a naive HF loop (CPU)", sys.argv, peer_versions, [
+        f"- teacher SmolLM2-135M-Instruct (134,515,008 parameters, V=49,152), student: it pruned by `sapling prune` "
+        f"to {args.student or STUDENT_SHAPE} ({student_params:,} parameters); fp32; {args.steps} steps per system and shape, the "
+        "same blocks in the same order; forward KL, T = 1, no CE; AdamW lr "
+        f"{OPTIM['lr']}, betas ({OPTIM['beta1']}, {OPTIM['beta2']}), weight decay {OPTIM['weight_decay']} on "
+        f">= 2-D weights, {OPTIM['warmup']} warmup steps then cosine to {OPTIM['min_lr_ratio']}x, clip "
+        f"{OPTIM['grad_clip']}; no activation checkpointing, no autocast.",
+        "- step time: median of steps 2..N (each step's wall time from the systems' own per-step records); "
+        "memory held by the steps: peak RSS while training minus RSS when training began (models loaded), the "
+        "child process sampled every 50 ms; process peak: its VmHWM.", ""])]
+    cols = ["shape (L x B)", "system", "median step (s)", "tokens/s", "step time vs TRL", "steps held (GiB)",
+            "held vs TRL", "process peak (GiB)", "loss step 1", f"loss step {args.steps}", "max abs loss diff vs TRL"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    goals = []
+    for shape, res in results.items():
+        trl = res.get("trl", {})
+        for system in args.systems:
+            r = res.get(system, {})
+            if "error" in r:
+                lines.append(f"| {shape} | {LABELS[system]} | failed: {r['error']} |" + " |" * (len(cols) - 3))
+                continue
+            diff = max((abs(a - b) for a, b in zip(r["losses"], trl.get("losses", []))), default=None)
+            lines.append("| " + " | ".join([
+                shape, LABELS[system], f"{r['median_step_s']:.2f}", f"{r['tokens_per_s']:.0f}",
+                ratio(r["median_step_s"], trl.get("median_step_s")), f"{r['train_peak'] / 2**30:.2f}",
+                ratio(r["train_peak"], trl.get("train_peak")), f"{r['hwm'] / 2**30:.2f}", f"{r['losses'][0]:.4f}",
+                f"{r['losses'][-1]:.4f}", "-" if diff is None or system == "trl" else f"{diff:.2e}"]) + " |")
+        sap = res.get("sapling", {})
+        if "median_step_s" in sap and "median_step_s" in trl:
+            t = sap["median_step_s"] / trl["median_step_s"]
+            m = sap["train_peak"] / trl["train_peak"] if trl["train_peak"] else float("nan")
+            goals.append(f"- {shape}: Sapling's step time {t:.2f}x TRL's (goal <= 0.70x: "
+                         f"{'met' if t <= 0.7 else 'missed'}), memory held by the steps {m:.2f}x TRL's"
+                         + (f" (goal at >= 8k tokens: <= 0.50x: {'met' if m <= 0.5 else 'missed'})"
+                            if _tokens(shape) >= 8192 else ""))
+    lines += ["", "## Goals", "", *goals, "", "## Loss per step", ""]
+    for shape, res in results.items():
+        ok = [s for s in args.systems if "losses" in res.get(s, {})]
+        lines += [f"{shape}:", "", "| step | " + " | ".join(ok) + " |", "|---|" + "---|" * len(ok)]
+        for i in range(args.steps):
+            lines.append(f"| {i + 1} | " + " | ".join(
+                f"{res[s]['losses'][i]:.6f}" if i < len(res[s]["losses"]) else "-" for s in ok) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _tokens(shape: str) -> int:
+    seq, batch = (int(x) for x in shape.split("x"))
+    return seq * batch
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", default=["256x4", "1024x8"], help="sequence length x micro-batch")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    p.add_argument("--peers-python", default=None, help="the peers' interpreter (default .venv-peers/bin/python)")
+    p.add_argument("--student", default=None, help="a pruned student checkpoint to use instead of pruning one")
+    p.add_argument("--corpus-bytes", type=int, default=1_500_000)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--work", default="/tmp/sapling-peers/distill")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "peers_distill_cpu.md"))
+    args = p.parse_args(argv)
+    if args.steps < 2:
+        p.error("--steps must be >= 2 (the first step is a warm-up)")
+    py = peers_python(args.peers_python)
+    peer_versions = versions(py)
+    s, student = setup(args)
+    from real_model import count_shape
+    from transformers import AutoConfig
+
+    student_params = count_shape(s.teacher_dir, {k: getattr(AutoConfig.from_pretrained(student), k)
+                                                 for k in ("num_hidden_layers", "hidden_size", "intermediate_size")})
+    results = {}
+    for shape in args.shapes:
+        seq, batch = (int(x) for x in shape.split("x"))
+        results[shape] = run_shape(args, s, student, py, seq, batch)
+        text = render(args, results, peer_versions, student_params)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        out.with_suffix(".json").write_text(json.dumps({"argv": sys.argv, "versions": peer_versions,
+                                                        "results": results}, indent=1) + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Sapling's GPTQ (plain and distillation-guided) vs llm-compressor's, on SmolLM2-135M-Instruct's real weights.
+
+    python benchmarks/peers/quant.py [--models teacher student] [--samples 64] [--val-tokens 16384]
+                                     [--peers-python .venv-peers/bin/python] [--out benchmarks/results/peers_quant_cpu.md]
+
+Run with Sapling's virtualenv; llm-compressor runs in the peers' (benchmarks/peers/README.md). Models: the
+teacher itself, and a student (the teacher pruned by `sapling prune` to 20 layers / MLP 576 and distilled for
+`--kd-steps` steps) for which guided GPTQ has a teacher to follow. Calibration: the `--samples` training
+sequences `sapling quantize` draws (written to a tensor file and fed to llm-compressor unshuffled, so both
+see the same tokens). Rows, each in a fresh process:
+
+- Sapling: `sapling quantize quant.method=gptq` w4a16 (g64) and w8a16 (per channel), and with
+  `quant.guided=true` (the student only: the teacher against itself has no KD loss);
+- llm-compressor: `oneshot` + `GPTQModifier`, W4A16 at group size 64 and W8A16 per channel (quant_worker.py).
+
+Every export (and each 16-bit model) is scored by one evaluator: mean next-token NLL over the first
+`--val-tokens` held-out tokens, as the peers' transformers + compressed-tensors load it (float32 compute).
+Each export is also loaded by Sapling's own environment (its transformers and compressed-tensors pins): the
+"cross-load" column is its loss there minus the peers' loss (0 = the other stack reads it identically). The
+two exports' `quantization_config` fields are compared, and every difference is listed. Quantize time:
+calibration + quantization + export, not loading or evaluation, as each tool reports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, header, peers_python, ratio, run_measured, tail, versions  # noqa: E402
+
+STUDENT_SHAPE = {"num_hidden_layers": 20, "intermediate_size": 576}
+ROWS = [  # (key, tool, scheme, guided)
+    ("sapling_w4", "sapling", "w4a16", False),
+    ("sapling_guided_w4", "sapling", "w4a16", True),
+    ("llmc_w4", "llmc", "w4a16", False),
+    ("sapling_w8", "sapling", "w8a16", False),
+    ("llmc_w8", "llmc", "w8a16", False),
+]
+LABELS = {"sapling": "Sapling GPTQ", "llmc": "llm-compressor GPTQ"}
+
+
+def setup(args: argparse.Namespace):
+    from real_model import Setup
+
+    return Setup(argparse.Namespace(cache_dir=args.cache_dir, corpus_bytes=args.corpus_bytes, work=args.work,
+                                    calibration_samples=32, val_tokens=args.val_tokens))
+
+
+def distilled_student(s, args: argparse.Namespace) -> Path:
+    """The teacher pruned to STUDENT_SHAPE and distilled for --kd-steps (made once in the work dir)."""
+    if args.student:
+        return Path(args.student)
+    from demo_assets import compose_cfg
+
+    from sapling.recipes.distill import run_distill
+
+    out = s.work / "student_kd"
+    if not (out / "model" / "config.json").exists():
+        print(f"pruning the teacher to {STUDENT_SHAPE} and distilling {args.kd_steps} steps into {out} ...", flush=True)
+        run_distill(compose_cfg(*s.overrides("distill", out), "trainer.overwrite=true", "hooks.pre=[prune]",
+                                "prune.target.params=null", *(f"prune.target.{k}={v}" for k, v in STUDENT_SHAPE.items()),
+                                f"trainer.max_steps={args.kd_steps}", "trainer.eval_every=0"))
+    return out / "model"
+
+
+def quant_overrides(s, model: Path, out: Path, args: argparse.Namespace, scheme: str, guided: bool) -> list[str]:
+    return ["experiment=smollm2", "logger=none", f"output_dir={out}", f"model.path={model}",
+            f"teacher.path={s.teacher_dir}", f"data.files=[{s.corpus}]", f"data.tokenizer={s.teacher_dir}",
+            "data.seq_len=256", "seed=0", "quant.dtype=float32", f"quant.scheme={scheme}", "quant.group_size=64",
+            "quant.method=gptq",
+            f"quant.guided={str(guided).lower()}", f"quant.calibration.samples={args.samples}",
+            "quant.calibration.batch_size=8", "quant.eval=false", "trainer.progress=false"]
+
+
+def token_files(s, model: Path, args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
+    """The calibration sequences `sapling quantize` draws, and the first --val-tokens held-out blocks."""
+    from demo_assets import compose_cfg
+
+    from sapling.data.calibration import calibration_batches
+    from sapling.models import load_tokenizer
+    from sapling.recipes.common import load_data
+
+    cfg = compose_cfg("command=quantize", *quant_overrides(s, model, work / "unused", args, "w4a16", False))
+    data = load_data(cfg, load_tokenizer(str(s.teacher_dir)))
+    calib = torch.cat([b["input_ids"] for b in calibration_batches(data.train, args.samples, 8, "cpu", seed=cfg.seed)])
+    n_val = args.val_tokens // cfg.data.seq_len
+    if len(data.val) < n_val:
+        raise SystemExit(f"--val-tokens={args.val_tokens}: the held-out split has only {len(data.val)} blocks")
+    val = torch.stack([data.val[i] for i in range(n_val)])
+    work.mkdir(parents=True, exist_ok=True)
+    torch.save(calib, work / "calibration.pt")
+    torch.save(val, work / "val.pt")
+    return work / "calibration.pt", work / "val.pt"
+
+
+def evaluate(python: Path | str, model: Path, val: Path, work: Path, name: str, env: str = "peers") -> dict[str, Any]:
+    """Loss of `model` on the blocks of `val`, loaded by `python`'s environment (`env` names it in file names)."""
+    res = work / f"eval-{name}-{env}.json"
+    log = res.with_suffix(".log")
+    m = run_measured([str(python), str(Path(__file__).with_name("quant_worker.py")), "eval", "--model", str(model),
+                      "--blocks", str(val), "--result", str(res)], log)
+    if m["rc"] != 0:
+        return {"error": f"exit {m['rc']}: {tail(log, 1)[:300]}"}
+    return json.loads(res.read_text())
+
+
+def export_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.glob("*.safetensors"))
+
+
+def quant_config(d: Path) -> dict[str, Any]:
+    return json.loads((d / "config.json").read_text()).get("quantization_config", {})
+
+
+def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    fa, fb = flat(a), flat(b)
+    return [f"`{k}`: Sapling {fa.get(k, '(absent)')!r}, llm-compressor {fb.get(k, '(absent)')!r}"
+            for k in sorted(set(fa) | set(fb)) if fa.get(k, "(absent)") != fb.get(k, "(absent)")]
+
+
+def run_model(args, s, py: Path, name: str, model: Path) -> dict[str, Any]:
+    work = s.work / name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    calib, val = token_files(s, model, args, work)
+    res: dict[str, Any] = {"model": str(model), "16bit": evaluate(py, model, val, work, "16bit"), "rows": {}}
+    print(f"{name}: 16-bit loss {res['16bit'].get('loss', float('nan')):.4f}", flush=True)
+    for key, tool, scheme, guided in ROWS:
+        if guided and name == "teacher":
+            continue
+        out = work / f"{key}-{stamp}"
+        log = work / f"{key}-{stamp}.log"
+        print(f"{name}: {key} ...", flush=True)
+        if tool == "sapling":
+            cmd = [str(Path(sys.executable).with_name("sapling")), "quantize",
+                   *quant_overrides(s, model, out, args, scheme, guided)]
+            export = out / "model"
+        else:
+            export = out
+            cmd = [str(py), str(Path(__file__).with_name("quant_worker.py")), "llmc", "--model", str(model),
+                   "--calibration", str(calib), "--scheme", scheme, "--group-size", "64", "--out", str(out),
+                   "--result", str(work / f"{key}-{stamp}.json")]
+        m = run_measured(cmd, log)
+        if m["rc"] != 0:
+            res["rows"][key] = {"error": f"exit {m['rc']}: {tail(log, 1)[:300]}", "log": str(log)}
+            print(f"  failed (see {log}):\n{tail(log)}", flush=True)
+            continue
+        if tool == "sapling":
+            recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            quantize_s = [r for r in recs if r.get("event") == "quantize"][-1]["quantize_s"]
+        else:
+            quantize_s = json.loads((work / f"{key}-{stamp}.json").read_text())["quantize_s"]
+        row = {"tool": tool, "scheme": scheme, "guided": guided, "export": str(export), "quantize_s": quantize_s,
+               "process_wall_s": m["wall_s"], "peak_rss": m["hwm"], "bytes": export_bytes(export),
+               "eval": evaluate(py, export, val, work, key), "cross": evaluate(sys.executable, export, val, work, key, "sapling"),
+               "quantization_config": quant_config(export)}
+        res["rows"][key] = row
+        print(f"  loss {row['eval'].get('loss', float('nan')):.4f} (Sapling's env: "
+              f"{row['cross'].get('loss', float('nan')):.4f}), {quantize_s:.1f} s", flush=True)
+    return res
+
+
+def render(args, results: dict[str, Any], peer_versions: dict[str, str]) -> str:
+    lines = [header("Quantization: Sapling's GPTQ vs llm-compressor's (CPU)", sys.argv, peer_versions, [
+        f"- SmolLM2-135M-Instruct (teacher) and a student (pruned to {STUDENT_SHAPE}, distilled {args.kd_steps} "
+        f"steps); calibration: the same {args.samples} training sequences of 256 tokens for both tools; loss: "
+        f"mean next-token NLL over the first {args.val_tokens:,} held-out tokens (the peers' transformers + "
+        "compressed-tensors load every export; float32 compute); size: the export's *.safetensors bytes.",
+        "- w4 = int4 symmetric, groups of 64 along the input; w8 = int8 symmetric per output channel; lm_head "
+        "(tied to the embeddings) left 16-bit by both; GPTQ with static activation order, block 128, "
+        "dampening 0.01 in both; scales and the tensors left unquantized in float32 in both (the converted "
+        "checkpoint's dtype, which llm-compressor keeps; Sapling's `quant.dtype=float32`).", ""])]
+    cols = ["model", "recipe", "loss (16-bit)", "loss", "perplexity increase", "vs llm-compressor (increase)",
+            "size (MiB)", "quantize (s)", "time vs llm-compressor", "cross-load: loss in Sapling's env - loss here"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    goals, diffs = [], []
+    for name, res in results.items():
+        base = res["16bit"].get("loss")
+        rows = res["rows"]
+
+        def inc(r: dict[str, Any], base: float | None = base) -> float | None:
+            return math.exp(r["eval"]["loss"] - base) - 1 if "loss" in r.get("eval", {}) and base else None
+
+        for key, tool, scheme, guided in ROWS:
+            r = rows.get(key)
+            if r is None:
+                continue
+            label = f"{LABELS[tool]}{' guided' if guided else ''} {scheme.split('a')[0]}"
+            if "error" in r:
+                lines.append(f"| {name} | {label} | failed: {r['error']} |" + " |" * (len(cols) - 3))
+                continue
+            peer = rows.get(f"llmc_{scheme.split('a')[0]}", {})
+            i, ip = inc(r), inc(peer) if "eval" in peer else None
+            cross = r["cross"].get("loss")
+            lines.append("| " + " | ".join([
+                name, label, f"{base:.4f}", f"{r['eval']['loss']:.4f}", f"{100 * i:+.2f}%",
+                ratio(i, ip) if tool == "sapling" else "1.00x", f"{r['bytes'] / 2**20:.1f}", f"{r['quantize_s']:.1f}",
+                ratio(r["quantize_s"], peer.get("quantize_s")) if tool == "sapling" else "1.00x",
+                f"{cross - r['eval']['loss']:+.2e}" if cross is not None else r["cross"].get("error", "-")]) + " |")
+        for bits in ("w4", "w8"):
+            sap, peer = rows.get(f"sapling_{bits}", {}), rows.get(f"llmc_{bits}", {})
+            if "eval" in sap and "eval" in peer:
+                lo, lp = sap["eval"]["loss"], peer["eval"]["loss"]
+                t = sap["quantize_s"] / peer["quantize_s"]
+                goals.append(f"- {name} {bits}: Sapling's perplexity {math.exp(lo):.3f} vs llm-compressor's "
+                             f"{math.exp(lp):.3f} (goal <=: {'met' if lo <= lp else 'missed'}) at {t:.2f}x its time "
+                             f"(goal <= 1.0x: {'met' if t <= 1.0 else 'missed'})")
+                diffs.append(f"- {name} {bits}:")
+                diffs += [f"  - {d}" for d in config_differences(sap["quantization_config"],
+                                                                  peer["quantization_config"])] or ["  - none"]
+        g = rows.get("sapling_guided_w4", {})
+        if "eval" in g:
+            best = min(rows[k]["eval"]["loss"] for k in ("sapling_w4", "llmc_w4") if "eval" in rows.get(k, {}))
+            goals.append(f"- {name}: guided GPTQ w4 loss {g['eval']['loss']:.4f} vs the better plain GPTQ "
+                         f"{best:.4f} (goal: below both: {'met' if g['eval']['loss'] < best else 'missed'})")
+    lines += ["", "## Goals", "", *goals, "", "## quantization_config: Sapling's export vs llm-compressor's", "",
+              *diffs, ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["teacher", "student"], choices=["teacher", "student"])
+    p.add_argument("--samples", type=int, default=64, help="calibration sequences (256 tokens)")
+    p.add_argument("--val-tokens", type=int, default=16384)
+    p.add_argument("--kd-steps", type=int, default=40, help="distillation steps of the student")
+    p.add_argument("--student", default=None, help="a distilled student checkpoint to use instead")
+    p.add_argument("--peers-python", default=None)
+    p.add_argument("--corpus-bytes", type=int, default=1_500_000)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--work", default="/tmp/sapling-peers/quant")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "peers_quant_cpu.md"))
+    args = p.parse_args(argv)
+    py = peers_python(args.peers_python)
+    peer_versions = versions(py)
+    s = setup(args)
+    models = {"teacher": s.teacher_dir}
+    if "student" in args.models:
+        models["student"] = distilled_student(s, args)
+    results = {}
+    out = Path(args.out)
+    for name in args.models:
+        results[name] = run_model(args, s, py, name, models[name])
+        text = render(args, results, peer_versions)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        out.with_suffix(".json").write_text(json.dumps({"argv": sys.argv, "versions": peer_versions,
+                                                        "results": results}, indent=1) + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
