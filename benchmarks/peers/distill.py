@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402  (benchmarks/peers/ is not a package)
+from peer_common import (  # noqa: E402  (benchmarks/peers/ is not a package)
     REPO,
     header,
     peers_python,

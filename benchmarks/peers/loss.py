@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, header, peers_python, versions  # noqa: E402
+from peer_common import REPO, header, peers_python, versions  # noqa: E402
 
 SETS = {"design": "DESIGN's CPU shapes (synthetic)", "smollm2": "SmolLM2-135M head, depth-pruned student",
         "smollm2_width": "SmolLM2-135M head, width-pruned student (Hs=432)"}

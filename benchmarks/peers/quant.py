@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, header, peers_python, ratio, run_measured, tail, versions  # noqa: E402
+from peer_common import REPO, header, peers_python, ratio, run_measured, tail, versions  # noqa: E402
 
 STUDENT_SHAPE = {"num_hidden_layers": 20, "intermediate_size": 576}
 ROWS = [  # (key, tool, scheme, guided)

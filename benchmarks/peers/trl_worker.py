@@ -74,7 +74,7 @@ def run_naive(a: argparse.Namespace, record: dict) -> None:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        record["steps"].append({"step": step + 1, "time": time.time(), "loss": float(loss)})
+        record["steps"].append({"step": step + 1, "time": time.time(), "loss": float(loss.detach())})
 
 
 def run_trl(a: argparse.Namespace, record: dict) -> None:

@@ -1,0 +1,117 @@
+"""benchmarks/peers/ without the peers' virtualenv: the naive loop and the optimizer the TRL worker builds
+match Sapling's loss, parameter groups and schedule step for step (so the curves are comparable), and the
+drivers' memory window and export-config comparison."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def worker(load_benchmark):
+    return load_benchmark("peers/trl_worker")
+
+
+@pytest.fixture(scope="module")
+def quant_driver(load_benchmark):
+    return load_benchmark("peers/quant")
+
+
+def _tiny(path, layers: int, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def test_schedule_matches_saplings(worker):
+    from sapling.train.optim import lr_factor
+
+    for warmup, steps, ratio in [(0, 10, 0.1), (3, 10, 0.0), (2, 2, 0.5), (5, 40, 0.1)]:
+        for s in range(steps + 2):
+            assert worker.lr_factor(s, warmup, steps, ratio) == pytest.approx(
+                lr_factor(s, warmup_steps=warmup, max_steps=steps, min_lr_ratio=ratio), abs=1e-12)
+
+
+def test_naive_loop_follows_saplings_step_exactly(worker, tmp_path):
+    """Three steps of the worker's naive loop vs Sapling's loss_on_batch + its AdamW groups, schedule and
+    clipping on the same student, teacher and blocks: the same loss at every step."""
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM
+
+    from sapling.config import DistillConfig
+    from sapling.distill.step import loss_on_batch
+    from sapling.train.optim import build_optimizer, build_scheduler, param_groups
+
+    teacher, student = _tiny(tmp_path / "t", 2, 0), _tiny(tmp_path / "s", 1, 1)
+    steps, batch, seq = 3, 2, 16
+    blocks = torch.randint(0, 96, (steps * batch, seq), generator=torch.Generator().manual_seed(0))
+    torch.save(blocks, tmp_path / "blocks.pt")
+    a = argparse.Namespace(teacher=str(teacher), student=str(student), blocks=str(tmp_path / "blocks.pt"),
+                           batch=batch, steps=steps, lr=1e-2, warmup=1, min_lr_ratio=0.1, weight_decay=0.1,
+                           beta1=0.9, beta2=0.95, grad_clip=0.5)
+    record = {"steps": []}
+    worker.run_naive(a, record)
+    theirs = [s["loss"] for s in record["steps"]]
+
+    tcfg = OmegaConf.create({"lr": a.lr, "beta1": a.beta1, "beta2": a.beta2, "weight_decay": a.weight_decay,
+                             "warmup_steps": a.warmup, "max_steps": steps, "min_lr_ratio": a.min_lr_ratio})
+    t = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval().requires_grad_(False)
+    s = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).train()
+    opt = build_optimizer(param_groups(s, tcfg), tcfg)
+    sched = build_scheduler(opt, tcfg)
+    dcfg = DistillConfig(divergence="forward_kl", temperature=1.0, kd_weight=1.0, ce_weight=0.0)
+    ours = []
+    for i in range(steps):
+        ids = blocks[i * batch : (i + 1) * batch]
+        loss, _ = loss_on_batch(s, t, {"input_ids": ids, "labels": ids.clone()}, dcfg,
+                                num_valid_tokens=batch * (seq - 1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(s.parameters(), a.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        ours.append(float(loss))
+    assert theirs == pytest.approx(ours, rel=1e-5)
+    assert theirs[0] != pytest.approx(theirs[-1], rel=1e-3)  # the student did move
+
+
+def test_worker_groups_match_saplings(worker, tmp_path):
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM
+
+    from sapling.train.optim import param_groups
+
+    m = AutoModelForCausalLM.from_pretrained(_tiny(tmp_path / "m", 1, 0))
+    a = argparse.Namespace(lr=1e-3, beta1=0.9, beta2=0.95, weight_decay=0.1, warmup=0, steps=5, min_lr_ratio=0.1)
+    opt, _ = worker.optimizer_and_schedule(m, a)
+    ours = param_groups(m, OmegaConf.create({"weight_decay": 0.1}))
+    assert [sorted(id(p) for p in g["params"]) for g in opt.param_groups] == \
+        [sorted(id(p) for p in g["params"]) for g in ours]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert opt.defaults["eps"] == 1e-8 and opt.defaults["betas"] == (0.9, 0.95)
+
+
+def test_train_peak_window(load_benchmark):
+    common = load_benchmark("peers/peer_common")
+    samples = [(0.0, 100), (1.0, 500), (2.0, 400), (3.0, 900), (4.0, 450)]
+    assert common.train_peak(samples, 1.5) == {"rss_at_start": 500, "peak_rss": 900, "train_peak": 400}
+    assert common.train_peak(samples, 10.0)["train_peak"] == 0  # nothing after the start: nothing held
+
+
+def test_config_differences_name_every_field(quant_driver):
+    a = {"format": "pack-quantized", "config_groups": {"g": {"weights": {"num_bits": 4, "actorder": None}}},
+         "version": "0.20.0"}
+    b = {"format": "pack-quantized", "config_groups": {"g": {"weights": {"num_bits": 4, "observer": "minmax"}}},
+         "version": "0.19.0"}
+    diffs = quant_driver.config_differences(a, b)
+    assert len(diffs) == 3
+    assert any("config_groups.g.weights.observer" in d and "(absent)" in d for d in diffs)
+    assert any(d.startswith("`version`") for d in diffs)
+    assert quant_driver.config_differences(a, a) == []
