@@ -45,6 +45,7 @@ from peer_common import (  # noqa: E402  (benchmarks/peers/ is not a package)
     tail,
     train_peak,
     versions,
+    write_results,
 )
 
 SYSTEMS = ("sapling", "trl", "naive")
@@ -241,11 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         seq, batch = (int(x) for x in shape.split("x"))
         results[shape] = run_shape(args, s, student, py, seq, batch)
         text = render(args, results, peer_versions, student_params)
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        out.with_suffix(".json").write_text(json.dumps({"argv": sys.argv, "versions": peer_versions,
-                                                        "results": results}, indent=1) + "\n")
+        write_results(args.out, text, peer_versions, results)
     print(text)
     return 0
 

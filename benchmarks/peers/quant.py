@@ -34,7 +34,16 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer_common import REPO, header, peers_python, ratio, run_measured, tail, versions  # noqa: E402
+from peer_common import (  # noqa: E402
+    REPO,
+    header,
+    peers_python,
+    ratio,
+    run_measured,
+    tail,
+    versions,
+    write_results,
+)
 
 STUDENT_SHAPE = {"num_hidden_layers": 20, "intermediate_size": 576}
 ROWS = [  # (key, tool, scheme, guided)
@@ -254,14 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     if "student" in args.models:
         models["student"] = distilled_student(s, args)
     results = {}
-    out = Path(args.out)
     for name in args.models:
         results[name] = run_model(args, s, py, name, models[name])
         text = render(args, results, peer_versions)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        out.with_suffix(".json").write_text(json.dumps({"argv": sys.argv, "versions": peer_versions,
-                                                        "results": results}, indent=1) + "\n")
+        write_results(args.out, text, peer_versions, results)
     print(text)
     return 0
 
