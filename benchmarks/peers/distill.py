@@ -113,15 +113,22 @@ def training_blocks(s, overrides: list[str], steps: int, batch: int, path: Path)
 def sapling_steps(out: Path) -> dict[str, Any]:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     start = next(r["time"] for r in records if r.get("event") == "start")
-    steps = [{"step": r["step"], "time": r["time"], "loss": r["loss"]} for r in records if r.get("event") == "train"]
-    return {"start_time": start, "steps": steps}
+    train = [r for r in records if r.get("event") == "train"]
+    steps = [{"step": r["step"], "time": r["time"], "loss": r["loss"]} for r in train]
+    peak = max((r.get("peak_mem_gib", 0.0) for r in train), default=0.0) * 2**30
+    return {"start_time": start, "steps": steps, "cuda_peak": peak}
 
 
-def summarize(record: dict[str, Any], measured: dict[str, Any], tokens_per_step: int) -> dict[str, Any]:
+def summarize(record: dict[str, Any], measured: dict[str, Any], tokens_per_step: int, device: str) -> dict[str, Any]:
+    """Step times, losses and memory of one system's run. CPU memory: the child's RSS when training began
+    and its peak after; CUDA: the peak allocated by torch (models, optimizer state and activations)."""
     times = [record["start_time"]] + [s["time"] for s in record["steps"]]
     durations = [b - a for a, b in zip(times, times[1:])]
     med = statistics.median(durations[1:]) if len(durations) > 1 else durations[0]
-    mem = train_peak(measured["samples"], record["start_time"])
+    if device == "cuda":
+        mem = {"train_peak": record.get("cuda_peak", 0), "peak_rss": None, "rss_at_start": None}
+    else:
+        mem = train_peak(measured["samples"], record["start_time"])
     return {"step_s": durations, "median_step_s": med, "tokens_per_s": tokens_per_step / med,
             "losses": [s["loss"] for s in record["steps"]], **mem, "hwm": measured["hwm"],
             "wall_s": measured["wall_s"]}
@@ -132,6 +139,8 @@ def run_shape(args, s, student: Path, py: Path, seq: int, batch: int) -> dict[st
     stamp = time.strftime("%Y%m%d-%H%M%S")
     sap_out = work / f"sapling-{stamp}"
     overrides = sapling_overrides(s, student, sap_out, seq, batch, args.steps)
+    if args.device == "cuda":  # bf16 weights with fp32 master copies (Sapling's GPU mode); SDPA like the peers
+        overrides += ["trainer.device=cuda", "student.attn_implementation=sdpa", "teacher.attn_implementation=sdpa"]
     blocks = work / "blocks.pt"
     work.mkdir(parents=True, exist_ok=True)
     training_blocks(s, overrides, args.steps, batch, blocks)
@@ -148,7 +157,7 @@ def run_shape(args, s, student: Path, py: Path, seq: int, batch: int) -> dict[st
                    "--batch", str(batch), "--steps", str(args.steps), "--lr", str(o["lr"]), "--warmup", str(o["warmup"]),
                    "--min-lr-ratio", str(o["min_lr_ratio"]), "--weight-decay", str(o["weight_decay"]),
                    "--beta1", str(o["beta1"]), "--beta2", str(o["beta2"]), "--grad-clip", str(o["grad_clip"]),
-                   "--out", str(work / f"{system}-{stamp}.json")]
+                   "--device", args.device, "--out", str(work / f"{system}-{stamp}.json")]
         measured = run_measured(cmd, log)
         if measured["rc"] != 0:
             res[system] = {"error": f"exit {measured['rc']}: " + tail(log, 1)[:300], "log": str(log)}
@@ -156,7 +165,7 @@ def run_shape(args, s, student: Path, py: Path, seq: int, batch: int) -> dict[st
             continue
         record = sapling_steps(sap_out) if system == "sapling" else json.loads(
             (work / f"{system}-{stamp}.json").read_text())
-        res[system] = summarize(record, measured, seq * batch)
+        res[system] = summarize(record, measured, seq * batch, args.device)
         r = res[system]
         print(f"  median step {r['median_step_s']:.2f} s, {r['tokens_per_s']:.0f} tok/s, steps held "
               f"{r['train_peak'] / 2**30:.2f} GiB, losses {', '.join(f'{x:.4f}' for x in r['losses'])}", flush=True)
@@ -164,18 +173,26 @@ def run_shape(args, s, student: Path, py: Path, seq: int, batch: int) -> dict[st
 
 
 def render(args, results: dict[str, dict[str, Any]], peer_versions: dict[str, str], student_params: int) -> str:
-    lines = [header("Distillation step: Sapling vs TRL vs a naive HF loop (CPU)", sys.argv, peer_versions, [
+    cuda = args.device == "cuda"
+    precision = ("bf16 autocast over fp32 weights (TRL, naive) / bf16 weights with fp32 master copies (Sapling), "
+                 "SDPA attention" if cuda else "fp32, no autocast")
+    memory = ("memory: `torch.cuda.max_memory_allocated` over the run (models, optimizer state, activations); "
+              "Sapling's from its train records" if cuda else
+              "memory held by the steps: peak RSS while training minus RSS when training began (models loaded), "
+              "the child process sampled every 50 ms; process peak: its VmHWM")
+    lines = [header(f"Distillation step: Sapling vs TRL vs a naive HF loop ({'GPU' if cuda else 'CPU'})", sys.argv,
+                    peer_versions, [
         f"- teacher SmolLM2-135M-Instruct (134,515,008 parameters, V=49,152), student: it pruned by `sapling prune` "
-        f"to {args.student or STUDENT_SHAPE} ({student_params:,} parameters); fp32; {args.steps} steps per system and shape, the "
-        "same blocks in the same order; forward KL, T = 1, no CE; AdamW lr "
+        f"to {args.student or STUDENT_SHAPE} ({student_params:,} parameters); {args.steps} steps per system and "
+        "shape, the same blocks in the same order; forward KL, T = 1, no CE; AdamW lr "
         f"{OPTIM['lr']}, betas ({OPTIM['beta1']}, {OPTIM['beta2']}), weight decay {OPTIM['weight_decay']} on "
         f">= 2-D weights, {OPTIM['warmup']} warmup steps then cosine to {OPTIM['min_lr_ratio']}x, clip "
-        f"{OPTIM['grad_clip']}; no activation checkpointing, no autocast.",
-        "- step time: median of steps 2..N (each step's wall time from the systems' own per-step records); "
-        "memory held by the steps: peak RSS while training minus RSS when training began (models loaded), the "
-        "child process sampled every 50 ms; process peak: its VmHWM.", ""])]
-    cols = ["shape (L x B)", "system", "median step (s)", "tokens/s", "step time vs TRL", "steps held (GiB)",
-            "held vs TRL", "process peak (GiB)", "loss step 1", f"loss step {args.steps}", "max abs loss diff vs TRL"]
+        f"{OPTIM['grad_clip']}; no activation checkpointing; {precision}.",
+        f"- step time: median of steps 2..N (each step's wall time from the systems' own per-step records); {memory}.",
+        ""], device=args.device)]
+    held = "peak GPU memory (GiB)" if cuda else "steps held (GiB)"
+    cols = ["shape (L x B)", "system", "median step (s)", "tokens/s", "step time vs TRL", held,
+            "vs TRL", "process peak RSS (GiB)", "loss step 1", f"loss step {args.steps}", "max abs loss diff vs TRL"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     goals = []
     for shape, res in results.items():
@@ -196,7 +213,7 @@ def render(args, results: dict[str, dict[str, Any]], peer_versions: dict[str, st
             t = sap["median_step_s"] / trl["median_step_s"]
             m = sap["train_peak"] / trl["train_peak"] if trl["train_peak"] else float("nan")
             goals.append(f"- {shape}: Sapling's step time {t:.2f}x TRL's (goal <= 0.70x: "
-                         f"{'met' if t <= 0.7 else 'missed'}), memory held by the steps {m:.2f}x TRL's"
+                         f"{'met' if t <= 0.7 else 'missed'}), {held.split(' (')[0]} {m:.2f}x TRL's"
                          + (f" (goal at >= 8k tokens: <= 0.50x: {'met' if m <= 0.5 else 'missed'})"
                             if _tokens(shape) >= 8192 else ""))
     lines += ["", "## Goals", "", *goals, "", "## Loss per step", ""]
@@ -221,12 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     p.add_argument("--peers-python", default=None, help="the peers' interpreter (default .venv-peers/bin/python)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--student", default=None, help="a pruned student checkpoint to use instead of pruning one")
     p.add_argument("--corpus-bytes", type=int, default=1_500_000)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--work", default="/tmp/sapling-peers/distill")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "peers_distill_cpu.md"))
+    p.add_argument("--out", default=None, help="default benchmarks/results/peers_distill_<device>.md")
     args = p.parse_args(argv)
+    args.out = args.out or str(REPO / "benchmarks" / "results" / f"peers_distill_{args.device}.md")
     if args.steps < 2:
         p.error("--steps must be >= 2 (the first step is a warm-up)")
     py = peers_python(args.peers_python)

@@ -96,13 +96,22 @@ def tail(log: Path, lines: int = 5) -> str:
         return ""
 
 
-def header(title: str, argv: list[str], peer_versions: dict[str, str], extra: list[str] | None = None) -> str:
+def device_name(device: str = "cpu") -> str:
+    if device == "cuda":
+        import torch
+
+        return f"GPU ({torch.cuda.get_device_name()})"
+    return f"CPU ({cpu_model()}, {platform.machine()}, {os.cpu_count()} threads)"
+
+
+def header(title: str, argv: list[str], peer_versions: dict[str, str], extra: list[str] | None = None,
+           device: str = "cpu") -> str:
     from importlib.metadata import version
 
     ours = {p: version(p) for p in ("torch", "transformers")}
     lines = [f"# {title}", "",
              f"- command: `python {shlex.join(argv)}` — {datetime.date.today()}, commit {git_commit()}, "
-             f"CPU ({cpu_model()}, {platform.machine()}, {os.cpu_count()} threads)",
+             f"{device_name(device)}",
              f"- peers' virtualenv (`{SETUP}`): " + ", ".join(f"{k} {v}" for k, v in peer_versions.items()),
              f"- Sapling's virtualenv: sapling (this commit), torch {ours['torch']}, transformers {ours['transformers']}"]
     return "\n".join(lines + (extra or [])) + "\n"

@@ -6,14 +6,15 @@ distillation, or the naive loop every user can write, on the exact token blocks 
 
 - ``trl``: ``trl.experimental.gkd.GKDTrainer`` with ``lmbda=0`` (never generates: every batch is the data),
   ``seq_kd=False`` and ``beta=0`` (its generalized JSD at beta=0 is ``kl_div(log p_s, log p_t)`` =
-  KL(p_t || p_s), Sapling's forward_kl), temperature 1, no bf16 autocast and no gradient checkpointing (TRL's
-  SFT defaults turn both on; Sapling's CPU run uses neither). The blocks go in their given order (a
+  KL(p_t || p_s), Sapling's forward_kl), temperature 1, no gradient checkpointing (TRL's SFT default turns it
+  on; Sapling's runs do not checkpoint), bf16 autocast on CUDA only (fp32 on CPU, as Sapling's CPU run). The blocks go in their given order (a
   sequential sampler instead of the Trainer's random one) with every next-token position labelled.
 - ``naive``: HF forward of both models to full ``[B, L, V]`` logits, float32 log-softmax, ``F.kl_div`` summed
   over the vocabulary, mean over the ``B * (L - 1)`` next-token positions.
 
-Both use the optimizer Sapling builds (AdamW, decay on >= 2-D weights only, eps 1e-8), its schedule (linear
-warmup ``(s + 1) / warmup``, cosine to ``min_lr_ratio``; HF's warmup starts at 0, so the Trainer gets this one
+On CUDA both keep fp32 weights and autocast to bf16 (HF's mixed precision) and report
+``torch.cuda.max_memory_allocated``. Both use the optimizer Sapling builds (AdamW, decay on >= 2-D weights
+only, eps 1e-8), its schedule (linear warmup ``(s + 1) / warmup``, cosine to ``min_lr_ratio``; HF's warmup starts at 0, so the Trainer gets this one
 as a LambdaLR) and global-norm clipping, so the loss curves can be compared step by step.
 """
 
@@ -47,11 +48,13 @@ def optimizer_and_schedule(model: torch.nn.Module, a: argparse.Namespace):
 
 
 def load(a: argparse.Namespace):
+    """fp32 weights on `a.device` (on CUDA the steps autocast to bf16, HF's mixed precision), SDPA attention."""
     from transformers import AutoModelForCausalLM
 
-    teacher = AutoModelForCausalLM.from_pretrained(a.teacher, dtype=torch.float32).eval()
+    kw = {"dtype": torch.float32, "attn_implementation": "sdpa"}
+    teacher = AutoModelForCausalLM.from_pretrained(a.teacher, **kw).to(a.device).eval()
     teacher.requires_grad_(False)
-    student = AutoModelForCausalLM.from_pretrained(a.student, dtype=torch.float32).train()
+    student = AutoModelForCausalLM.from_pretrained(a.student, **kw).to(a.device).train()
     blocks = torch.load(a.blocks)
     if blocks.shape[0] < a.steps * a.batch:
         raise SystemExit(f"{a.blocks}: {blocks.shape[0]} blocks, need steps x batch = {a.steps * a.batch}")
@@ -61,12 +64,19 @@ def load(a: argparse.Namespace):
 def run_naive(a: argparse.Namespace, record: dict) -> None:
     teacher, student, blocks = load(a)
     opt, sched = optimizer_and_schedule(student, a)
+    cuda = a.device == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        record["cuda_at_start"] = torch.cuda.memory_allocated()
     record["start_time"] = time.time()
     for step in range(a.steps):
-        ids = blocks[step * a.batch : (step + 1) * a.batch]
-        with torch.no_grad():
+        ids = blocks[step * a.batch : (step + 1) * a.batch].to(a.device)
+        with torch.no_grad(), autocast:
             t_logits = teacher(input_ids=ids).logits[:, :-1].float()
-        s_logits = student(input_ids=ids).logits[:, :-1].float()
+        with autocast:
+            s_logits = student(input_ids=ids).logits[:, :-1].float()
         kl = F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), log_target=True, reduction="sum")
         loss = kl / (ids.shape[0] * (ids.shape[1] - 1))
         loss.backward()
@@ -74,7 +84,11 @@ def run_naive(a: argparse.Namespace, record: dict) -> None:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        record["steps"].append({"step": step + 1, "time": time.time(), "loss": float(loss.detach())})
+        value = float(loss.detach())
+        if cuda:
+            torch.cuda.synchronize()
+        record["steps"].append({"step": step + 1, "time": time.time(), "loss": value})
+    _gpu_memory(record, cuda)
 
 
 def run_trl(a: argparse.Namespace, record: dict) -> None:
@@ -105,15 +119,21 @@ def run_trl(a: argparse.Namespace, record: dict) -> None:
 
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                record["cuda_at_start"] = torch.cuda.memory_allocated()
             record["start_time"] = time.time()
 
         def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             record["steps"].append({"step": state.global_step, "time": time.time(), "loss": losses[-1]})
 
     args = GKDConfig(
         output_dir=str(Path(a.out).parent / "trl_out"), max_steps=a.steps, per_device_train_batch_size=a.batch,
         gradient_accumulation_steps=1, max_grad_norm=a.grad_clip, lmbda=0.0, beta=0.0, temperature=1.0,
-        seq_kd=False, bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(),
+        seq_kd=False, bf16=a.device == "cuda", fp16=False, gradient_checkpointing=False, use_cpu=a.device == "cpu",
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
         dataloader_num_workers=0, dataloader_pin_memory=False, max_length=blocks.shape[1],
     )
@@ -121,6 +141,12 @@ def run_trl(a: argparse.Namespace, record: dict) -> None:
                       train_dataset=Dataset.from_dict({"input_ids": blocks.tolist()}), processing_class=tokenizer,
                       optimizers=optimizer_and_schedule(student, a), callbacks=[Clock()])
     trainer.train()
+    _gpu_memory(record, a.device == "cuda")
+
+
+def _gpu_memory(record: dict, cuda: bool) -> None:
+    if cuda:
+        record["cuda_peak"] = torch.cuda.max_memory_allocated()
 
 
 def versions() -> dict[str, str]:
@@ -150,6 +176,7 @@ def main() -> None:
     p.add_argument("--beta1", type=float, required=True)
     p.add_argument("--beta2", type=float, required=True)
     p.add_argument("--grad-clip", type=float, required=True)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     torch.manual_seed(0)
