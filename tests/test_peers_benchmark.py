@@ -55,7 +55,7 @@ def test_naive_loop_follows_saplings_step_exactly(worker, tmp_path):
     torch.save(blocks, tmp_path / "blocks.pt")
     a = argparse.Namespace(teacher=str(teacher), student=str(student), blocks=str(tmp_path / "blocks.pt"),
                            batch=batch, steps=steps, lr=1e-2, warmup=1, min_lr_ratio=0.1, weight_decay=0.1,
-                           beta1=0.9, beta2=0.95, grad_clip=0.5)
+                           beta1=0.9, beta2=0.95, grad_clip=0.5, device="cpu")
     record = {"steps": []}
     worker.run_naive(a, record)
     theirs = [s["loss"] for s in record["steps"]]
