@@ -115,3 +115,35 @@ def test_config_differences_name_every_field(quant_driver):
     assert any("config_groups.g.weights.observer" in d and "(absent)" in d for d in diffs)
     assert any(d.startswith("`version`") for d in diffs)
     assert quant_driver.config_differences(a, a) == []
+
+
+def test_phase_profile_heads_agree_and_every_phase_is_timed(load_benchmark, tmp_path):
+    """The profile's two heads compute the same loss and gradients (so their times compare the same work), and
+    a profiled step on tiny models times every phase and renders the table."""
+    phases = load_benchmark("peers/phases")
+    g = torch.Generator().manual_seed(3)
+    n, hidden, vocab = 12, 16, 40
+    w_s = torch.randn(vocab, hidden, generator=g, requires_grad=True)
+    w_t = torch.randn(vocab, hidden, generator=g)
+    h_t = torch.randn(n, hidden, generator=g)
+    h0 = torch.randn(n, hidden, generator=g)
+    heads = phases.make_heads(w_s, w_t, torch.randint(0, vocab, (n,), generator=g))
+    out = {}
+    for name, head in heads.items():
+        h = h0.clone().requires_grad_()
+        loss = head(h, h_t)
+        loss.backward()
+        out[name] = (loss.detach(), h.grad, w_s.grad.clone())
+        w_s.grad = None
+    for a, b in zip(out["fused"], out["full"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert out["full"][0] > 0
+
+    teacher, student = _tiny(tmp_path / "t", 2, 0), _tiny(tmp_path / "s", 1, 1)
+    ids = torch.randint(0, 96, (2, 16), generator=g)
+    prof = phases.phase_times(teacher, student, ids, repeats=1)
+    for head in phases.HEADS:
+        assert set(prof[head]["phases"]) == set(phases.PHASES)
+        assert all(t > 0 for t in prof[head]["phases"].values())
+    table = "\n".join(phases.render_phases("16x2", prof, 96))
+    assert table.count("\n| ") == len(phases.PHASES) + 2  # the header row, one per phase, the whole step

@@ -20,7 +20,8 @@ checkpointing. Reported per shape: the median step time over steps 2..N (the fir
 the memory the steps held (peak resident memory during training minus the resident memory when it began:
 the child's RSS sampled every 50 ms), the process's own peak, and each step's loss: step 1 sees identical
 weights and data in all three, so its losses must agree to float32 rounding; the later ones drift only by
-rounding.
+rounding. After each shape's runs, `--profile-repeats` steps of a phase profile (phases.py, in this process):
+where a step's time goes, with Sapling's fused head and with the full-logit head of the naive loop and TRL.
 """
 
 from __future__ import annotations
@@ -47,11 +48,13 @@ from peer_common import (  # noqa: E402  (benchmarks/peers/ is not a package)
     versions,
     write_results,
 )
+from phases import phase_times, render_phases  # noqa: E402
 
 SYSTEMS = ("sapling", "trl", "naive")
 LABELS = {"sapling": "Sapling `sapling distill`", "trl": "TRL `GKDTrainer` (lmbda=0, beta=0)",
           "naive": "naive HF loop (full logits + torch KL)"}
 STUDENT_SHAPE = {"num_hidden_layers": 20, "intermediate_size": 576}
+VOCAB = 49_152
 OPTIM = {"lr": 3e-4, "warmup": 2, "min_lr_ratio": 0.1, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95,
          "grad_clip": 1.0}
 
@@ -143,7 +146,7 @@ def run_shape(args, s, student: Path, py: Path, seq: int, batch: int) -> dict[st
         overrides += ["trainer.device=cuda", "student.attn_implementation=sdpa", "teacher.attn_implementation=sdpa"]
     blocks = work / "blocks.pt"
     work.mkdir(parents=True, exist_ok=True)
-    training_blocks(s, overrides, args.steps, batch, blocks)
+    ids = training_blocks(s, overrides, args.steps, batch, blocks)
     res: dict[str, Any] = {}
     for system in args.systems:
         log = work / f"{system}-{stamp}.log"
@@ -169,6 +172,9 @@ def run_shape(args, s, student: Path, py: Path, seq: int, batch: int) -> dict[st
         r = res[system]
         print(f"  median step {r['median_step_s']:.2f} s, {r['tokens_per_s']:.0f} tok/s, steps held "
               f"{r['train_peak'] / 2**30:.2f} GiB, losses {', '.join(f'{x:.4f}' for x in r['losses'])}", flush=True)
+    if args.profile_repeats > 0 and args.device == "cpu":
+        print(f"{seq}x{batch}: phase profile ...", flush=True)
+        res["phases"] = phase_times(s.teacher_dir, student, ids[:batch], args.profile_repeats)
     return res
 
 
@@ -216,7 +222,16 @@ def render(args, results: dict[str, dict[str, Any]], peer_versions: dict[str, st
                          f"{'met' if t <= 0.7 else 'missed'}), {held.split(' (')[0]} {m:.2f}x TRL's"
                          + (f" (goal at >= 8k tokens: <= 0.50x: {'met' if m <= 0.5 else 'missed'})"
                             if _tokens(shape) >= 8192 else ""))
-    lines += ["", "## Goals", "", *goals, "", "## Loss per step", ""]
+    lines += ["", "## Goals", "", *goals, ""]
+    if any("phases" in res for res in results.values()):
+        lines += ["## Where the step time goes", "",
+                  "One process (Sapling's virtualenv), the same teacher, student and first micro-batch; each step split "
+                  "into phases (benchmarks/peers/phases.py), once with Sapling's fused head and once with the "
+                  "full-logit head of the naive loop and TRL's GKD loss.", ""]
+        for shape, res in results.items():
+            if "phases" in res:
+                lines += render_phases(shape, res["phases"], VOCAB)
+    lines += ["## Loss per step", ""]
     for shape, res in results.items():
         ok = [s for s in args.systems if "losses" in res.get(s, {})]
         lines += [f"{shape}:", "", "| step | " + " | ".join(ok) + " |", "|---|" + "---|" * len(ok)]
@@ -239,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     p.add_argument("--peers-python", default=None, help="the peers' interpreter (default .venv-peers/bin/python)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--profile-repeats", type=int, default=2,
+                   help="timed steps per head in the phase profile after each shape's runs (CPU; 0: no profile)")
     p.add_argument("--student", default=None, help="a pruned student checkpoint to use instead of pruning one")
     p.add_argument("--corpus-bytes", type=int, default=1_500_000)
     p.add_argument("--cache-dir", default=None)

@@ -1,0 +1,104 @@
+"""Where a distillation step's time goes: the same step split into phases, with Sapling's fused KD head and
+with the full-logit head the naive loop and TRL's GKD loss compute (run in Sapling's virtualenv).
+
+Phases: the teacher's forward to its final hidden states (no grad), the student's forward to its final hidden
+states, the head (lm_head logits + forward KL, forward and backward; Sapling's fused loss computes the gradient
+during its forward), the student's backward through its decoder from the head's gradient, and the AdamW step.
+Everything but the head is the same transformers code in all three systems, so this shows how much of a step
+the choice of head can change at all.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+PHASES = ("teacher forward", "student forward", "head: logits + KD, fwd + bwd", "student backward",
+          "optimizer step")
+HEADS = ("fused", "full")
+
+
+def make_heads(w_s: torch.Tensor, w_t: torch.Tensor, labels: torch.Tensor) -> dict[str, Callable]:
+    """The two heads, each (student hidden [N, H], teacher hidden [N, H]) -> mean forward KL over the N rows."""
+    from sapling.kernels import fused_linear_kd_loss
+
+    n = labels.numel()
+
+    def fused(h: torch.Tensor, ht: torch.Tensor) -> torch.Tensor:
+        return fused_linear_kd_loss(h, w_s, ht, w_t, labels=labels, num_valid_tokens=n)
+
+    def full(h: torch.Tensor, ht: torch.Tensor) -> torch.Tensor:
+        lp_s = F.log_softmax(F.linear(h, w_s).float(), dim=-1)
+        with torch.no_grad():
+            lp_t = F.log_softmax(F.linear(ht, w_t).float(), dim=-1)
+        return F.kl_div(lp_s, lp_t, reduction="none", log_target=True).sum() / n
+
+    return {"fused": fused, "full": full}
+
+
+def phase_times(teacher_dir: Path, student_dir: Path, ids: torch.Tensor, repeats: int = 2) -> dict[str, dict]:
+    """Median seconds per phase for each head over `repeats` steps (after one warm-up step of each), the two
+    heads alternating on the same micro-batch `ids` [B, L]."""
+    from transformers import AutoModelForCausalLM
+
+    from sapling.models import decoder_and_head, final_hidden, shifted_targets
+
+    kw = {"dtype": torch.float32, "attn_implementation": "sdpa"}
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, **kw).eval().requires_grad_(False)
+    student = AutoModelForCausalLM.from_pretrained(student_dir, **kw).train()
+    params = list({id(p): p for p in student.parameters()}.values())
+    opt = torch.optim.AdamW(params, lr=1e-7)  # the step's work, not its effect, is what is timed
+    w_s, w_t = decoder_and_head(student)[1].weight, decoder_and_head(teacher)[1].weight
+    heads = make_heads(w_s, w_t, shifted_targets(ids))
+
+    def step(head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[float]:
+        marks = [time.perf_counter()]
+        with torch.no_grad():
+            ht = final_hidden(teacher, ids)
+        marks.append(time.perf_counter())
+        hs = final_hidden(student, ids)
+        marks.append(time.perf_counter())
+        h = hs.detach().requires_grad_()
+        head(h, ht).backward()
+        marks.append(time.perf_counter())
+        hs.backward(h.grad)
+        marks.append(time.perf_counter())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        marks.append(time.perf_counter())
+        return [b - a for a, b in zip(marks, marks[1:])]
+
+    rounds: dict[str, list[list[float]]] = {k: [] for k in HEADS}
+    for r in range(repeats + 1):
+        for k in HEADS if r % 2 == 0 else HEADS[::-1]:
+            t = step(heads[k])
+            if r > 0:
+                rounds[k].append(t)
+    return {k: {"phases": dict(zip(PHASES, (statistics.median(col) for col in zip(*rounds[k])))),
+                "repeats": repeats} for k in HEADS}
+
+
+def render_phases(shape: str, prof: dict[str, dict], vocab: int) -> list[str]:
+    """A markdown table of `phase_times` for one shape, and what the head alone can change."""
+    seq, batch = (int(x) for x in shape.split("x"))
+    fu, fl = prof["fused"]["phases"], prof["full"]["phases"]
+    tot_fu, tot_fl = sum(fu.values()), sum(fl.values())
+    head = PHASES[2]
+    rest = tot_fl - fl[head]
+    logits_gib = batch * (seq - 1) * vocab * 4 / 2**30
+    lines = [f"{shape} ({prof['fused']['repeats']} timed steps of each head, medians):", "",
+             "| phase | fused head (Sapling) s | full-logit head (naive, TRL's loss) s |", "|---|---|---|"]
+    lines += [f"| {p} | {fu[p]:.2f} | {fl[p]:.2f} |" for p in PHASES]
+    lines += [f"| whole step | {tot_fu:.2f} | {tot_fl:.2f} |", "",
+              f"The head is {fl[head] / tot_fl:.0%} of the full-logit step and {fu[head] / tot_fu:.0%} of the fused "
+              f"one; the other phases ({rest:.2f} s) are the same model code in every system, so with a head that "
+              f"took no time at all a step would still be {rest / tot_fl:.2f}x the full-logit one. One float32 "
+              f"[tokens x V] tensor here is {logits_gib:.2f} GiB; the full-logit head holds several at once (the "
+              "student's logits and log-probabilities, the teacher's, their gradient), the fused one a 256 MiB "
+              "chunk at a time.", ""]
+    return lines
