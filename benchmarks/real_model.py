@@ -312,6 +312,11 @@ def recovery_part(s: Setup, args: argparse.Namespace, results: dict[str, Any], s
         fresh = ["trainer.overwrite=true"] if out.exists() and latest_tag(out / "checkpoints") is None else []
         cfg = compose_cfg(*s.overrides(command, out), *common, *extra, *fresh)
         fn(cfg)
+        ends = [r["event"] for r in events(out) if r.get("event") in ("done", "stopped")]
+        if ends[-1:] != ["done"]:  # stopped by a signal: its checkpoint is kept, the next run resumes it
+            print(f"({key}) {RECOVERY_RUNS[key]}: stopped before step {steps}; rerun `--part recovery --runs {key}` "
+                  "to resume it", flush=True)
+            break
         rec["wall_s"][key] = run_wall_s(out)
         rec["curves"][key] = curve(out, pruned_point if key in "ab" else None)
         if key == "a":
