@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -39,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_common import (  # noqa: E402  (benchmarks/peers/ is not a package)
     REPO,
+    git_commit,
     header,
     peers_python,
     ratio,
@@ -186,7 +188,8 @@ def render(args, results: dict[str, dict[str, Any]], peer_versions: dict[str, st
               "Sapling's from its train records" if cuda else
               "memory held by the steps: peak RSS while training minus RSS when training began (models loaded), "
               "the child process sampled every 50 ms; process peak: its VmHWM")
-    lines = [header(f"Distillation step: Sapling vs TRL vs a naive HF loop ({'GPU' if cuda else 'CPU'})", sys.argv,
+    argv = getattr(args, "argv", None) or sys.argv  # --profile-only keeps the systems' command
+    lines = [header(f"Distillation step: Sapling vs TRL vs a naive HF loop ({'GPU' if cuda else 'CPU'})", argv,
                     peer_versions, [
         f"- teacher SmolLM2-135M-Instruct (134,515,008 parameters, V=49,152), student: it pruned by `sapling prune` "
         f"to {args.student or STUDENT_SHAPE} ({student_params:,} parameters); {args.steps} steps per system and "
@@ -194,8 +197,12 @@ def render(args, results: dict[str, dict[str, Any]], peer_versions: dict[str, st
         f"{OPTIM['lr']}, betas ({OPTIM['beta1']}, {OPTIM['beta2']}), weight decay {OPTIM['weight_decay']} on "
         f">= 2-D weights, {OPTIM['warmup']} warmup steps then cosine to {OPTIM['min_lr_ratio']}x, clip "
         f"{OPTIM['grad_clip']}; no activation checkpointing; {precision}.",
+        *([f"- phase profile measured again, {time.strftime('%Y-%m-%d')}, commit {git_commit()}: "
+           f"`python {shlex.join(sys.argv)}`"] if getattr(args, "argv", None) else []),
         f"- step time: median of steps 2..N (each step's wall time from the systems' own per-step records); {memory}.",
         ""], device=args.device)]
+    if getattr(args, "command_line", None):  # the systems' run: its command, date and commit as first written
+        lines[0] = "\n".join(args.command_line if x.startswith("- command:") else x for x in lines[0].split("\n"))
     held = "peak GPU memory (GiB)" if cuda else "steps held (GiB)"
     cols = ["shape (L x B)", "system", "median step (s)", "tokens/s", "step time vs TRL", held,
             "vs TRL", "process peak RSS (GiB)", "loss step 1", f"loss step {args.steps}", "max abs loss diff vs TRL"]
@@ -256,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--profile-repeats", type=int, default=2,
                    help="timed steps per head in the phase profile after each shape's runs (CPU; 0: no profile)")
+    p.add_argument("--profile-only", action="store_true",
+                   help="keep the systems' results in --out's .json and measure only the phase profile again")
     p.add_argument("--student", default=None, help="a pruned student checkpoint to use instead of pruning one")
     p.add_argument("--corpus-bytes", type=int, default=1_500_000)
     p.add_argument("--cache-dir", default=None)
@@ -273,6 +282,18 @@ def main(argv: list[str] | None = None) -> int:
 
     student_params = count_shape(s.teacher_dir, {k: getattr(AutoConfig.from_pretrained(student), k)
                                                  for k in ("num_hidden_layers", "hidden_size", "intermediate_size")})
+    if args.profile_only:  # the systems' results as they are; the profile measured again
+        record = json.loads(Path(args.out).with_suffix(".json").read_text())
+        saved, args.argv = record["results"], record["argv"]
+        args.command_line = next(x for x in Path(args.out).read_text().splitlines() if x.startswith("- command:"))
+        for shape, res in saved.items():
+            seq, batch = (int(x) for x in shape.split("x"))
+            print(f"{shape}: phase profile ...", flush=True)
+            ids = torch.load(s.work / shape / "blocks.pt")[:batch]
+            res["phases"] = phase_times(s.teacher_dir, student, ids, max(1, args.profile_repeats))
+            write_results(args.out, render(args, saved, peer_versions, student_params), peer_versions, saved)
+        print(Path(args.out).read_text())
+        return 0
     results = {}
     for shape in args.shapes:
         seq, batch = (int(x) for x in shape.split("x"))

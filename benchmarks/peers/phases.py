@@ -73,6 +73,10 @@ def phase_times(teacher_dir: Path, student_dir: Path, ids: torch.Tensor, repeats
         marks.append(time.perf_counter())
         return [b - a for a, b in zip(marks, marks[1:])]
 
+    n_rows, vocab = ids.shape[0] * (ids.shape[1] - 1), w_s.shape[0]
+    p_t, p_s = body_params(teacher), body_params(student)
+    flops = dict(zip(PHASES, (2 * n_rows * p_t, 2 * n_rows * p_s,
+                              2 * n_rows * vocab * (w_t.shape[1] + 3 * w_s.shape[1]), 4 * n_rows * p_s, 0.0)))
     rounds: dict[str, list[list[float]]] = {k: [] for k in HEADS}
     for r in range(repeats + 1):
         for k in HEADS if r % 2 == 0 else HEADS[::-1]:
@@ -80,7 +84,15 @@ def phase_times(teacher_dir: Path, student_dir: Path, ids: torch.Tensor, repeats
             if r > 0:
                 rounds[k].append(t)
     return {k: {"phases": dict(zip(PHASES, (statistics.median(col) for col in zip(*rounds[k])))),
-                "repeats": repeats} for k in HEADS}
+                "repeats": repeats, "flops": flops} for k in HEADS}
+
+
+def body_params(model: torch.nn.Module) -> int:
+    """Parameters of the decoder's matmuls (embeddings and norms left out): 2 x this x tokens is its forward."""
+    from sapling.models import decoder_and_head
+
+    decoder = decoder_and_head(model)[0]
+    return sum(p.numel() for n, p in decoder.named_parameters() if p.ndim == 2 and "embed" not in n)
 
 
 def render_phases(shape: str, prof: dict[str, dict], vocab: int) -> list[str]:
@@ -92,9 +104,20 @@ def render_phases(shape: str, prof: dict[str, dict], vocab: int) -> list[str]:
     rest = tot_fl - fl[head]
     logits_gib = batch * (seq - 1) * vocab * 4 / 2**30
     lines = [f"{shape} ({prof['fused']['repeats']} timed steps of each head, medians):", "",
-             "| phase | fused head (Sapling) s | full-logit head (naive, TRL's loss) s |", "|---|---|---|"]
-    lines += [f"| {p} | {fu[p]:.2f} | {fl[p]:.2f} |" for p in PHASES]
-    lines += [f"| whole step | {tot_fu:.2f} | {tot_fl:.2f} |", "",
+             "| phase | matmul GFLOP | fused head (Sapling) s | GFLOP/s | full-logit head (naive, TRL's loss) s | GFLOP/s |",
+             "|---|---|---|---|---|---|"]
+    flops = prof["fused"].get("flops", {})
+
+    def rate(p: str, t: float) -> str:
+        return f"{flops[p] / t / 1e9:.0f}" if flops.get(p) else "-"
+
+    lines += [f"| {p} | {flops[p] / 1e9:.0f} | {fu[p]:.2f} | {rate(p, fu[p])} | {fl[p]:.2f} | {rate(p, fl[p])} |"
+              if p in flops else f"| {p} | - | {fu[p]:.2f} | - | {fl[p]:.2f} | - |" for p in PHASES]
+    lines += [f"| whole step | | {tot_fu:.2f} | | {tot_fl:.2f} | |", "",
+              "The head's matmuls are the same four in both heads (the teacher's and the student's logits, the "
+              "gradients of the student's hidden states and lm_head weight): at the model's own GFLOP/s they are "
+              "its floor on this machine; what either head spends above it is softmax, divergence and memory traffic.",
+              "",
               f"The head is {fl[head] / tot_fl:.0%} of the full-logit step and {fu[head] / tot_fu:.0%} of the fused "
               f"one; the other phases ({rest:.2f} s) are the same model code in every system, so with a head that "
               f"took no time at all a step would still be {rest / tot_fl:.2f}x the full-logit one. One float32 "
