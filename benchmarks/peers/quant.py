@@ -187,8 +187,10 @@ def run_model(args, s, py: Path, name: str, model: Path) -> dict[str, Any]:
 
 def render(args, results: dict[str, Any], peer_versions: dict[str, str]) -> str:
     lines = [header("Quantization: Sapling's GPTQ vs llm-compressor's (CPU)", sys.argv, peer_versions, [
-        f"- SmolLM2-135M-Instruct (teacher) and a student (pruned to {STUDENT_SHAPE}, distilled {args.kd_steps} "
-        f"steps); calibration: the same {args.samples} training sequences of 256 tokens for both tools; loss: "
+        "- SmolLM2-135M-Instruct (teacher) and a student ("
+        + (f"`--student` {args.student}" if args.student else
+           f"pruned to {STUDENT_SHAPE}, distilled {args.kd_steps} steps")
+        + f"); calibration: the same {args.samples} training sequences of 256 tokens for both tools; loss: "
         f"mean next-token NLL over the first {args.val_tokens:,} held-out tokens (the peers' transformers + "
         "compressed-tensors load every export; float32 compute); size: the export's *.safetensors bytes.",
         "- w4 = int4 symmetric, groups of 64 along the input; w8 = int8 symmetric per output channel; lm_head "
