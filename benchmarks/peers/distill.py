@@ -188,8 +188,7 @@ def render(args, results: dict[str, dict[str, Any]], peer_versions: dict[str, st
               "Sapling's from its train records" if cuda else
               "memory held by the steps: peak RSS while training minus RSS when training began (models loaded), "
               "the child process sampled every 50 ms; process peak: its VmHWM")
-    argv = getattr(args, "argv", None) or sys.argv  # --profile-only keeps the systems' command
-    lines = [header(f"Distillation step: Sapling vs TRL vs a naive HF loop ({'GPU' if cuda else 'CPU'})", argv,
+    lines = [header(f"Distillation step: Sapling vs TRL vs a naive HF loop ({'GPU' if cuda else 'CPU'})", sys.argv,
                     peer_versions, [
         f"- teacher SmolLM2-135M-Instruct (134,515,008 parameters, V=49,152), student: it pruned by `sapling prune` "
         f"to {args.student or STUDENT_SHAPE} ({student_params:,} parameters); {args.steps} steps per system and "
@@ -197,12 +196,8 @@ def render(args, results: dict[str, dict[str, Any]], peer_versions: dict[str, st
         f"{OPTIM['lr']}, betas ({OPTIM['beta1']}, {OPTIM['beta2']}), weight decay {OPTIM['weight_decay']} on "
         f">= 2-D weights, {OPTIM['warmup']} warmup steps then cosine to {OPTIM['min_lr_ratio']}x, clip "
         f"{OPTIM['grad_clip']}; no activation checkpointing; {precision}.",
-        *([f"- phase profile measured again, {time.strftime('%Y-%m-%d')}, commit {git_commit()}: "
-           f"`python {shlex.join(sys.argv)}`"] if getattr(args, "argv", None) else []),
         f"- step time: median of steps 2..N (each step's wall time from the systems' own per-step records); {memory}.",
         ""], device=args.device)]
-    if getattr(args, "command_line", None):  # the systems' run: its command, date and commit as first written
-        lines[0] = "\n".join(args.command_line if x.startswith("- command:") else x for x in lines[0].split("\n"))
     held = "peak GPU memory (GiB)" if cuda else "steps held (GiB)"
     cols = ["shape (L x B)", "system", "median step (s)", "tokens/s", "step time vs TRL", held,
             "vs TRL", "process peak RSS (GiB)", "loss step 1", f"loss step {args.steps}", "max abs loss diff vs TRL"]
@@ -270,6 +265,31 @@ def _why_slow(sap: float, trl: float, naive: dict[str, Any], phases: dict[str, A
                 "phases (data, clipping, logging) and drift of this machine's speed between the processes' minutes."))
 
 
+PROFILE_NOTE = "- phase profile measured again"
+
+
+def rerender(args, s, student: Path, peer_versions: dict[str, str], student_params: int) -> int:
+    """--profile-only / --render-only: the systems' results in --out's .json and the file's header (their command,
+    date, commit and versions) stand; the profile is measured again (--profile-only), the rest rendered again."""
+    out = Path(args.out)
+    record = json.loads(out.with_suffix(".json").read_text())
+    saved, old = record["results"], out.read_text()
+    mark = "| shape (L x B)"
+    head = old[:old.index(mark)].rstrip("\n").splitlines()
+    if args.profile_only:  # this run's line replaces an earlier one
+        head = [x for x in head if not x.startswith(PROFILE_NOTE)]
+        head.append(f"{PROFILE_NOTE}, {time.strftime('%Y-%m-%d')}, commit {git_commit()}: `python {shlex.join(sys.argv)}`")
+    for shape, res in saved.items() if args.profile_only else ():
+        seq, batch = (int(x) for x in shape.split("x"))
+        print(f"{shape}: phase profile ...", flush=True)
+        ids = torch.load(s.work / shape / "blocks.pt")[:batch]
+        res["phases"] = phase_times(s.teacher_dir, student, ids, max(1, args.profile_repeats))
+    new = render(args, saved, peer_versions, student_params)
+    write_results(out, "\n".join(head) + "\n\n\n" + new[new.index(mark):], peer_versions, saved, argv=record["argv"])
+    print(out.read_text())
+    return 0
+
+
 def _tokens(shape: str) -> int:
     seq, batch = (int(x) for x in shape.split("x"))
     return seq * batch
@@ -304,24 +324,8 @@ def main(argv: list[str] | None = None) -> int:
 
     student_params = count_shape(s.teacher_dir, {k: getattr(AutoConfig.from_pretrained(student), k)
                                                  for k in ("num_hidden_layers", "hidden_size", "intermediate_size")})
-    if args.profile_only or args.render_only:  # the systems' results as they are; the profile measured again
-        record = json.loads(Path(args.out).with_suffix(".json").read_text())
-        saved, args.argv = record["results"], record["argv"]
-        args.command_line = next(x for x in Path(args.out).read_text().splitlines() if x.startswith("- command:"))
-        for shape, res in saved.items():
-            if args.render_only:
-                continue
-            seq, batch = (int(x) for x in shape.split("x"))
-            print(f"{shape}: phase profile ...", flush=True)
-            ids = torch.load(s.work / shape / "blocks.pt")[:batch]
-            res["phases"] = phase_times(s.teacher_dir, student, ids, max(1, args.profile_repeats))
-            write_results(args.out, render(args, saved, peer_versions, student_params), peer_versions, saved)
-        if args.render_only:  # the file's header stands (its commands, dates, versions); the rest is rendered again
-            mark = "| shape (L x B)"
-            old, new = Path(args.out).read_text(), render(args, saved, peer_versions, student_params)
-            Path(args.out).write_text(old[:old.index(mark)] + new[new.index(mark):])
-        print(Path(args.out).read_text())
-        return 0
+    if args.profile_only or args.render_only:
+        return rerender(args, s, student, peer_versions, student_params)
     results = {}
     for shape in args.shapes:
         seq, batch = (int(x) for x in shape.split("x"))

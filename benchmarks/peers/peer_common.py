@@ -121,10 +121,12 @@ def ratio(a: float | None, b: float | None) -> str:
     return "-" if a is None or not b else f"{a / b:.2f}x"
 
 
-def write_results(out: str | Path, text: str, peer_versions: dict[str, str], results: dict[str, Any]) -> None:
-    """The markdown `text` at `out` and the raw `results` beside it (.json); rewritten after every part."""
+def write_results(out: str | Path, text: str, peer_versions: dict[str, str], results: dict[str, Any],
+                  argv: list[str] | None = None) -> None:
+    """The markdown `text` at `out` and the raw `results` beside it (.json, with the command that measured them:
+    `argv`, default this one); rewritten after every part."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"argv": sys.argv, "versions": peer_versions,
+    out.with_suffix(".json").write_text(json.dumps({"argv": argv or sys.argv, "versions": peer_versions,
                                                     "results": results}, indent=1) + "\n")

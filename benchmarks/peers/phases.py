@@ -106,13 +106,13 @@ def render_phases(shape: str, prof: dict[str, dict], vocab: int) -> list[str]:
     lines = [f"{shape} ({prof['fused']['repeats']} timed steps of each head, medians):", "",
              "| phase | matmul GFLOP | fused head (Sapling) s | GFLOP/s | full-logit head (naive, TRL's loss) s | GFLOP/s |",
              "|---|---|---|---|---|---|"]
-    flops = prof["fused"].get("flops", {})
+    flops = prof["fused"]["flops"]
 
     def rate(p: str, t: float) -> str:
-        return f"{flops[p] / t / 1e9:.0f}" if flops.get(p) else "-"
+        return f"{flops[p] / t / 1e9:.0f}" if flops[p] else "-"
 
     lines += [f"| {p} | {flops[p] / 1e9:.0f} | {fu[p]:.2f} | {rate(p, fu[p])} | {fl[p]:.2f} | {rate(p, fl[p])} |"
-              if p in flops else f"| {p} | - | {fu[p]:.2f} | - | {fl[p]:.2f} | - |" for p in PHASES]
+              for p in PHASES]
     lines += [f"| whole step | | {tot_fu:.2f} | | {tot_fl:.2f} | |", "",
               "The head's matmuls are the same four in both heads (the teacher's and the student's logits, the "
               "gradients of the student's hidden states and lm_head weight): at the model's own GFLOP/s they are "
