@@ -2,7 +2,8 @@
 
     python benchmarks/efficiency.py [--distill-steps 600] [--scratch-steps 2400] [--eval-every 20]
                                     [--scratch-eval-every 100] [--random-kd] [--target k=v,...] [--quick]
-                                    [--teacher-steps N] [--corpus-bytes N]
+                                    [--teacher-steps N] [--teacher-lr LR] [--corpus-bytes N]
+                                    [--reuse-scratch earlier_results.json]
                                     [--out benchmarks/results/efficiency_cpu.md]
     python benchmarks/efficiency.py --ratios benchmarks/results/efficiency_cpu.json
 
@@ -164,6 +165,29 @@ def add_ratios_along(json_path: Path) -> str:
     return section
 
 
+def reused_scratch(path: Path, target: dict[str, int], steps: int, corpus_bytes: int | None) -> dict[str, Any]:
+    """`--reuse-scratch results.json`: (b) from an earlier run's saved results, checked to be the same shape and
+    length. (b) trains from a random init on the data alone, so a run that changes only the teacher (its lr, say)
+    need not repeat it; the results file names where (b) came from."""
+    payload = json.loads(Path(path).read_text())
+    b = payload.get("curves", {}).get("b")
+    if not b:
+        raise SystemExit(f"--reuse-scratch {path}: no (b) curve in it")
+    if payload.get("target") != target:
+        raise SystemExit(f"--reuse-scratch {path}: its students are {payload.get('target')}, this run's {target}")
+    if b[-1]["step"] != steps:
+        raise SystemExit(f"--reuse-scratch {path}: its (b) ran {b[-1]['step']} steps, --scratch-steps is {steps}")
+    words = shlex.split(payload.get("command", ""))
+    theirs = words[words.index("--corpus-bytes") + 1] if "--corpus-bytes" in words[:-1] else None
+    if theirs != (None if corpus_bytes is None else str(corpus_bytes)):
+        raise SystemExit(f"--reuse-scratch {path}: its corpus is --corpus-bytes {theirs}, this run's {corpus_bytes}")
+    md = Path(path).with_suffix(".md")
+    dated = next((line[2:] for line in md.read_text().splitlines() if line.startswith("- date:")), None) \
+        if md.exists() else None
+    source = payload.get("b_source") or (f"{Path(path).name}, `{payload['command']}`" + (f" ({dated})" if dated else ""))
+    return {**payload, "source": source}
+
+
 def parse_target(text: str) -> dict[str, int]:
     """`--target hidden_size=176,intermediate_size=512` -> {"hidden_size": 176, "intermediate_size": 512}."""
     target = {}
@@ -189,6 +213,8 @@ def run(args: argparse.Namespace) -> int:
     samples = args.calibration_samples or demo.prune.calibration.samples
     calibration_flops = forward_flops_per_token(teacher_cfg, demo.data.seq_len) * samples * demo.data.seq_len
     print(f"target shape {target}; teacher {assets.teacher_note}", flush=True)
+    reused = reused_scratch(args.reuse_scratch, target, args.scratch_steps, args.corpus_bytes) \
+        if args.reuse_scratch else None
 
     t0 = time.perf_counter()
     wall = {}
@@ -199,18 +225,25 @@ def run(args: argparse.Namespace) -> int:
     # hidden_size / heads (apply_overrides), so the from-scratch shapes give it explicitly.
     head_dim = getattr(teacher_cfg, "head_dim", None) or teacher_cfg.hidden_size // teacher_cfg.num_attention_heads
     scratch_shape = {**target, "head_dim": head_dim}
-    dirs["b"] = run_scratch(assets, work, scratch_shape, args.scratch_steps, args.scratch_eval_every)
-    wall["b"] = time.perf_counter() - t0
+    if reused is None:
+        dirs["b"] = run_scratch(assets, work, scratch_shape, args.scratch_steps, args.scratch_eval_every)
+        wall["b"] = time.perf_counter() - t0
+    else:
+        wall["b"] = reused["wall_s"]["b"]
     if args.random_kd:
         t0 = time.perf_counter()
         dirs["c"] = run_random_kd(assets, work, scratch_shape, args.distill_steps, args.eval_every)
         wall["c"] = time.perf_counter() - t0
 
     curves = {k: curve(d, calibration_flops if k == "a" else 0.0) for k, d in dirs.items()}
+    if reused is not None:
+        curves = {"a": curves["a"], "b": reused["curves"]["b"], **{k: v for k, v in curves.items() if k != "a"}}
     pruned = next((r for r in events(dirs["a"]) if r["event"] == "prune"), None)
     if pruned is not None:  # (a) starts where pruning left it: 0 tokens, the calibration pass's FLOPs
         curves["a"].insert(0, {"step": 0, "tokens": 0, "flops": calibration_flops, "val_loss": pruned["val_loss"]})
     params = {k: next(r["student_params"] for r in events(d) if r["event"] == "start") for k, d in dirs.items()}
+    if reused is not None:
+        params["b"] = reused["params"]["b"]
     start_a = next(r for r in events(dirs["a"]) if r["event"] == "start")
     teacher_params = start_a["teacher_params"]
     train_tokens = start_a.get("train_tokens")
@@ -229,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append([f"({k}) {RUNS[k]}", f"{c[-1]['step']:,}", f"{c[-1]['tokens']:,}", f"{c[-1]['flops']:.3g}",
                      f"{c[-1]['val_loss']:.4f}", "(its own final)" if k == "b" else
                      ("not reached" if r is None else f"{r['tokens']:,.0f} tokens, {r['flops']:.3g} FLOPs"),
-                     f"{wall[k]:.0f}"])
+                     f"{wall[k]:.0f}" + (" (earlier run)" if k == "b" and reused else "")])
     ratio_lines = []
     for k, r in reach.items():
         if r is not None and r["tokens"] == 0:
@@ -260,6 +293,7 @@ def run(args: argparse.Namespace) -> int:
         "loss over the whole held-out split",
         f"- pruning calibration: {samples} samples, {calibration_flops:.3g} FLOPs (counted in (a)); validation loss "
         f"right after pruning: {prune_loss if prune_loss is None else f'{prune_loss:.4f}'}",
+        *([f"- (b) reused, not rerun (it does not use the teacher): {reused['source']}"] if reused else []),
         "", "| run | steps | tokens | FLOPs | final val loss | reaches (b)'s final loss at | wall (s) |",
         "|---|---|---|---|---|---|---|",
         *("| " + " | ".join(r) + " |" for r in rows), "", *ratio_lines, "",
@@ -269,7 +303,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.write_text(md)
-        payload = {"command": command, "target": target, "params": params, "teacher_params": teacher_params,
+        payload = {"command": command, "b_source": reused["source"] if reused else None, "target": target,
+                   "params": params, "teacher_params": teacher_params,
                    "calibration_flops": calibration_flops, "curves": curves, "reach": reach, "wall_s": wall,
                    "b_final": b_final}
         out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
@@ -289,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
                         "teacher's; default: the demo's prune.target)")
     p.add_argument("--quick", action="store_true", help="smoke run: a 20-step teacher and a few steps")
     p.add_argument("--out", default=None, help="write the markdown here (+ .json and .png beside it)")
+    p.add_argument("--reuse-scratch", type=Path, default=None, metavar="JSON",
+                   help="take (b) from an earlier run's results JSON (same --target and --scratch-steps) instead of "
+                        "training it again: for reruns that change only the teacher")
     add_demo_arguments(p)
     p.add_argument("--ratios", type=Path, default=None, metavar="JSON",
                    help="no runs: add the ratio-along-(b) section to the markdown beside a saved results JSON")

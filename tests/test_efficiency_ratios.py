@@ -59,3 +59,19 @@ def test_target_parser_rejects(eff, text):
 def test_target_parser_accepts(eff):
     assert eff.parse_target("hidden_size=176,intermediate_size=512") == {"hidden_size": 176,
                                                                          "intermediate_size": 512}
+
+
+def test_reuse_scratch_checks_shape_length_and_corpus(eff, tmp_path):
+    target = {"num_hidden_layers": 4, "hidden_size": 176}
+    b = _curve([6.0, 5.0, 4.0], 1000, 1.0, start=100)  # last evaluation at step 102
+    saved = tmp_path / "r.json"
+    saved.write_text(json.dumps({"command": "python benchmarks/efficiency.py --corpus-bytes 24000000",
+                                 "target": target, "curves": {"a": [], "b": b}, "params": {"b": 7},
+                                 "wall_s": {"b": 9.0}}))
+    saved.with_suffix(".md").write_text("# r\n\n- date: 2026-12-02; commit abc\n")
+    got = eff.reused_scratch(saved, target, 102, 24000000)
+    assert got["curves"]["b"] == b and "r.json" in got["source"] and "commit abc" in got["source"]
+    for args, word in [(({**target, "hidden_size": 128}, 102, 24000000), "students"),
+                       ((target, 200, 24000000), "steps"), ((target, 102, None), "corpus")]:
+        with pytest.raises(SystemExit, match=word):
+            eff.reused_scratch(saved, *args)
