@@ -147,3 +147,20 @@ def test_phase_profile_heads_agree_and_every_phase_is_timed(load_benchmark, tmp_
         assert all(t > 0 for t in prof[head]["phases"].values())
     table = "\n".join(phases.render_phases("16x2", prof, 96))
     assert table.count("\n| ") == len(phases.PHASES) + 2  # the header row, one per phase, the whole step
+
+
+def test_quant_spread_section(quant_driver):
+    assert quant_driver.batch_sizes("1,4") == [1, 4]
+    for bad in ("0", "x", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            quant_driver.batch_sizes(bad)
+    results = {"teacher": {"spread": {"sapling": {"8": 2.417, "1": 2.427}, "llmc": {"1": 2.413, "8": 2.421}}},
+               "student": {"rows": {}}}
+    lines = quant_driver.spread_lines(results)
+    rows = [x for x in lines if x.startswith("| teacher")]
+    assert rows == ["| teacher | Sapling GPTQ | 2.4270 | 2.4170 | 0.0100 |",
+                    "| teacher | llm-compressor GPTQ | 2.4130 | 2.4210 | 0.0080 |"]
+    summary = next(x for x in lines if x.startswith("- teacher"))
+    assert "2.4130-2.4270" in summary and "Sapling 2.4220 vs llm-compressor 2.4170 (+0.0050)" in summary
+    assert summary.endswith("0.0100")
+    assert quant_driver.spread_lines({"teacher": {"rows": {}}}) == []

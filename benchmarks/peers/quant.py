@@ -2,6 +2,7 @@
 
     python benchmarks/peers/quant.py [--models teacher student] [--samples 64] [--val-tokens 16384]
                                      [--peers-python .venv-peers/bin/python] [--out benchmarks/results/peers_quant_cpu.md]
+                                     [--spread 1,4 [--spread-only]]
 
 Run with Sapling's virtualenv; llm-compressor runs in the peers' (benchmarks/peers/README.md). Models: the
 teacher itself, and a student (the teacher pruned by `sapling prune` to 20 layers / MLP 576 and distilled for
@@ -19,6 +20,10 @@ Each export is also loaded by Sapling's own environment (its transformers and co
 "cross-load" column is its loss there minus the peers' loss (0 = the other stack reads it identically). The
 two exports' `quantization_config` fields are compared, and every difference is listed. Quantize time:
 calibration + quantization + export, not loading or evaluation, as each tool reports it.
+
+`--spread 1,4` quantizes w4 with both tools again at those calibration batch sizes (the main rows: Sapling 8,
+llm-compressor 1): the same sequences summed in another order, so the table shows how far GPTQ's result moves on
+float rounding alone, beside the gap between the tools. `--spread-only` adds that to an existing results file.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -36,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_common import (  # noqa: E402
     REPO,
+    git_commit,
     header,
     peers_python,
     ratio,
@@ -80,13 +87,17 @@ def distilled_student(s, args: argparse.Namespace) -> Path:
     return out / "model"
 
 
-def quant_overrides(s, model: Path, out: Path, args: argparse.Namespace, scheme: str, guided: bool) -> list[str]:
+SAPLING_BATCH, LLMC_BATCH = 8, 1  # calibration batch sizes of the main rows (llm-compressor's: oneshot's default)
+
+
+def quant_overrides(s, model: Path, out: Path, args: argparse.Namespace, scheme: str, guided: bool,
+                    batch_size: int = SAPLING_BATCH) -> list[str]:
     return ["experiment=smollm2", "logger=none", f"output_dir={out}", f"model.path={model}",
             f"teacher.path={s.teacher_dir}", f"data.files=[{s.corpus}]", f"data.tokenizer={s.teacher_dir}",
             "data.seq_len=256", "seed=0", "quant.dtype=float32", f"quant.scheme={scheme}", "quant.group_size=64",
             "quant.method=gptq",
             f"quant.guided={str(guided).lower()}", f"quant.calibration.samples={args.samples}",
-            "quant.calibration.batch_size=8", "quant.eval=false", "trainer.progress=false"]
+            f"quant.calibration.batch_size={batch_size}", "quant.eval=false", "trainer.progress=false"]
 
 
 def token_files(s, model: Path, args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
@@ -144,45 +155,107 @@ def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
             for k in sorted(set(fa) | set(fb)) if fa.get(k, "(absent)") != fb.get(k, "(absent)")]
 
 
+def quantize_row(args, s, py: Path, work: Path, model: Path, key: str, tool: str, scheme: str, guided: bool,
+                 calib: Path, val: Path, batch_size: int) -> dict[str, Any]:
+    """One export in a fresh process (`sapling quantize` or llm-compressor's worker), its time, size, and its loss
+    in both environments."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = work / f"{key}-{stamp}"
+    log = work / f"{key}-{stamp}.log"
+    if tool == "sapling":
+        cmd = [str(Path(sys.executable).with_name("sapling")), "quantize",
+               *quant_overrides(s, model, out, args, scheme, guided, batch_size)]
+        export = out / "model"
+    else:
+        export = out
+        cmd = [str(py), str(Path(__file__).with_name("quant_worker.py")), "llmc", "--model", str(model),
+               "--calibration", str(calib), "--scheme", scheme, "--group-size", "64", "--batch-size", str(batch_size),
+               "--out", str(out), "--result", str(work / f"{key}-{stamp}.json")]
+    m = run_measured(cmd, log)
+    if m["rc"] != 0:
+        print(f"  failed (see {log}):\n{tail(log)}", flush=True)
+        return {"error": f"exit {m['rc']}: {tail(log, 1)[:300]}", "log": str(log)}
+    if tool == "sapling":
+        recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        quantize_s = [r for r in recs if r.get("event") == "quantize"][-1]["quantize_s"]
+    else:
+        quantize_s = json.loads((work / f"{key}-{stamp}.json").read_text())["quantize_s"]
+    row = {"tool": tool, "scheme": scheme, "guided": guided, "export": str(export), "quantize_s": quantize_s,
+           "batch_size": batch_size, "process_wall_s": m["wall_s"], "peak_rss": m["hwm"],
+           "bytes": export_bytes(export), "eval": evaluate(py, export, val, work, key),
+           "cross": evaluate(sys.executable, export, val, work, key, "sapling"),
+           "quantization_config": quant_config(export)}
+    print(f"  loss {row['eval'].get('loss', float('nan')):.4f} (Sapling's env: "
+          f"{row['cross'].get('loss', float('nan')):.4f}), {quantize_s:.1f} s", flush=True)
+    return row
+
+
 def run_model(args, s, py: Path, name: str, model: Path) -> dict[str, Any]:
     work = s.work / name
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     calib, val = token_files(s, model, args, work)
     res: dict[str, Any] = {"model": str(model), "16bit": evaluate(py, model, val, work, "16bit"), "rows": {}}
     print(f"{name}: 16-bit loss {res['16bit'].get('loss', float('nan')):.4f}", flush=True)
     for key, tool, scheme, guided in ROWS:
         if guided and name == "teacher":
             continue
-        out = work / f"{key}-{stamp}"
-        log = work / f"{key}-{stamp}.log"
         print(f"{name}: {key} ...", flush=True)
-        if tool == "sapling":
-            cmd = [str(Path(sys.executable).with_name("sapling")), "quantize",
-                   *quant_overrides(s, model, out, args, scheme, guided)]
-            export = out / "model"
-        else:
-            export = out
-            cmd = [str(py), str(Path(__file__).with_name("quant_worker.py")), "llmc", "--model", str(model),
-                   "--calibration", str(calib), "--scheme", scheme, "--group-size", "64", "--out", str(out),
-                   "--result", str(work / f"{key}-{stamp}.json")]
-        m = run_measured(cmd, log)
-        if m["rc"] != 0:
-            res["rows"][key] = {"error": f"exit {m['rc']}: {tail(log, 1)[:300]}", "log": str(log)}
-            print(f"  failed (see {log}):\n{tail(log)}", flush=True)
-            continue
-        if tool == "sapling":
-            recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-            quantize_s = [r for r in recs if r.get("event") == "quantize"][-1]["quantize_s"]
-        else:
-            quantize_s = json.loads((work / f"{key}-{stamp}.json").read_text())["quantize_s"]
-        row = {"tool": tool, "scheme": scheme, "guided": guided, "export": str(export), "quantize_s": quantize_s,
-               "process_wall_s": m["wall_s"], "peak_rss": m["hwm"], "bytes": export_bytes(export),
-               "eval": evaluate(py, export, val, work, key), "cross": evaluate(sys.executable, export, val, work, key, "sapling"),
-               "quantization_config": quant_config(export)}
-        res["rows"][key] = row
-        print(f"  loss {row['eval'].get('loss', float('nan')):.4f} (Sapling's env: "
-              f"{row['cross'].get('loss', float('nan')):.4f}), {quantize_s:.1f} s", flush=True)
+        res["rows"][key] = quantize_row(args, s, py, work, model, key, tool, scheme, guided, calib, val,
+                                        SAPLING_BATCH if tool == "sapling" else LLMC_BATCH)
     return res
+
+
+def run_spread(args, s, py: Path, name: str, model: Path, res: dict[str, Any]) -> None:
+    """GPTQ w4 by both tools again at each of --spread's calibration batch sizes (the same sequences, summed in
+    another order): how far the result moves on float rounding alone, beside the gap between the tools."""
+    work = s.work / name
+    calib, val = token_files(s, model, args, work)
+    spread = res.setdefault("spread", {})
+    for tool, main_batch in (("sapling", SAPLING_BATCH), ("llmc", LLMC_BATCH)):
+        losses = spread.setdefault(tool, {})
+        main = res["rows"].get(f"{tool}_w4", {})
+        if "loss" in main.get("eval", {}):
+            losses[str(main_batch)] = main["eval"]["loss"]
+        for b in args.spread:
+            if str(b) in losses:
+                continue
+            print(f"{name}: {tool}_w4, calibration batch size {b} ...", flush=True)
+            row = quantize_row(args, s, py, work, model, f"{tool}_w4_b{b}", tool, "w4a16", False, calib, val, b)
+            if "loss" in row.get("eval", {}):
+                losses[str(b)] = row["eval"]["loss"]
+
+
+def spread_lines(results: dict[str, Any]) -> list[str]:
+    """The spread section: each tool's w4 loss at every calibration batch size measured, and the range."""
+    lines = []
+    for name, res in results.items():
+        spread = res.get("spread")
+        if not spread:
+            continue
+        sizes = sorted({int(b) for losses in spread.values() for b in losses})
+        if not lines:
+            lines += ["", "## Run-to-run spread: GPTQ w4 at other calibration batch sizes", "",
+                      "The same calibration sequences in batches of another size: the sums behind each Hessian and "
+                      "the layers' outputs are rounded in another order, and GPTQ's rounding decisions follow. "
+                      "The main rows use batch size "
+                      f"{SAPLING_BATCH} (Sapling's default) and {LLMC_BATCH} (llm-compressor's `oneshot` default).", "",
+                      "| model | tool | " + " | ".join(f"batch {b}" for b in sizes) + " | range |",
+                      "|---|---|" + "---|" * (len(sizes) + 1)]
+        for tool, losses in spread.items():
+            vals = [losses.get(str(b)) for b in sizes]
+            got = [v for v in vals if v is not None]
+            lines.append(f"| {name} | {LABELS[tool]} | " + " | ".join("-" if v is None else f"{v:.4f}" for v in vals)
+                         + f" | {max(got) - min(got):.4f} |" if got else " | - |")
+        every = [v for losses in spread.values() for v in losses.values()]
+        sap = spread.get("sapling", {}).values()
+        peer = spread.get("llmc", {}).values()
+        if sap and peer:
+            mean_gap = sum(sap) / len(sap) - sum(peer) / len(peer)
+            lines.append("")
+            lines.append(f"- {name}: the two tools' w4 losses span {min(every):.4f}-{max(every):.4f}; mean over the "
+                         f"batch sizes, Sapling {sum(sap) / len(sap):.4f} vs llm-compressor {sum(peer) / len(peer):.4f} "
+                         f"({mean_gap:+.4f}); the widest spread of one tool is "
+                         f"{max(max(v.values()) - min(v.values()) for v in spread.values()):.4f}")
+    return lines
 
 
 def render(args, results: dict[str, Any], peer_versions: dict[str, str]) -> str:
@@ -240,8 +313,8 @@ def render(args, results: dict[str, Any], peer_versions: dict[str, str]) -> str:
             best = min(rows[k]["eval"]["loss"] for k in ("sapling_w4", "llmc_w4") if "eval" in rows.get(k, {}))
             goals.append(f"- {name}: guided GPTQ w4 loss {g['eval']['loss']:.4f} vs the better plain GPTQ "
                          f"{best:.4f} (goal: below both: {'met' if g['eval']['loss'] < best else 'missed'})")
-    lines += ["", "## Goals", "", *goals, "", "## quantization_config: Sapling's export vs llm-compressor's", "",
-              *diffs, ""]
+    lines += ["", "## Goals", "", *goals, *spread_lines(results), "",
+              "## quantization_config: Sapling's export vs llm-compressor's", "", *diffs, ""]
     return "\n".join(lines) + "\n"
 
 
@@ -257,19 +330,63 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--work", default="/tmp/sapling-peers/quant")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "peers_quant_cpu.md"))
+    p.add_argument("--spread", type=batch_sizes, default=[], metavar="B,B,...",
+                   help="also quantize w4 with both tools at these calibration batch sizes (run-to-run spread)")
+    p.add_argument("--spread-only", action="store_true",
+                   help="keep --out's rows and header; measure only --spread for --models, add it to the file")
     args = p.parse_args(argv)
+    if args.spread_only and not args.spread:
+        p.error("--spread-only needs --spread B,B,...")
     py = peers_python(args.peers_python)
     peer_versions = versions(py)
     s = setup(args)
+    if args.spread_only:
+        return spread_only(args, s, py, peer_versions)
     models = {"teacher": s.teacher_dir}
     if "student" in args.models:
         models["student"] = distilled_student(s, args)
     results = {}
     for name in args.models:
         results[name] = run_model(args, s, py, name, models[name])
+        if args.spread:
+            run_spread(args, s, py, name, models[name], results[name])
         text = render(args, results, peer_versions)
         write_results(args.out, text, peer_versions, results)
     print(text)
+    return 0
+
+
+def batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive batch sizes, e.g. 1,4")
+    return sizes
+
+
+SPREAD_NOTE = "- spread measured"
+
+
+def spread_only(args, s, py: Path, peer_versions: dict[str, str]) -> int:
+    """--spread-only: the rows in --out's .json and the file's header stand (their command, date, commit); the spread
+    runs are added for each of --models the file has, and the file rendered again."""
+    out = Path(args.out)
+    record = json.loads(out.with_suffix(".json").read_text())
+    results, old = record["results"], out.read_text()
+    mark = "| model | recipe"
+    head = [x for x in old[:old.index(mark)].rstrip("\n").splitlines() if not x.startswith(SPREAD_NOTE)]
+    head.append(f"{SPREAD_NOTE} {time.strftime('%Y-%m-%d')}, commit {git_commit()}: `python {shlex.join(sys.argv)}`")
+    args.student = args.student or results.get("student", {}).get("model")
+    for name in args.models:
+        if name not in results:
+            raise SystemExit(f"--spread-only: {out.with_suffix('.json')} has no {name} rows (run without --spread-only)")
+        run_spread(args, s, py, name, Path(results[name]["model"]), results[name])
+        new = render(args, results, peer_versions)
+        write_results(out, "\n".join(head) + "\n\n\n" + new[new.index(mark):], peer_versions, results,
+                      argv=record["argv"])
+    print(out.read_text())
     return 0
 
 

@@ -1,6 +1,7 @@
 """The peer side of `quant.py` (no Sapling import, so it runs under either virtualenv):
 
-    python quant_worker.py llmc --model DIR --calibration calib.pt --scheme w4a16|w8a16 [--group-size 64] --out DIR
+    python quant_worker.py llmc --model DIR --calibration calib.pt --scheme w4a16|w8a16 [--group-size 64]
+                                [--batch-size 1] --out DIR
     python quant_worker.py eval --model DIR --blocks val.pt --result result.json
 
 - ``llmc``: llm-compressor's one-shot GPTQ (``GPTQModifier``, its defaults: static activation ordering, block
@@ -43,7 +44,7 @@ def llmc(a: argparse.Namespace) -> dict:
     recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
     t0 = time.perf_counter()
     oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=recipe, num_calibration_samples=len(calib),
-            max_seq_length=calib.shape[1], shuffle_calibration_samples=False, batch_size=1)
+            max_seq_length=calib.shape[1], shuffle_calibration_samples=False, batch_size=a.batch_size)
     t_quant = time.perf_counter() - t0
     model.save_pretrained(a.out, save_compressed=True)
     tokenizer.save_pretrained(a.out)
@@ -77,6 +78,7 @@ def main() -> None:
     q.add_argument("--calibration", required=True)
     q.add_argument("--scheme", choices=["w4a16", "w8a16"], required=True)
     q.add_argument("--group-size", type=int, default=64)
+    q.add_argument("--batch-size", type=int, default=1, help="calibration batch size (oneshot's default: 1)")
     q.add_argument("--out", required=True)
     q.add_argument("--result", required=True)
     e = sub.add_parser("eval")
