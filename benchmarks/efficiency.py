@@ -49,6 +49,7 @@ from demo_assets import (  # noqa: E402  (benchmarks/ is not a package)
     distill_overrides,
     events,
     quick_defaults,
+    reference,
     start_benchmark,
 )
 from machine import cpu_model, git_commit  # noqa: E402
@@ -215,6 +216,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"target shape {target}; teacher {assets.teacher_note}", flush=True)
     reused = reused_scratch(args.reuse_scratch, target, args.scratch_steps, args.corpus_bytes) \
         if args.reuse_scratch else None
+    # the teacher on the split the students are scored on: the ceiling distillation works toward
+    ref = reference(compose_cfg(*demo_overrides(assets, "distill", work / "teacher_eval"), ALL_VAL))
+    teacher_val = {"loss": ref.val_loss, "tokens": ref.val_tokens}
+    print(f"teacher validation loss {ref.val_loss:.4f} over {ref.val_tokens:,} held-out tokens", flush=True)
+    del ref
 
     t0 = time.perf_counter()
     wall = {}
@@ -286,8 +292,9 @@ def run(args: argparse.Namespace) -> int:
         f"- command: `{command}`",
         f"- date: {datetime.date.today()}; commit {git_commit()}; device: CPU ({cpu_model()}, "
         f"{platform.machine()}), torch threads default",
-        f"- teacher: {teacher_params:,} parameters ({assets.teacher_note}); students: {params['a']:,} parameters, "
-        f"shape {target}",
+        f"- teacher: {teacher_params:,} parameters ({assets.teacher_note}); validation loss "
+        f"{teacher_val['loss']:.4f} over the whole held-out split ({teacher_val['tokens']:,} tokens); students: "
+        f"{params['a']:,} parameters, shape {target}",
         f"- data: {corpus_note}, seq_len {demo.data.seq_len}, {demo.trainer.micro_batch_size} sequences per "
         f"step ({demo.data.seq_len * demo.trainer.micro_batch_size:,} tokens), lr {demo.trainer.lr}; validation "
         "loss over the whole held-out split",
@@ -304,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.write_text(md)
         payload = {"command": command, "b_source": reused["source"] if reused else None, "target": target,
-                   "params": params, "teacher_params": teacher_params,
+                   "params": params, "teacher_params": teacher_params, "teacher_val": teacher_val,
                    "calibration_flops": calibration_flops, "curves": curves, "reach": reach, "wall_s": wall,
                    "b_final": b_final}
         out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
