@@ -476,6 +476,16 @@ def recovery_section(r: dict[str, Any], png: str) -> list[str]:
             lines.append(f"- (a) reaches ({ref}) {RECOVERY_RUNS[ref]}'s final loss {target['val_loss']:.4f} after "
                          f"{hit['tokens']:,.0f} tokens: **{target['tokens'] / hit['tokens']:.1f}x fewer tokens, "
                          f"{target['flops'] / max(hit['flops'], 1):.1f}x fewer FLOPs** (teacher forward included)")
+    if "d" in curves and "c" in curves:  # distillation alone, without the pruned start, against CE from scratch
+        d, target = curves["d"], curves["c"][-1]
+        hit = first_reach(d, target["val_loss"])
+        if hit is None or hit["tokens"] == 0:
+            lines.append(f"- (d) does not reach (c)'s final loss {target['val_loss']:.4f} in {d[-1]['tokens']:,} tokens"
+                         if hit is None else f"- (d) starts below (c)'s final loss {target['val_loss']:.4f}")
+        else:
+            lines.append(f"- (d) {RECOVERY_RUNS['d']} reaches (c)'s final loss {target['val_loss']:.4f} after "
+                         f"{hit['tokens']:,.0f} tokens: {target['tokens'] / hit['tokens']:.2f}x fewer tokens than (c), "
+                         f"at {hit['flops'] / target['flops']:.2f}x (c)'s FLOPs (the teacher's forward on every token)")
     gap = r["loss_pruned"] - teacher
     if gap > 0:
         for p in a[1:2] + a[-1:]:
