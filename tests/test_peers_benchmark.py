@@ -141,12 +141,29 @@ def test_phase_profile_heads_agree_and_every_phase_is_timed(load_benchmark, tmp_
 
     teacher, student = _tiny(tmp_path / "t", 2, 0), _tiny(tmp_path / "s", 1, 1)
     ids = torch.randint(0, 96, (2, 16), generator=g)
-    prof = phases.phase_times(teacher, student, ids, repeats=1)
+    from importlib.resources import files
+
+    from hydra import compose, initialize_config_dir
+
+    from sapling.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(files("sapling.conf")), version_base=None):
+        cfg = compose(config_name="config", overrides=[
+            "command=distill", f"teacher.path={teacher}", f"student.path={student}", "student.init=pretrained",
+            "distill.kd_weight=1.0", "distill.ce_weight=0.0", "trainer.warmup_steps=1"])
+    prof = phases.phase_times(teacher, student, ids, repeats=1, trainer_cfg=cfg)
     for head in phases.HEADS:
         assert set(prof[head]["phases"]) == set(phases.PHASES)
         assert all(t > 0 for t in prof[head]["phases"].values())
+    assert set(prof["trainer"]["phases"]) == set(phases.TRAINER_PHASES)
+    assert all(t > 0 for t in prof["trainer"]["phases"].values())
     table = "\n".join(phases.render_phases("16x2", prof, 96))
-    assert table.count("\n| ") == len(phases.PHASES) + 2  # the header row, one per phase, the whole step
+    # the phase table (header, one row per phase, the whole step) and the trainer's (header, 3 parts, the whole)
+    assert table.count("\n| ") == len(phases.PHASES) + 2 + len(phases.TRAINER_PHASES) + 2
+    assert "beyond the fused phases" in table
+    del prof["trainer"]  # results measured before the trainer step existed still render
+    assert "beyond the fused phases" not in "\n".join(phases.render_phases("16x2", prof, 96))
 
 
 def test_quant_spread_section(quant_driver):

@@ -176,8 +176,16 @@ def run_shape(args, s, student: Path, py: Path, seq: int, batch: int) -> dict[st
               f"{r['train_peak'] / 2**30:.2f} GiB, losses {', '.join(f'{x:.4f}' for x in r['losses'])}", flush=True)
     if args.profile_repeats > 0 and args.device == "cpu":
         print(f"{seq}x{batch}: phase profile ...", flush=True)
-        res["phases"] = phase_times(s.teacher_dir, student, ids[:batch], args.profile_repeats)
+        res["phases"] = phase_times(s.teacher_dir, student, ids[:batch], args.profile_repeats,
+                                    trainer_cfg=trainer_config(s, student, work, seq, batch, args.steps))
     return res
+
+
+def trainer_config(s, student: Path, work: Path, seq: int, batch: int, steps: int):
+    """The composed config of this shape's `sapling distill` run, for the profile's trainer step."""
+    from demo_assets import compose_cfg
+
+    return compose_cfg("command=distill", *sapling_overrides(s, student, work / "profile", seq, batch, steps))
 
 
 def render(args, results: dict[str, dict[str, Any]], peer_versions: dict[str, str], student_params: int) -> str:
@@ -262,7 +270,16 @@ def _why_slow(sap: float, trl: float, naive: dict[str, Any], phases: dict[str, A
                 if floor > 0.7 * trl else
                 f"{vs_naive}. The floor is under the goal here: the measured step is {sap - rest - times[head]:.2f} s "
                 f"above the profile's fused step ({rest + times[head]:.2f} s), the trainer's work beyond the five "
-                "phases (data, clipping, logging) and drift of this machine's speed between the processes' minutes."))
+                "phases (data, clipping, logging) and drift of this machine's speed between the processes' minutes"
+                + trainer_note(phases) + "."))
+
+
+def trainer_note(phases: dict[str, Any]) -> str:
+    if "trainer" not in phases:
+        return ""
+    own, fused = sum(phases["trainer"]["phases"].values()), sum(phases["fused"]["phases"].values())
+    return (f"; in the profile's process Sapling's own step took {own:.2f} s, {own - fused:+.2f} s beside the fused "
+            "phases, so the rest is the drift")
 
 
 PROFILE_NOTE = "- phase profile measured again"
@@ -280,10 +297,13 @@ def rerender(args, s, student: Path, peer_versions: dict[str, str], student_para
         head = [x for x in head if not x.startswith(PROFILE_NOTE)]
         head.append(f"{PROFILE_NOTE}, {time.strftime('%Y-%m-%d')}, commit {git_commit()}: `python {shlex.join(sys.argv)}`")
     for shape, res in saved.items() if args.profile_only else ():
+        if shape not in args.shapes:  # --shapes picks which saved shapes are profiled again
+            continue
         seq, batch = (int(x) for x in shape.split("x"))
         print(f"{shape}: phase profile ...", flush=True)
         ids = torch.load(s.work / shape / "blocks.pt")[:batch]
-        res["phases"] = phase_times(s.teacher_dir, student, ids, max(1, args.profile_repeats))
+        res["phases"] = phase_times(s.teacher_dir, student, ids, max(1, args.profile_repeats),
+                                    trainer_cfg=trainer_config(s, student, s.work / shape, seq, batch, args.steps))
     new = render(args, saved, peer_versions, student_params)
     write_results(out, "\n".join(head) + "\n\n\n" + new[new.index(mark):], peer_versions, saved, argv=record["argv"])
     print(out.read_text())

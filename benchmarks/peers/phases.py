@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +42,17 @@ def make_heads(w_s: torch.Tensor, w_t: torch.Tensor, labels: torch.Tensor) -> di
     return {"fused": fused, "full": full}
 
 
-def phase_times(teacher_dir: Path, student_dir: Path, ids: torch.Tensor, repeats: int = 2) -> dict[str, dict]:
+TRAINER_PHASES = ("loss_on_batch: forwards + head", "engine.backward: student backward",
+                  "engine.step: clip + AdamW + schedule")
+
+
+def phase_times(teacher_dir: Path, student_dir: Path, ids: torch.Tensor, repeats: int = 2,
+                trainer_cfg: Any = None) -> dict[str, dict]:
     """Median seconds per phase for each head over `repeats` steps (after one warm-up step of each), the two
-    heads alternating on the same micro-batch `ids` [B, L]."""
+    heads alternating on the same micro-batch `ids` [B, L]. With `trainer_cfg` (a composed `sapling distill`
+    config) Sapling's own step joins the rounds: `loss_on_batch` and a `LocalEngine` over a second copy of the
+    student, as `sapling distill`'s loop runs them, so its time beyond the fused phases is measured in the
+    same process."""
     from transformers import AutoModelForCausalLM
 
     from sapling.models import decoder_and_head, final_hidden, shifted_targets
@@ -77,14 +86,45 @@ def phase_times(teacher_dir: Path, student_dir: Path, ids: torch.Tensor, repeats
     p_t, p_s = body_params(teacher), body_params(student)
     flops = dict(zip(PHASES, (2 * n_rows * p_t, 2 * n_rows * p_s,
                               2 * n_rows * vocab * (w_t.shape[1] + 3 * w_s.shape[1]), 4 * n_rows * p_s, 0.0)))
-    rounds: dict[str, list[list[float]]] = {k: [] for k in HEADS}
+    steps = {k: (lambda k=k: step(heads[k])) for k in HEADS}
+    if trainer_cfg is not None:
+        steps["trainer"] = trainer_step(trainer_cfg, teacher, student_dir, ids, kw)
+    rounds: dict[str, list[list[float]]] = {k: [] for k in steps}
     for r in range(repeats + 1):
-        for k in HEADS if r % 2 == 0 else HEADS[::-1]:
-            t = step(heads[k])
+        for k in list(steps) if r % 2 == 0 else list(steps)[::-1]:
+            t = steps[k]()
             if r > 0:
                 rounds[k].append(t)
-    return {k: {"phases": dict(zip(PHASES, (statistics.median(col) for col in zip(*rounds[k])))),
-                "repeats": repeats, "flops": flops} for k in HEADS}
+    out = {k: {"phases": dict(zip(PHASES, (statistics.median(col) for col in zip(*rounds[k])))),
+               "repeats": repeats, "flops": flops} for k in HEADS}
+    if trainer_cfg is not None:
+        out["trainer"] = {"phases": dict(zip(TRAINER_PHASES, (statistics.median(c) for c in zip(*rounds["trainer"])))),
+                          "repeats": repeats}
+    return out
+
+
+def trainer_step(cfg: Any, teacher: torch.nn.Module, student_dir: Path, ids: torch.Tensor,
+                 load_kw: dict[str, Any]) -> Callable[[], list[float]]:
+    """One `sapling distill` step on `ids` (labels = the ids, as the benchmark's blocks have), timed in three parts."""
+    from transformers import AutoModelForCausalLM
+
+    from sapling.distill.step import count_valid, loss_on_batch
+    from sapling.train.engine import LocalEngine
+
+    engine = LocalEngine(AutoModelForCausalLM.from_pretrained(student_dir, **load_kw).train(), cfg.trainer)
+
+    def step() -> list[float]:
+        marks = [time.perf_counter()]
+        batch = {"input_ids": ids, "labels": ids}
+        loss, _ = loss_on_batch(engine.module, teacher, batch, cfg.distill, num_valid_tokens=count_valid(ids))
+        marks.append(time.perf_counter())
+        engine.backward(loss)
+        marks.append(time.perf_counter())
+        engine.step()
+        marks.append(time.perf_counter())
+        return [b - a for a, b in zip(marks, marks[1:])]
+
+    return step
 
 
 def body_params(model: torch.nn.Module) -> int:
@@ -113,7 +153,10 @@ def render_phases(shape: str, prof: dict[str, dict], vocab: int) -> list[str]:
 
     lines += [f"| {p} | {flops[p] / 1e9:.0f} | {fu[p]:.2f} | {rate(p, fu[p])} | {fl[p]:.2f} | {rate(p, fl[p])} |"
               for p in PHASES]
-    lines += [f"| whole step | | {tot_fu:.2f} | | {tot_fl:.2f} | |", "",
+    lines += [f"| whole step | | {tot_fu:.2f} | | {tot_fl:.2f} | |", ""]
+    if "trainer" in prof:
+        lines += trainer_lines(fu, prof["trainer"]["phases"])
+    lines += [
               "The head's matmuls are the same four in both heads (the teacher's and the student's logits, the "
               "gradients of the student's hidden states and lm_head weight): at the model's own GFLOP/s they are "
               "its floor on this machine; what either head spends above it is softmax, divergence and memory traffic.",
@@ -124,4 +167,20 @@ def render_phases(shape: str, prof: dict[str, dict], vocab: int) -> list[str]:
               f"[tokens x V] tensor here is {logits_gib:.2f} GiB; the full-logit head holds several at once (the "
               "student's logits and log-probabilities, the teacher's, their gradient), the fused one a 256 MiB "
               "chunk at a time.", ""]
+    return lines
+
+
+def trainer_lines(fused: dict[str, float], trainer: dict[str, float]) -> list[str]:
+    """Sapling's own step beside the fused profile's phases it is made of, and the difference."""
+    groups = [sum(fused[p] for p in PHASES[:3]), fused[PHASES[3]], fused[PHASES[4]]]
+    lines = ["Sapling's own step in the same rounds (`loss_on_batch` + `LocalEngine`, as `sapling distill` runs them), "
+             "against the fused profile's phases that make it up:", "",
+             "| part of Sapling's step | s | the fused profile's phases | s |", "|---|---|---|---|"]
+    parts = ["teacher + student forward + head", "student backward", "AdamW step (no clipping, no schedule)"]
+    for name, t, part, g in zip(TRAINER_PHASES, trainer.values(), parts, groups):
+        lines.append(f"| {name} | {t:.2f} | {part} | {g:.2f} |")
+    total, ref = sum(trainer.values()), sum(groups)
+    lines += [f"| whole step | {total:.2f} | | {ref:.2f} |", "",
+              f"Sapling's step costs {total - ref:+.2f} s ({total / ref - 1:+.1%}) beyond the fused phases in the same "
+              "process.", ""]
     return lines
