@@ -271,15 +271,17 @@ def _why_slow(sap: float, trl: float, naive: dict[str, Any], phases: dict[str, A
                 f"{vs_naive}. The floor is under the goal here: the measured step is {sap - rest - times[head]:.2f} s "
                 f"above the profile's fused step ({rest + times[head]:.2f} s), the trainer's work beyond the five "
                 "phases (data, clipping, logging) and drift of this machine's speed between the processes' minutes"
-                + trainer_note(phases) + "."))
+                + trainer_note(sap, phases) + "."))
 
 
-def trainer_note(phases: dict[str, Any]) -> str:
+def trainer_note(sap: float, phases: dict[str, Any]) -> str:
+    """The profile's measurement of Sapling's own step, splitting the measured step's excess into the trainer's cost
+    and the drift between processes."""
     if "trainer" not in phases:
         return ""
     own, fused = sum(phases["trainer"]["phases"].values()), sum(phases["fused"]["phases"].values())
     return (f"; in the profile's process Sapling's own step took {own:.2f} s, {own - fused:+.2f} s beside the fused "
-            "phases, so the rest is the drift")
+            f"phases (the trainer's own cost), leaving {sap - own:+.2f} s to drift between the processes")
 
 
 PROFILE_NOTE = "- phase profile measured again"
