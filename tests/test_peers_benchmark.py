@@ -181,3 +181,6 @@ def test_quant_spread_section(quant_driver):
     assert "2.4130-2.4270" in summary and "Sapling 2.4220 vs llm-compressor 2.4170 (+0.0050)" in summary
     assert summary.endswith("0.0100")
     assert quant_driver.spread_lines({"teacher": {"rows": {}}}) == []
+    spread = results["teacher"]["spread"]
+    assert "inside one tool's run-to-run spread (0.0100" in quant_driver.spread_note(spread, 0.004)
+    assert "outside" in quant_driver.spread_note(spread, -0.02)

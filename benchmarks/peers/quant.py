@@ -2,7 +2,7 @@
 
     python benchmarks/peers/quant.py [--models teacher student] [--samples 64] [--val-tokens 16384]
                                      [--peers-python .venv-peers/bin/python] [--out benchmarks/results/peers_quant_cpu.md]
-                                     [--spread 1,4 [--spread-only]]
+                                     [--spread 1,4 [--spread-only]] [--render-only]
 
 Run with Sapling's virtualenv; llm-compressor runs in the peers' (benchmarks/peers/README.md). Models: the
 teacher itself, and a student (the teacher pruned by `sapling prune` to 20 layers / MLP 576 and distilled for
@@ -224,6 +224,13 @@ def run_spread(args, s, py: Path, name: str, model: Path, res: dict[str, Any]) -
                 losses[str(b)] = row["eval"]["loss"]
 
 
+def spread_note(spread: dict[str, dict[str, float]], gap: float) -> str:
+    """Whether the tools' w4 gap is larger than what one tool's result moves by on float rounding alone."""
+    widest = max((max(v.values()) - min(v.values()) for v in spread.values() if v), default=0.0)
+    return (f"; the gap ({gap:+.4f} nats) is {'inside' if abs(gap) <= widest else 'outside'} one tool's run-to-run "
+            f"spread ({widest:.4f} nats, below)")
+
+
 def spread_lines(results: dict[str, Any]) -> list[str]:
     """The spread section: each tool's w4 loss at every calibration batch size measured, and the range."""
     lines = []
@@ -304,7 +311,8 @@ def render(args, results: dict[str, Any], peer_versions: dict[str, str]) -> str:
                 t = sap["quantize_s"] / peer["quantize_s"]
                 goals.append(f"- {name} {bits}: Sapling's perplexity {math.exp(lo):.3f} vs llm-compressor's "
                              f"{math.exp(lp):.3f} (goal <=: {'met' if lo <= lp else 'missed'}) at {t:.2f}x its time "
-                             f"(goal <= 1.0x: {'met' if t <= 1.0 else 'missed'})")
+                             f"(goal <= 1.0x: {'met' if t <= 1.0 else 'missed'})"
+                             + (spread_note(res["spread"], lo - lp) if bits == "w4" and res.get("spread") else ""))
                 diffs.append(f"- {name} {bits}:")
                 diffs += [f"  - {d}" for d in config_differences(sap["quantization_config"],
                                                                   peer["quantization_config"])] or ["  - none"]
@@ -334,9 +342,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="also quantize w4 with both tools at these calibration batch sizes (run-to-run spread)")
     p.add_argument("--spread-only", action="store_true",
                    help="keep --out's rows and header; measure only --spread for --models, add it to the file")
+    p.add_argument("--render-only", action="store_true", help="rewrite --out from its .json, measuring nothing")
     args = p.parse_args(argv)
     if args.spread_only and not args.spread:
         p.error("--spread-only needs --spread B,B,...")
+    if args.render_only:
+        return spread_only(args, None, None, json.loads(Path(args.out).with_suffix(".json").read_text())["versions"])
     py = peers_python(args.peers_python)
     peer_versions = versions(py)
     s = setup(args)
@@ -369,23 +380,31 @@ def batch_sizes(text: str) -> list[int]:
 SPREAD_NOTE = "- spread measured"
 
 
-def spread_only(args, s, py: Path, peer_versions: dict[str, str]) -> int:
+def spread_only(args, s, py: Path | None, peer_versions: dict[str, str]) -> int:
     """--spread-only: the rows in --out's .json and the file's header stand (their command, date, commit); the spread
-    runs are added for each of --models the file has, and the file rendered again."""
+    runs are added for each of --models the file has, and the file rendered again. --render-only: only the latter."""
     out = Path(args.out)
     record = json.loads(out.with_suffix(".json").read_text())
     results, old = record["results"], out.read_text()
     mark = "| model | recipe"
-    head = [x for x in old[:old.index(mark)].rstrip("\n").splitlines() if not x.startswith(SPREAD_NOTE)]
-    head.append(f"{SPREAD_NOTE} {time.strftime('%Y-%m-%d')}, commit {git_commit()}: `python {shlex.join(sys.argv)}`")
+    head = old[:old.index(mark)].rstrip("\n").splitlines()
+    if not args.render_only:  # this run's line replaces an earlier one
+        head = [x for x in head if not x.startswith(SPREAD_NOTE)]
+        head.append(f"{SPREAD_NOTE} {time.strftime('%Y-%m-%d')}, commit {git_commit()}: `python {shlex.join(sys.argv)}`")
     args.student = args.student or results.get("student", {}).get("model")
-    for name in args.models:
-        if name not in results:
-            raise SystemExit(f"--spread-only: {out.with_suffix('.json')} has no {name} rows (run without --spread-only)")
-        run_spread(args, s, py, name, Path(results[name]["model"]), results[name])
+
+    def save() -> None:
         new = render(args, results, peer_versions)
         write_results(out, "\n".join(head) + "\n\n\n" + new[new.index(mark):], peer_versions, results,
                       argv=record["argv"])
+
+    for name in [] if args.render_only else args.models:
+        if name not in results:
+            raise SystemExit(f"--spread-only: {out.with_suffix('.json')} has no {name} rows (run without --spread-only)")
+        run_spread(args, s, py, name, Path(results[name]["model"]), results[name])
+        save()
+    if args.render_only:
+        save()
     print(out.read_text())
     return 0
 
