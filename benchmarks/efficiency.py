@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
         dirs["b"] = run_scratch(assets, work, scratch_shape, args.scratch_steps, args.scratch_eval_every)
         wall["b"] = time.perf_counter() - t0
     else:
-        wall["b"] = reused["wall_s"]["b"]
+        wall["b"] = reused.get("wall_s", {}).get("b", float("nan"))
     if args.random_kd:
         t0 = time.perf_counter()
         dirs["c"] = run_random_kd(assets, work, scratch_shape, args.distill_steps, args.eval_every)
