@@ -251,7 +251,7 @@ def spread_lines(results: dict[str, Any]) -> list[str]:
             vals = [losses.get(str(b)) for b in sizes]
             got = [v for v in vals if v is not None]
             lines.append(f"| {name} | {LABELS[tool]} | " + " | ".join("-" if v is None else f"{v:.4f}" for v in vals)
-                         + f" | {max(got) - min(got):.4f} |" if got else " | - |")
+                         + (f" | {max(got) - min(got):.4f} |" if got else " | - |"))
         every = [v for losses in spread.values() for v in losses.values()]
         sap = spread.get("sapling", {}).values()
         peer = spread.get("llmc", {}).values()
