@@ -379,6 +379,7 @@ class QuantCalibrationConfig:
 QUANT_SCHEMES = ("w4a16", "w8a16")
 QUANT_METHODS = ("auto", "gptq", "rtn")
 QUANT_DTYPES = ("bfloat16", "float16", "float32")
+QUANT_OBSERVERS = ("minmax", "mse")
 
 
 @dataclass
@@ -392,6 +393,7 @@ class QuantConfig:
     guided_groups: int = 4  # groups of output rows with their own saliency-weighted Hessian
     aware: bool = False  # distill: train with fake-quantized weights (export numerics, straight-through)
     act_order: bool = True  # GPTQ: columns by decreasing Hessian diagonal, static groups
+    observer: str = "minmax"  # GPTQ's group scales: minmax (absmax) | mse (absmax clipped to least rounding error)
     block_size: int = 128  # GPTQ: columns per lazy-update block
     damp: float = 0.01  # GPTQ: damping, a fraction of the mean Hessian diagonal
     calibration: QuantCalibrationConfig = field(default_factory=QuantCalibrationConfig)
@@ -410,6 +412,8 @@ def check_quant(q: Any) -> None:
            "must be a positive multiple of 8", "use 128 (what serving kernels expect) or 64/32")
     _check_choice("quant.method", q.method, QUANT_METHODS, "method")
     _check_choice("quant.dtype", q.dtype, QUANT_DTYPES, "export dtype", "use bfloat16 (or float16, float32)")
+    _check_choice("quant.observer", q.observer, QUANT_OBSERVERS, "observer",
+                  "use minmax (each group's absmax) or mse (clipped to the least rounding error)")
     _check(q.guided_groups >= 1, "quant.guided_groups", q.guided_groups, "must be >= 1", "e.g. 4")
     _check(q.block_size >= 1, "quant.block_size", q.block_size, "must be >= 1", "use 128")
     _check(0 < q.damp < 1, "quant.damp", q.damp, "must be in (0, 1)", "use 0.01")

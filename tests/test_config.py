@@ -142,6 +142,7 @@ def _fake_checkpoint(path) -> None:
         ("quantize", ["model.path={tmp}", "quant.group_size=100"], "quant.group_size"),
         ("quantize", ["model.path={tmp}", "quant.method=awq"], "quant.method"),
         ("quantize", ["model.path={tmp}", "quant.damp=0"], "quant.damp"),
+        ("quantize", ["model.path={tmp}", "quant.observer=percentile"], "quant.observer"),
         ("quantize", ["model.path={tmp}"], "data.files"),  # GPTQ calibration needs data
         ("quantize", ["model.path={tmp}", "data.files=[{data}]", "quant.guided=true"], "quant.guided"),
         ("quantize", ["model.path={tmp}", "data.files=[{data}]", "quant.aware=true"], "quant.aware"),

@@ -145,7 +145,7 @@ def quantize_student(cfg: DictConfig, model: torch.nn.Module, *, teacher: torch.
 
     result = quantize_model(model, spec, method=method, batches=batches, device=device, ignore=list(q.ignore),
                             skip_incompatible=q.skip_incompatible, block_size=q.block_size, damp=q.damp,
-                            act_order=q.act_order, saliency=saliency, offload=q.offload,
+                            act_order=q.act_order, observer=q.observer, saliency=saliency, offload=q.offload,
                             progress=cfg.trainer.progress, on_layer=on_layer)
     t_export = time.perf_counter()
     out = export_compressed(model, result, out_dir, tokenizer)

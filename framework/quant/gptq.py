@@ -8,7 +8,8 @@ H = 2 X X^T (the constant does not matter). This implementation follows the pape
 - damping: H += damp * mean(diag(H)) * I (1% by default);
 - the upper Cholesky factor of H^-1 gives the per-column update rows;
 - columns are processed in blocks of `block_size` with the trailing columns updated lazily once per block;
-- group scales are computed when the group's first column is reached (from the already-updated weights),
+- group scales (absmax, or with `observer="mse"` the clipped scale of least rounding error) are computed when
+  the group's first column is reached (from the already-updated weights),
   or, with `act_order` (columns by decreasing diag(H)), for all groups up front from the original weights
   ("static groups"), so the export keeps contiguous groups and needs no column permutation (g_idx).
 
@@ -22,7 +23,7 @@ import math
 
 import torch
 
-from sapling.quant.numerics import QuantSpec, group_scales, quantize_with_scales
+from sapling.quant.numerics import OBSERVERS, QuantSpec, quantize_with_scales
 
 
 def _prepare_hessian(h: torch.Tensor, w: torch.Tensor, damp: float) -> torch.Tensor:
@@ -44,7 +45,8 @@ def _upper_inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
 
 
 def _gptq_rows(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, block_size: int, damp: float,
-               act_order: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               act_order: bool, observer: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
+    group_scales = OBSERVERS[observer]
     rows, cols = w.shape
     gsize = spec.columns_per_group(cols)
     w = w.double().clone()
@@ -89,12 +91,17 @@ def gptq(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
+    observer: str = "minmax",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ-quantize `weight [out, in]` given `hessian [in, in]` (or `[G, in, in]`, one per row group).
 
     Returns `(q int8 [out, in], scale [out, groups] in spec.scale_dtype)`; `dequantize(q, scale)` is the
     quantized weight. Arithmetic is float64 (the Hessian inverse is ill-conditioned in low precision).
+    `observer`: how each group's scale is chosen, `minmax` (its absmax) or `mse` (the absmax shrunk to minimise
+    the group's rounding error; see numerics.mse_group_scales).
     """
+    if observer not in OBSERVERS:
+        raise ValueError(f"observer {observer!r}: expected one of {sorted(OBSERVERS)}")
     rows, cols = weight.shape
     if not spec.fits(cols):
         raise ValueError(f"input width {cols} is not a multiple of the group size {spec.group_size}")
@@ -107,7 +114,7 @@ def gptq(
     per = rows // groups
     qs, scales = [], []
     for g in range(groups):
-        q, s = _gptq_rows(weight[g * per:(g + 1) * per], hs[g], spec, block_size, damp, act_order)
+        q, s = _gptq_rows(weight[g * per:(g + 1) * per], hs[g], spec, block_size, damp, act_order, observer)
         qs.append(q)
         scales.append(s)
     return torch.cat(qs), torch.cat(scales)

@@ -157,6 +157,7 @@ def quantize_model(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = True,
+    observer: str = "minmax",
     saliency: dict[str, list[torch.Tensor]] | None = None,
     offload: bool = False,
     progress: bool = True,
@@ -168,7 +169,7 @@ def quantize_model(
     `method`: `rtn` (no data) or `gptq` (`batches` of token ids [B, L] for calibration). `saliency`:
     per linear name, one `[B*L, G]` tensor per batch (guided.py) weighting each token's contribution to
     the Hessian of each of G groups of output rows. `offload`: keep the model on the CPU and bring one
-    decoder layer at a time to `device`.
+    decoder layer at a time to `device`. `observer`: GPTQ's group scales, `minmax` or `mse` (RTN keeps minmax).
     """
     t0 = time.perf_counter()
     device = torch.device(device)
@@ -232,7 +233,7 @@ def quantize_model(
         for n, m in linears.items():
             full = f"{base}.{n}"
             q, scale = gptq(m.weight.data, acc[full].hessian(), spec, block_size=block_size, damp=damp,
-                            act_order=act_order)
+                            act_order=act_order, observer=observer)
             m.weight.data.copy_(dequantize(q.to(m.weight.device), scale.to(m.weight.device), m.weight.dtype))
             result.weights[full] = (q.cpu(), scale.cpu())
             del acc[full]

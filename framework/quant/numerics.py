@@ -84,6 +84,30 @@ def group_scales(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return scale.to(spec.scale_dtype)
 
 
+MSE_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # fractions of a group's absmax the mse observer tries
+
+
+def mse_group_scales(w: torch.Tensor, spec: QuantSpec, shrink: tuple[float, ...] = MSE_SHRINK) -> torch.Tensor:
+    """Per group, the absmax scale shrunk by the factor in `shrink` whose rounding (outliers clipped) leaves the
+    least squared error on the group's weights: clipping a few large weights buys a finer grid for the rest.
+    Never worse than `group_scales` on that error (the factor 1.0 is tried first and kept on ties)."""
+    base = group_scales(w, spec).double()
+    out, cols = w.shape
+    g = spec.columns_per_group(cols)
+    wg = w.detach().double().reshape(out, cols // g, g)
+    best, best_err = base.clone(), torch.full_like(base, float("inf"))
+    for factor in shrink:
+        s = (base * factor).to(spec.scale_dtype).double()  # the scale as the export stores it
+        q = torch.clamp(torch.round(wg / s[..., None]), spec.qmin, spec.qmax)
+        err = ((q * s[..., None] - wg) ** 2).sum(-1)
+        better = err < best_err
+        best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+    return best.to(spec.scale_dtype)
+
+
+OBSERVERS = {"minmax": group_scales, "mse": mse_group_scales}  # quant.observer: how GPTQ picks its scales
+
+
 def expand_scales(scale: torch.Tensor, in_features: int) -> torch.Tensor:
     """Per-column scales `[out, in]` from per-group scales `[out, groups]`."""
     return scale.repeat_interleave(in_features // scale.shape[1], dim=1)
