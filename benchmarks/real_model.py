@@ -25,8 +25,8 @@ so the parts may run on different days):
   shape from scratch with CE, (d) distilled into a random init of that shape, all `--recovery-steps` steps
   (the same tokens). Reported: the token and FLOP ratios for (a) to reach (c)'s and (b)'s final losses, and the
   share of the pruning gap (pruned vs teacher) (a) recovers per million tokens.
-- quant: RTN, GPTQ (w4 g64, w8 per channel) on the teacher's real weights; on the prune part's best distilled
-  student also guided GPTQ (the teacher's KD-loss saliency) and QAD (the same distillation with fake-quantized
+- quant: RTN, GPTQ (w4 g64, w8 per channel; w4 also with `quant.observer=mse` scales) on the teacher's real
+  weights; on the prune part's best distilled student also guided GPTQ (both observers) (the teacher's KD-loss saliency) and QAD (the same distillation with fake-quantized
   weights, RTN export). Perplexity increase, size, and quantization time in seconds per billion parameters.
 """
 
@@ -329,12 +329,15 @@ def recovery_part(s: Setup, args: argparse.Namespace, results: dict[str, Any], s
     return rec
 
 
-QUANT_ROWS = [  # (label, overrides); "student only" rows need the teacher or a training run
-    ("RTN w4 g64", ["quant.scheme=w4a16", "quant.group_size=64", "quant.method=rtn", "quant.guided=false"]),
-    ("GPTQ w4 g64", ["quant.scheme=w4a16", "quant.group_size=64", "quant.method=gptq", "quant.guided=false"]),
-    ("guided GPTQ w4 g64", ["quant.scheme=w4a16", "quant.group_size=64", "quant.method=gptq", "quant.guided=true"]),
+W4 = ["quant.scheme=w4a16", "quant.group_size=64"]
+QUANT_ROWS = [  # (label, overrides); "guided" rows need the teacher (the student only)
+    ("RTN w4 g64", [*W4, "quant.method=rtn", "quant.guided=false"]),
+    ("GPTQ w4 g64", [*W4, "quant.method=gptq", "quant.guided=false", "quant.observer=minmax"]),
+    ("GPTQ w4 g64, mse scales", [*W4, "quant.method=gptq", "quant.guided=false", "quant.observer=mse"]),
+    ("guided GPTQ w4 g64", [*W4, "quant.method=gptq", "quant.guided=true", "quant.observer=minmax"]),
+    ("guided GPTQ w4 g64, mse scales", [*W4, "quant.method=gptq", "quant.guided=true", "quant.observer=mse"]),
     ("RTN w8", ["quant.scheme=w8a16", "quant.method=rtn", "quant.guided=false"]),
-    ("GPTQ w8", ["quant.scheme=w8a16", "quant.method=gptq", "quant.guided=false"]),
+    ("GPTQ w8", ["quant.scheme=w8a16", "quant.method=gptq", "quant.guided=false", "quant.observer=minmax"]),
 ]
 
 
@@ -518,10 +521,12 @@ def quant_section(q: dict[str, Any]) -> list[str]:
                      f"- | - |")
     lines.append("")
     for model in ("teacher", "student"):
-        rtn, gptq = inc.get(f"{model}: RTN w4 g64"), inc.get(f"{model}: GPTQ w4 g64")
-        if rtn and gptq is not None and rtn > 0:
-            lines.append(f"- {model}: GPTQ's w4 perplexity increase is {gptq / rtn:.2f}x RTN's (goal <= 0.35x: "
-                         f"**{'met' if gptq <= 0.35 * rtn else 'missed'}**)")
+        rtn = inc.get(f"{model}: RTN w4 g64")
+        for variant, what in (("GPTQ w4 g64", ""), ("GPTQ w4 g64, mse scales", " with mse scales")):
+            gptq = inc.get(f"{model}: {variant}")
+            if rtn and gptq is not None and rtn > 0:
+                lines.append(f"- {model}: GPTQ's w4 perplexity increase{what} is {gptq / rtn:.2f}x RTN's (goal <= "
+                             f"0.35x: **{'met' if gptq <= 0.35 * rtn else 'missed'}**)")
     guided = inc.get("student: guided GPTQ w4 g64")
     if guided is not None and "student: GPTQ w4 g64" in inc:
         plain = inc["student: GPTQ w4 g64"]
