@@ -98,7 +98,7 @@ def mse_group_scales(w: torch.Tensor, spec: QuantSpec, shrink: tuple[float, ...]
     best, best_err = base.clone(), torch.full_like(base, float("inf"))
     for factor in shrink:
         s = (base * factor).to(spec.scale_dtype).double()  # the scale as the export stores it
-        q = torch.clamp(torch.round(wg / s[..., None]), spec.qmin, spec.qmax)
+        q = quantize_with_scales(wg, s[..., None], spec).double()  # the export's own rounding
         err = ((q * s[..., None] - wg) ** 2).sum(-1)
         better = err < best_err
         best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
