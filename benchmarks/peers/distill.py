@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -40,10 +39,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_common import (  # noqa: E402  (benchmarks/peers/ is not a package)
     REPO,
-    git_commit,
     header,
     peers_python,
     ratio,
+    remeasured_note,
+    rewrite_results,
     run_measured,
     tail,
     train_peak,
@@ -292,12 +292,7 @@ def rerender(args, s, student: Path, peer_versions: dict[str, str], student_para
     date, commit and versions) stand; the profile is measured again (--profile-only), the rest rendered again."""
     out = Path(args.out)
     record = json.loads(out.with_suffix(".json").read_text())
-    saved, old = record["results"], out.read_text()
-    mark = "| shape (L x B)"
-    head = old[:old.index(mark)].rstrip("\n").splitlines()
-    if args.profile_only:  # this run's line replaces an earlier one
-        head = [x for x in head if not x.startswith(PROFILE_NOTE)]
-        head.append(f"{PROFILE_NOTE}, {time.strftime('%Y-%m-%d')}, commit {git_commit()}: `python {shlex.join(sys.argv)}`")
+    saved = record["results"]
     for shape, res in saved.items() if args.profile_only else ():
         if shape not in args.shapes:  # --shapes picks which saved shapes are profiled again
             continue
@@ -306,8 +301,8 @@ def rerender(args, s, student: Path, peer_versions: dict[str, str], student_para
         ids = torch.load(s.work / shape / "blocks.pt")[:batch]
         res["phases"] = phase_times(s.teacher_dir, student, ids, max(1, args.profile_repeats),
                                     trainer_cfg=trainer_config(s, student, s.work / shape, seq, batch, args.steps))
-    new = render(args, saved, peer_versions, student_params)
-    write_results(out, "\n".join(head) + "\n\n\n" + new[new.index(mark):], peer_versions, saved, argv=record["argv"])
+    rewrite_results(out, "| shape (L x B)", render(args, saved, peer_versions, student_params), peer_versions, saved,
+                    record["argv"], remeasured_note(PROFILE_NOTE) if args.profile_only else None)
     print(out.read_text())
     return 0
 

@@ -130,3 +130,21 @@ def write_results(out: str | Path, text: str, peer_versions: dict[str, str], res
     out.write_text(text)
     out.with_suffix(".json").write_text(json.dumps({"argv": argv or sys.argv, "versions": peer_versions,
                                                     "results": results}, indent=1) + "\n")
+
+
+def rewrite_results(out: str | Path, mark: str, rendered: str, peer_versions: dict[str, str], results: dict[str, Any],
+                    argv: list[str], note: tuple[str, str] | None = None) -> None:
+    """Write `rendered` (a whole results file) to `out` from its line starting `mark` on, keeping the header `out`
+    already has (the measuring command, date, commit, versions). `note` (prefix, line): a line added to the header,
+    replacing an earlier one with that prefix (what was measured again, and when)."""
+    old = Path(out).read_text()
+    head = old[:old.index(mark)].rstrip("\n").splitlines()
+    if note is not None:
+        head = [x for x in head if not x.startswith(note[0])] + [note[1]]
+    write_results(out, "\n".join(head) + "\n\n\n" + rendered[rendered.index(mark):], peer_versions, results,
+                  argv=argv)
+
+
+def remeasured_note(prefix: str) -> tuple[str, str]:
+    """The header line of a partial re-measurement: `prefix`, today's date, the commit and this command."""
+    return prefix, f"{prefix}, {time.strftime('%Y-%m-%d')}, commit {git_commit()}: `python {shlex.join(sys.argv)}`"

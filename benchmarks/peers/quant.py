@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -42,10 +41,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_common import (  # noqa: E402
     REPO,
-    git_commit,
     header,
     peers_python,
     ratio,
+    remeasured_note,
+    rewrite_results,
     run_measured,
     tail,
     versions,
@@ -224,9 +224,14 @@ def run_spread(args, s, py: Path, name: str, model: Path, res: dict[str, Any]) -
                 losses[str(b)] = row["eval"]["loss"]
 
 
+def widest_spread(spread: dict[str, dict[str, float]]) -> float:
+    """The largest range of one tool's losses over the calibration batch sizes."""
+    return max((max(v.values()) - min(v.values()) for v in spread.values() if v), default=0.0)
+
+
 def spread_note(spread: dict[str, dict[str, float]], gap: float) -> str:
     """Whether the tools' w4 gap is larger than what one tool's result moves by on float rounding alone."""
-    widest = max((max(v.values()) - min(v.values()) for v in spread.values() if v), default=0.0)
+    widest = widest_spread(spread)
     return (f"; the gap ({gap:+.4f} nats) is {'inside' if abs(gap) <= widest else 'outside'} one tool's run-to-run "
             f"spread ({widest:.4f} nats, below)")
 
@@ -260,8 +265,7 @@ def spread_lines(results: dict[str, Any]) -> list[str]:
             lines.append("")
             lines.append(f"- {name}: the two tools' w4 losses span {min(every):.4f}-{max(every):.4f}; mean over the "
                          f"batch sizes, Sapling {sum(sap) / len(sap):.4f} vs llm-compressor {sum(peer) / len(peer):.4f} "
-                         f"({mean_gap:+.4f}); the widest spread of one tool is "
-                         f"{max(max(v.values()) - min(v.values()) for v in spread.values()):.4f}")
+                         f"({mean_gap:+.4f}); the widest spread of one tool is {widest_spread(spread):.4f}")
     return lines
 
 
@@ -385,18 +389,13 @@ def spread_only(args, s, py: Path | None, peer_versions: dict[str, str]) -> int:
     runs are added for each of --models the file has, and the file rendered again. --render-only: only the latter."""
     out = Path(args.out)
     record = json.loads(out.with_suffix(".json").read_text())
-    results, old = record["results"], out.read_text()
-    mark = "| model | recipe"
-    head = old[:old.index(mark)].rstrip("\n").splitlines()
-    if not args.render_only:  # this run's line replaces an earlier one
-        head = [x for x in head if not x.startswith(SPREAD_NOTE)]
-        head.append(f"{SPREAD_NOTE} {time.strftime('%Y-%m-%d')}, commit {git_commit()}: `python {shlex.join(sys.argv)}`")
+    results = record["results"]
+    note = None if args.render_only else remeasured_note(SPREAD_NOTE)
     args.student = args.student or results.get("student", {}).get("model")
 
     def save() -> None:
-        new = render(args, results, peer_versions)
-        write_results(out, "\n".join(head) + "\n\n\n" + new[new.index(mark):], peer_versions, results,
-                      argv=record["argv"])
+        rewrite_results(out, "| model | recipe", render(args, results, peer_versions), peer_versions, results,
+                        record["argv"], note)
 
     for name in [] if args.render_only else args.models:
         if name not in results:
