@@ -338,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratios", type=Path, default=None, metavar="JSON",
                    help="no runs: add the ratio-along-(b) section to the markdown beside a saved results JSON")
     args = p.parse_args(argv)
+    if args.reuse_scratch and args.out and Path(args.reuse_scratch).resolve() == Path(args.out).with_suffix(".json").resolve():
+        p.error(f"--reuse-scratch {args.reuse_scratch} is the results file --out {args.out} would replace: copy it "
+                "aside first and pass the copy")
     if args.ratios is not None:
         print(add_ratios_along(args.ratios), end="")
         return 0

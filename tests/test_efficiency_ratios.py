@@ -75,3 +75,9 @@ def test_reuse_scratch_checks_shape_length_and_corpus(eff, tmp_path):
                        ((target, 200, 24000000), "steps"), ((target, 102, None), "corpus")]:
         with pytest.raises(SystemExit, match=word):
             eff.reused_scratch(saved, *args)
+
+
+def test_reuse_scratch_refuses_the_file_it_would_replace(eff, tmp_path):
+    out = tmp_path / "r.md"
+    with pytest.raises(SystemExit):
+        eff.main(["--reuse-scratch", str(tmp_path / "r.json"), "--out", str(out)])
