@@ -184,3 +184,24 @@ def test_quant_spread_section(quant_driver):
     spread = results["teacher"]["spread"]
     assert "inside one tool's run-to-run spread (0.0100" in quant_driver.spread_note(spread, 0.004)
     assert "outside" in quant_driver.spread_note(spread, -0.02)
+
+
+def test_quant_mse_rows_pair_with_the_peers_mse_rows(quant_driver):
+    def row(loss: float, seconds: float, observer: str) -> dict:
+        return {"eval": {"loss": loss}, "cross": {"loss": loss}, "bytes": 2**20, "quantize_s": seconds,
+                "quantization_config": {"observer": observer}}
+
+    rows = {"sapling_w4": row(2.40, 10.0, "minmax"), "llmc_w4": row(2.30, 20.0, "minmax"),
+            "sapling_w4_mse": row(2.25, 30.0, "mse"), "llmc_w4_mse": row(2.35, 15.0, "mse"),
+            "sapling_guided_w4_mse": row(2.20, 40.0, "mse")}
+    args = argparse.Namespace(student="s", kd_steps=0, samples=4, val_tokens=2048)
+    text = quant_driver.render(args, {"student": {"16bit": {"loss": 2.0}, "rows": rows}}, {})
+    mse_row = next(x for x in text.splitlines() if x.startswith("| student | Sapling GPTQ w4, mse scales |"))
+    cells = [c.strip() for c in mse_row.split("|")[1:-1]]
+    # its increase and time against llm-compressor's mse row, not its min-max one
+    assert cells[5] == f"{(2.718281828**0.25 - 1) / (2.718281828**0.35 - 1):.2f}x" and cells[8] == "2.00x"
+    assert "- student w4, mse scales: Sapling's perplexity 9.488 vs llm-compressor's 10.486 (goal <=: met) at " \
+           "2.00x its time (goal <= 1.0x: missed)" in text
+    assert "- student w4: Sapling's perplexity 11.023 vs llm-compressor's 9.974 (goal <=: missed)" in text
+    assert "guided GPTQ w4, mse scales loss 2.2000 vs the better plain GPTQ 2.2500 (goal: below both: met)" in text
+    assert "- student w4, mse scales:\n  - none" in text and "- student w4:\n  - none" in text

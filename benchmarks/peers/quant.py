@@ -2,7 +2,8 @@
 
     python benchmarks/peers/quant.py [--models teacher student] [--samples 64] [--val-tokens 16384]
                                      [--peers-python .venv-peers/bin/python] [--out benchmarks/results/peers_quant_cpu.md]
-                                     [--spread 1,4 [--spread-only]] [--render-only]
+                                     [--rows ROW ...] [--spread 1,4] [--add-only | --spread-only]
+                                     [--render-only]
 
 Run with Sapling's virtualenv; llm-compressor runs in the peers' (benchmarks/peers/README.md). Models: the
 teacher itself, and a student (the teacher pruned by `sapling prune` to 20 layers / MLP 576 and distilled for
@@ -12,7 +13,9 @@ see the same tokens). Rows, each in a fresh process:
 
 - Sapling: `sapling quantize quant.method=gptq` w4a16 (g64) and w8a16 (per channel), and with
   `quant.guided=true` (the student only: the teacher against itself has no KD loss);
-- llm-compressor: `oneshot` + `GPTQModifier`, W4A16 at group size 64 and W8A16 per channel (quant_worker.py).
+- llm-compressor: `oneshot` + `GPTQModifier`, W4A16 at group size 64 and W8A16 per channel (quant_worker.py);
+- the w4 rows again with MSE-searched group scales: Sapling's `quant.observer=mse`, llm-compressor's `mse`
+  weight observer (its own search: shrink down to 0.8 of the range on a 100-step grid, error norm 2.4).
 
 Every export (and each 16-bit model) is scored by one evaluator: mean next-token NLL over the first
 `--val-tokens` held-out tokens, as the peers' transformers + compressed-tensors load it (float32 compute).
@@ -23,7 +26,8 @@ calibration + quantization + export, not loading or evaluation, as each tool rep
 
 `--spread 1,4` quantizes w4 with both tools again at those calibration batch sizes (the main rows: Sapling 8,
 llm-compressor 1): the same sequences summed in another order, so the table shows how far GPTQ's result moves on
-float rounding alone, beside the gap between the tools. `--spread-only` adds that to an existing results file.
+float rounding alone, beside the gap between the tools. `--spread-only` adds that to an existing results file;
+`--add-only --rows ROW ...` adds the rows it lacks (both keep the file's header and rows, and say what was added).
 """
 
 from __future__ import annotations
@@ -53,14 +57,20 @@ from peer_common import (  # noqa: E402
 )
 
 STUDENT_SHAPE = {"num_hidden_layers": 20, "intermediate_size": 576}
-ROWS = [  # (key, tool, scheme, guided)
-    ("sapling_w4", "sapling", "w4a16", False),
-    ("sapling_guided_w4", "sapling", "w4a16", True),
-    ("llmc_w4", "llmc", "w4a16", False),
-    ("sapling_w8", "sapling", "w8a16", False),
-    ("llmc_w8", "llmc", "w8a16", False),
+ROWS = [  # (key, tool, scheme, guided, observer)
+    ("sapling_w4", "sapling", "w4a16", False, "minmax"),
+    ("sapling_guided_w4", "sapling", "w4a16", True, "minmax"),
+    ("llmc_w4", "llmc", "w4a16", False, "minmax"),
+    ("sapling_w4_mse", "sapling", "w4a16", False, "mse"),
+    ("sapling_guided_w4_mse", "sapling", "w4a16", True, "mse"),
+    ("llmc_w4_mse", "llmc", "w4a16", False, "mse"),
+    ("sapling_w8", "sapling", "w8a16", False, "minmax"),
+    ("llmc_w8", "llmc", "w8a16", False, "minmax"),
 ]
+ROW_KEYS = [r[0] for r in ROWS]
 LABELS = {"sapling": "Sapling GPTQ", "llmc": "llm-compressor GPTQ"}
+OBSERVER_LABELS = {"minmax": "", "mse": ", mse scales"}
+OBSERVER_SUFFIX = {"minmax": "", "mse": "_mse"}
 
 
 def setup(args: argparse.Namespace):
@@ -91,11 +101,11 @@ SAPLING_BATCH, LLMC_BATCH = 8, 1  # calibration batch sizes of the main rows (ll
 
 
 def quant_overrides(s, model: Path, out: Path, args: argparse.Namespace, scheme: str, guided: bool,
-                    batch_size: int = SAPLING_BATCH) -> list[str]:
+                    batch_size: int = SAPLING_BATCH, observer: str = "minmax") -> list[str]:
     return ["experiment=smollm2", "logger=none", f"output_dir={out}", f"model.path={model}",
             f"teacher.path={s.teacher_dir}", f"data.files=[{s.corpus}]", f"data.tokenizer={s.teacher_dir}",
             "data.seq_len=256", "seed=0", "quant.dtype=float32", f"quant.scheme={scheme}", "quant.group_size=64",
-            "quant.method=gptq",
+            "quant.method=gptq", f"quant.observer={observer}",
             f"quant.guided={str(guided).lower()}", f"quant.calibration.samples={args.samples}",
             f"quant.calibration.batch_size={batch_size}", "quant.eval=false", "trainer.progress=false"]
 
@@ -156,7 +166,7 @@ def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 def quantize_row(args, s, py: Path, work: Path, model: Path, key: str, tool: str, scheme: str, guided: bool,
-                 calib: Path, val: Path, batch_size: int) -> dict[str, Any]:
+                 calib: Path, val: Path, batch_size: int, observer: str = "minmax") -> dict[str, Any]:
     """One export in a fresh process (`sapling quantize` or llm-compressor's worker), its time, size, and its loss
     in both environments."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -164,13 +174,13 @@ def quantize_row(args, s, py: Path, work: Path, model: Path, key: str, tool: str
     log = work / f"{key}-{stamp}.log"
     if tool == "sapling":
         cmd = [str(Path(sys.executable).with_name("sapling")), "quantize",
-               *quant_overrides(s, model, out, args, scheme, guided, batch_size)]
+               *quant_overrides(s, model, out, args, scheme, guided, batch_size, observer)]
         export = out / "model"
     else:
         export = out
         cmd = [str(py), str(Path(__file__).with_name("quant_worker.py")), "llmc", "--model", str(model),
                "--calibration", str(calib), "--scheme", scheme, "--group-size", "64", "--batch-size", str(batch_size),
-               "--out", str(out), "--result", str(work / f"{key}-{stamp}.json")]
+               "--observer", observer, "--out", str(out), "--result", str(work / f"{key}-{stamp}.json")]
     m = run_measured(cmd, log)
     if m["rc"] != 0:
         print(f"  failed (see {log}):\n{tail(log)}", flush=True)
@@ -180,7 +190,7 @@ def quantize_row(args, s, py: Path, work: Path, model: Path, key: str, tool: str
         quantize_s = [r for r in recs if r.get("event") == "quantize"][-1]["quantize_s"]
     else:
         quantize_s = json.loads((work / f"{key}-{stamp}.json").read_text())["quantize_s"]
-    row = {"tool": tool, "scheme": scheme, "guided": guided, "export": str(export), "quantize_s": quantize_s,
+    row = {"tool": tool, "scheme": scheme, "guided": guided, "observer": observer, "export": str(export), "quantize_s": quantize_s,
            "batch_size": batch_size, "process_wall_s": m["wall_s"], "peak_rss": m["hwm"],
            "bytes": export_bytes(export), "eval": evaluate(py, export, val, work, key),
            "cross": evaluate(sys.executable, export, val, work, key, "sapling"),
@@ -195,13 +205,19 @@ def run_model(args, s, py: Path, name: str, model: Path) -> dict[str, Any]:
     calib, val = token_files(s, model, args, work)
     res: dict[str, Any] = {"model": str(model), "16bit": evaluate(py, model, val, work, "16bit"), "rows": {}}
     print(f"{name}: 16-bit loss {res['16bit'].get('loss', float('nan')):.4f}", flush=True)
-    for key, tool, scheme, guided in ROWS:
-        if guided and name == "teacher":
+    run_rows(args, s, py, name, model, res, calib, val)
+    return res
+
+
+def run_rows(args, s, py: Path, name: str, model: Path, res: dict[str, Any], calib: Path, val: Path) -> None:
+    """The --rows that `res` lacks (the teacher has no guided rows), each added to res["rows"]."""
+    work = s.work / name
+    for key, tool, scheme, guided, observer in ROWS:
+        if key not in args.rows or key in res["rows"] or (guided and name == "teacher"):
             continue
         print(f"{name}: {key} ...", flush=True)
         res["rows"][key] = quantize_row(args, s, py, work, model, key, tool, scheme, guided, calib, val,
-                                        SAPLING_BATCH if tool == "sapling" else LLMC_BATCH)
-    return res
+                                        SAPLING_BATCH if tool == "sapling" else LLMC_BATCH, observer)
 
 
 def run_spread(args, s, py: Path, name: str, model: Path, res: dict[str, Any]) -> None:
@@ -292,15 +308,15 @@ def render(args, results: dict[str, Any], peer_versions: dict[str, str]) -> str:
         def inc(r: dict[str, Any], base: float | None = base) -> float | None:
             return math.exp(r["eval"]["loss"] - base) - 1 if "loss" in r.get("eval", {}) and base else None
 
-        for key, tool, scheme, guided in ROWS:
+        for key, tool, scheme, guided, observer in ROWS:
             r = rows.get(key)
             if r is None:
                 continue
-            label = f"{LABELS[tool]}{' guided' if guided else ''} {scheme.split('a')[0]}"
+            label = f"{LABELS[tool]}{' guided' if guided else ''} {scheme.split('a')[0]}{OBSERVER_LABELS[observer]}"
             if "error" in r:
                 lines.append(f"| {name} | {label} | failed: {r['error']} |" + " |" * (len(cols) - 3))
                 continue
-            peer = rows.get(f"llmc_{scheme.split('a')[0]}", {})
+            peer = rows.get(f"llmc_{scheme.split('a')[0]}{OBSERVER_SUFFIX[observer]}", {})
             i, ip = inc(r), inc(peer) if "eval" in peer else None
             cross = r["cross"].get("loss")
             lines.append("| " + " | ".join([
@@ -308,23 +324,29 @@ def render(args, results: dict[str, Any], peer_versions: dict[str, str]) -> str:
                 ratio(i, ip) if tool == "sapling" else "1.00x", f"{r['bytes'] / 2**20:.1f}", f"{r['quantize_s']:.1f}",
                 ratio(r["quantize_s"], peer.get("quantize_s")) if tool == "sapling" else "1.00x",
                 f"{cross - r['eval']['loss']:+.2e}" if cross is not None else r["cross"].get("error", "-")]) + " |")
-        for bits in ("w4", "w8"):
-            sap, peer = rows.get(f"sapling_{bits}", {}), rows.get(f"llmc_{bits}", {})
+        for bits, observer in (("w4", "minmax"), ("w4", "mse"), ("w8", "minmax")):
+            suffix = OBSERVER_SUFFIX[observer]
+            sap, peer = rows.get(f"sapling_{bits}{suffix}", {}), rows.get(f"llmc_{bits}{suffix}", {})
             if "eval" in sap and "eval" in peer:
                 lo, lp = sap["eval"]["loss"], peer["eval"]["loss"]
                 t = sap["quantize_s"] / peer["quantize_s"]
-                goals.append(f"- {name} {bits}: Sapling's perplexity {math.exp(lo):.3f} vs llm-compressor's "
+                what = f"{name} {bits}{OBSERVER_LABELS[observer]}"
+                goals.append(f"- {what}: Sapling's perplexity {math.exp(lo):.3f} vs llm-compressor's "
                              f"{math.exp(lp):.3f} (goal <=: {'met' if lo <= lp else 'missed'}) at {t:.2f}x its time "
                              f"(goal <= 1.0x: {'met' if t <= 1.0 else 'missed'})"
-                             + (spread_note(res["spread"], lo - lp) if bits == "w4" and res.get("spread") else ""))
-                diffs.append(f"- {name} {bits}:")
+                             + (spread_note(res["spread"], lo - lp) if not suffix and bits == "w4"
+                                and res.get("spread") else ""))
+                diffs.append(f"- {what}:")
                 diffs += [f"  - {d}" for d in config_differences(sap["quantization_config"],
                                                                   peer["quantization_config"])] or ["  - none"]
-        g = rows.get("sapling_guided_w4", {})
-        if "eval" in g:
-            best = min(rows[k]["eval"]["loss"] for k in ("sapling_w4", "llmc_w4") if "eval" in rows.get(k, {}))
-            goals.append(f"- {name}: guided GPTQ w4 loss {g['eval']['loss']:.4f} vs the better plain GPTQ "
-                         f"{best:.4f} (goal: below both: {'met' if g['eval']['loss'] < best else 'missed'})")
+        for observer, suffix in OBSERVER_SUFFIX.items():
+            g = rows.get(f"sapling_guided_w4{suffix}", {})
+            plain = [rows[k]["eval"]["loss"] for k in (f"sapling_w4{suffix}", f"llmc_w4{suffix}")
+                     if "eval" in rows.get(k, {})]
+            if "eval" in g and plain:
+                goals.append(f"- {name}: guided GPTQ w4{OBSERVER_LABELS[observer]} loss {g['eval']['loss']:.4f} vs "
+                             f"the better plain GPTQ {min(plain):.4f} (goal: below both: "
+                             f"{'met' if g['eval']['loss'] < min(plain) else 'missed'})")
     lines += ["", "## Goals", "", *goals, *spread_lines(results), "",
               "## quantization_config: Sapling's export vs llm-compressor's", "", *diffs, ""]
     return "\n".join(lines) + "\n"
@@ -346,17 +368,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="also quantize w4 with both tools at these calibration batch sizes (run-to-run spread)")
     p.add_argument("--spread-only", action="store_true",
                    help="keep --out's rows and header; measure only --spread for --models, add it to the file")
+    p.add_argument("--rows", nargs="+", default=ROW_KEYS, choices=ROW_KEYS, metavar="ROW",
+                   help=f"the rows to measure (default: all of {', '.join(ROW_KEYS)})")
+    p.add_argument("--add-only", action="store_true",
+                   help="keep --out's rows and header; measure only the --rows (and --spread) it lacks for --models")
     p.add_argument("--render-only", action="store_true", help="rewrite --out from its .json, measuring nothing")
     args = p.parse_args(argv)
     if args.spread_only and not args.spread:
         p.error("--spread-only needs --spread B,B,...")
     if args.render_only:
-        return spread_only(args, None, None, json.loads(Path(args.out).with_suffix(".json").read_text())["versions"])
+        return add_only(args, None, None, json.loads(Path(args.out).with_suffix(".json").read_text())["versions"])
     py = peers_python(args.peers_python)
     peer_versions = versions(py)
     s = setup(args)
-    if args.spread_only:
-        return spread_only(args, s, py, peer_versions)
+    if args.spread_only or args.add_only:
+        return add_only(args, s, py, peer_versions)
     models = {"teacher": s.teacher_dir}
     if "student" in args.models:
         models["student"] = distilled_student(s, args)
@@ -382,15 +408,21 @@ def batch_sizes(text: str) -> list[int]:
 
 
 SPREAD_NOTE = "- spread measured"
+ROWS_NOTE = "- rows added"
 
 
-def spread_only(args, s, py: Path | None, peer_versions: dict[str, str]) -> int:
-    """--spread-only: the rows in --out's .json and the file's header stand (their command, date, commit); the spread
-    runs are added for each of --models the file has, and the file rendered again. --render-only: only the latter."""
+def add_only(args, s, py: Path | None, peer_versions: dict[str, str]) -> int:
+    """--spread-only / --add-only: the rows in --out's .json and the file's header stand (their command, date,
+    commit); the spread runs (and with --add-only the --rows the file lacks) are added for each of --models the file
+    has, a header line says which and when, and the file is rendered again. --render-only: only the latter."""
     out = Path(args.out)
     record = json.loads(out.with_suffix(".json").read_text())
     results = record["results"]
-    note = None if args.render_only else remeasured_note(SPREAD_NOTE)
+    flag = "--add-only" if args.add_only else "--spread-only"
+    missing = [n for n in ([] if args.render_only else args.models) if n not in results]
+    if missing:
+        raise SystemExit(f"{flag}: {out.with_suffix('.json')} has no {missing[0]} rows (run without {flag})")
+    note = None if args.render_only else remeasured_note(ROWS_NOTE if args.add_only else SPREAD_NOTE)
     args.student = args.student or results.get("student", {}).get("model")
 
     def save() -> None:
@@ -398,10 +430,14 @@ def spread_only(args, s, py: Path | None, peer_versions: dict[str, str]) -> int:
                         record["argv"], note)
 
     for name in [] if args.render_only else args.models:
-        if name not in results:
-            raise SystemExit(f"--spread-only: {out.with_suffix('.json')} has no {name} rows (run without --spread-only)")
-        run_spread(args, s, py, name, Path(results[name]["model"]), results[name])
-        save()
+        model = Path(results[name]["model"])
+        if args.add_only:
+            calib, val = token_files(s, model, args, s.work / name)
+            run_rows(args, s, py, name, model, results[name], calib, val)
+            save()
+        if args.spread:
+            run_spread(args, s, py, name, model, results[name])
+            save()
     if args.render_only:
         save()
     print(out.read_text())

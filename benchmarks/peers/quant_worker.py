@@ -1,14 +1,15 @@
 """The peer side of `quant.py` (no Sapling import, so it runs under either virtualenv):
 
     python quant_worker.py llmc --model DIR --calibration calib.pt --scheme w4a16|w8a16 [--group-size 64]
-                                [--batch-size 1] --out DIR
+                                [--batch-size 1] [--observer minmax|mse] --out DIR
     python quant_worker.py eval --model DIR --blocks val.pt --result result.json
 
 - ``llmc``: llm-compressor's one-shot GPTQ (``GPTQModifier``, its defaults: static activation ordering, block
   128, dampening 0.01) with the ``W4A16`` preset at ``--group-size`` (int4, symmetric, groups along the input),
   or ``W8A16`` made per output channel (Sapling's w8a16 format; the preset's default is groups of 128), on
   exactly the token sequences of ``--calibration`` (no shuffling, no re-tokenization), ``lm_head`` ignored,
-  saved compressed. Times the quantization and the export, not the loading.
+  saved compressed. ``--observer mse``: the weights' scales from llm-compressor's ``mse`` observer (its defaults)
+  instead of the min-max one. Times the quantization and the export, not the loading.
 - ``eval``: mean next-token NLL of a checkpoint (16-bit or compressed-tensors, as this environment's
   transformers loads it, computed in float32) over the blocks of ``--blocks``.
 """
@@ -41,6 +42,8 @@ def llmc(a: argparse.Namespace) -> dict:
         scheme.weights.group_size = a.group_size
     else:
         scheme.weights.strategy, scheme.weights.group_size = QuantizationStrategy.CHANNEL, None
+    if a.observer == "mse":
+        scheme.weights.observer = "mse"
     recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
     t0 = time.perf_counter()
     oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=recipe, num_calibration_samples=len(calib),
@@ -79,6 +82,8 @@ def main() -> None:
     q.add_argument("--scheme", choices=["w4a16", "w8a16"], required=True)
     q.add_argument("--group-size", type=int, default=64)
     q.add_argument("--batch-size", type=int, default=1, help="calibration batch size (oneshot's default: 1)")
+    q.add_argument("--observer", choices=["minmax", "mse"], default="minmax",
+                   help="how the weights' scales are chosen (llm-compressor's default: min-max)")
     q.add_argument("--out", required=True)
     q.add_argument("--result", required=True)
     e = sub.add_parser("eval")
