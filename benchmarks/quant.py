@@ -10,8 +10,9 @@ seq_len 128, seed 0) and its whole held-out validation split for perplexity:
 
 - 16-bit: the student in bf16 (the export dtype), its weight bytes at 2 bytes per parameter;
 - RTN w4g128: round-to-nearest int4, groups of 128 input columns, symmetric, bf16 scales;
-- GPTQ w4g128: layer-by-layer GPTQ (1% damping, 128-column blocks), act-order with static groups
-  (and once without act-order, for reference);
+- GPTQ w4g128: layer-by-layer GPTQ (1% damping, 128-column blocks), act-order with static groups, MSE-searched
+  group scales (the default `quant.observer=mse`; once with absmax scales and once without act-order, for
+  reference);
 - GPTQ + guided: GPTQ with distillation-guided Hessians (KD-loss saliency from the demo teacher,
   quant.guided_groups=4);
 - QAD + RTN export: `sapling distill ... quant.aware=true hooks.post=[quantize]`, the same pruned start and
@@ -58,6 +59,8 @@ DEMO_TARGET = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers"
 ROWS = [  # (name, quant overrides; every key the demo preset sets is given, so rows differ only as named)
     ("RTN w4g128", ["quant.method=rtn", "quant.guided=false"]),
     ("GPTQ w4g128 (act-order)", ["quant.method=gptq", "quant.act_order=true", "quant.guided=false"]),
+    ("GPTQ w4g128 (absmax scales)", ["quant.method=gptq", "quant.act_order=true", "quant.guided=false",
+                                     "quant.observer=minmax"]),
     ("GPTQ w4g128 (no act-order)", ["quant.method=gptq", "quant.act_order=false", "quant.guided=false"]),
     ("GPTQ w4g128 + guided", ["quant.method=gptq", "quant.act_order=true", "quant.guided=true"]),
     ("w8 per-channel GPTQ", ["quant.scheme=w8a16", "quant.method=gptq", "quant.guided=false"]),

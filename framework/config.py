@@ -393,7 +393,7 @@ class QuantConfig:
     guided_groups: int = 4  # groups of output rows with their own saliency-weighted Hessian
     aware: bool = False  # distill: train with fake-quantized weights (export numerics, straight-through)
     act_order: bool = True  # GPTQ: columns by decreasing Hessian diagonal, static groups
-    observer: str = "minmax"  # GPTQ's group scales: minmax (absmax) | mse (absmax clipped to least rounding error)
+    observer: str = "mse"  # GPTQ's group scales: mse (absmax clipped to least rounding error) | minmax (absmax)
     block_size: int = 128  # GPTQ: columns per lazy-update block
     damp: float = 0.01  # GPTQ: damping, a fraction of the mean Hessian diagonal
     calibration: QuantCalibrationConfig = field(default_factory=QuantCalibrationConfig)

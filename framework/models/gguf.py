@@ -3,8 +3,10 @@
 transformers reads GGUF (llama.cpp's format) when the `gguf` package is installed: the config and tokenizer
 from its metadata, the weights dequantized. Dequantizing a file takes tens of seconds, so a GGUF source is
 converted once into a normal HF checkpoint (fp32 safetensors, tokenizer, chat template) in the conversion
-cache, `<cache_dir>/gguf/<file stem>-<key>/`, keyed by the file's absolute path, size and mtime; every load
-after the first reads that directory and casts to the source's `dtype`. `sapling convert` writes the same
+cache, `<cache_dir>/gguf/<file stem>-<key>/`, keyed by the file's content (so every virtualenv's copy of one
+packaged file shares one conversion); every load after the first reads that directory and casts to the source's
+`dtype`. The content hash is remembered per absolute path, size and mtime (`<cache_dir>/gguf/.keys/`), so a file
+is read through once, not on every load. `sapling convert` writes the same
 checkpoint to a directory of the user's choice.
 
 A model shipped inside a Python package is named `pkg://<module>/<file>` (e.g. the SmolLM2 teacher of
@@ -109,16 +111,39 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:180]}" if text else type(err).__name__
 
 
-def _key(path: Path) -> str:
+def content_hash(path: Path) -> str:
+    """sha256 of the file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _key(path: Path, root: Path) -> str:
+    """The file's content key (12 hex digits of its sha256). Hashing reads the whole file, so the key is remembered
+    under `root/.keys/` by (absolute path, size, mtime): a file changed in place is hashed again."""
     st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    memo = root / ".keys" / hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    with contextlib.suppress(OSError):
+        key = memo.read_text().strip()
+        if len(key) == 12:
+            return key
+    t0 = time.perf_counter()
+    key = content_hash(path)[:12]
+    log.debug("hashed %s in %.1f s", path, time.perf_counter() - t0)
+    with contextlib.suppress(OSError):  # a read-only cache only costs the hash again next time
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(memo, key + "\n", fsync=False)
+    return key
 
 
 def cached_dir(path: str | os.PathLike) -> Path:
-    """Where the conversion cache holds (or will hold) `path`'s HF checkpoint."""
+    """Where the conversion cache holds (or will hold) `path`'s HF checkpoint: the same directory for every copy
+    of one file's bytes."""
     path = Path(os.path.expanduser(str(path)))
     root = _cache_root.get() or default_cache_root()
-    return root / f"{path.stem}-{_key(path)}"
+    return root / f"{path.stem}-{_key(path, root)}"
 
 
 @functools.lru_cache(maxsize=16)
@@ -147,7 +172,7 @@ def gguf_config(path: str | os.PathLike) -> Any:
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(converted)
-    return _metadata_config(str(path.resolve()), _key(path))
+    return _metadata_config(str(path.resolve()), converted.name)
 
 
 def _drop_quantization(config: Any) -> None:
@@ -183,7 +208,8 @@ def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, *, dtype: torc
     _drop_quantization(model.config)
     model.hf_quantizer = None
     model.config.dtype = dtype
-    record = {"source": str(path.resolve()), "size": path.stat().st_size, "dtype": str(dtype).removeprefix("torch."),
+    record = {"source": str(path.resolve()), "size": path.stat().st_size, "key": cached.name.rsplit("-", 1)[-1],
+              "dtype": str(dtype).removeprefix("torch."),
               "converted": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def build(tmp: Path) -> None:
