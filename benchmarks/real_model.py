@@ -515,7 +515,7 @@ def quant_section(q: dict[str, Any]) -> list[str]:
     if q.get("qad"):
         qad = q["qad"]
         base = q["rows"].get("student: RTN w4 g64", {}).get("val_16bit")
-        lines.append(f"| student | QAD + RTN w4 g64 | {_f(qad['val_16bit'] and qad['val_16bit']['loss'])} | "
+        lines.append(f"| student | QAD + RTN w4 g64 | {_f(base and base['loss'])} | "
                      f"{qad['val_quantized']['loss']:.4f} | "
                      f"{'-' if base is None else format(qad['val_quantized']['ppl'] / base['ppl'] - 1, '+.2%')} | - | "
                      f"- | - |")
@@ -527,11 +527,11 @@ def quant_section(q: dict[str, Any]) -> list[str]:
             if rtn and gptq is not None and rtn > 0:
                 lines.append(f"- {model}: GPTQ's w4 perplexity increase{what} is {gptq / rtn:.2f}x RTN's (goal <= "
                              f"0.35x: **{'met' if gptq <= 0.35 * rtn else 'missed'}**)")
-    guided = inc.get("student: guided GPTQ w4 g64")
-    if guided is not None and "student: GPTQ w4 g64" in inc:
-        plain = inc["student: GPTQ w4 g64"]
-        lines.append(f"- student: guided {guided:+.2%} vs plain GPTQ {plain:+.2%} (goal: below plain: "
-                     f"**{'met' if guided < plain else 'missed'}**)")
+    for variant, what in (("GPTQ w4 g64", ""), ("GPTQ w4 g64, mse scales", ", both with mse scales")):
+        guided, plain = inc.get(f"student: guided {variant}"), inc.get(f"student: {variant}")
+        if guided is not None and plain is not None:
+            lines.append(f"- student: guided {guided:+.2%} vs plain GPTQ {plain:+.2%}{what} (goal: below plain: "
+                         f"**{'met' if guided < plain else 'missed'}**)")
     return lines + [""]
 
 
