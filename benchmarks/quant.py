@@ -14,7 +14,7 @@ seq_len 128, seed 0) and its whole held-out validation split for perplexity:
   group scales (the default `quant.observer=mse`; once with absmax scales and once without act-order, for
   reference);
 - GPTQ + guided: GPTQ with distillation-guided Hessians (KD-loss saliency from the demo teacher,
-  quant.guided_groups=4);
+  quant.guided_groups=4), with the default and with absmax scales;
 - QAD + RTN export: `sapling distill ... quant.aware=true hooks.post=[quantize]`, the same pruned start and
   the same --steps as the 16-bit student, trained through the int4 weights, exported with RTN;
 - w8: int8 per output channel, GPTQ.
@@ -63,6 +63,8 @@ ROWS = [  # (name, quant overrides; every key the demo preset sets is given, so 
                                      "quant.observer=minmax"]),
     ("GPTQ w4g128 (no act-order)", ["quant.method=gptq", "quant.act_order=false", "quant.guided=false"]),
     ("GPTQ w4g128 + guided", ["quant.method=gptq", "quant.act_order=true", "quant.guided=true"]),
+    ("GPTQ w4g128 + guided (absmax scales)", ["quant.method=gptq", "quant.act_order=true", "quant.guided=true",
+                                              "quant.observer=minmax"]),
     ("w8 per-channel GPTQ", ["quant.scheme=w8a16", "quant.method=gptq", "quant.guided=false"]),
 ]
 
@@ -126,11 +128,15 @@ def run(args: argparse.Namespace) -> int:
     rtn_inc = increase(results["RTN w4g128"]["val_quantized"])
     gptq_inc = increase(results["GPTQ w4g128 (act-order)"]["val_quantized"])
     guided_inc = increase(results["GPTQ w4g128 + guided"]["val_quantized"])
+    absmax_inc = increase(results["GPTQ w4g128 (absmax scales)"]["val_quantized"])
+    guided_absmax_inc = increase(results["GPTQ w4g128 + guided (absmax scales)"]["val_quantized"])
     goals = [
         ("GPTQ's perplexity increase <= 50% of RTN's", f"{gptq_inc * 100:+.2f}% vs {rtn_inc * 100:+.2f}% "
          f"(ratio {gptq_inc / rtn_inc:.2f})" if rtn_inc > 0 else "RTN did not increase perplexity",
          rtn_inc > 0 and gptq_inc <= 0.5 * rtn_inc),
         ("guided <= GPTQ", f"{guided_inc * 100:+.2f}% vs {gptq_inc * 100:+.2f}%", guided_inc <= gptq_inc),
+        ("guided <= GPTQ, both with absmax scales", f"{guided_absmax_inc * 100:+.2f}% vs {absmax_inc * 100:+.2f}%",
+         guided_absmax_inc <= absmax_inc),
     ]
     cols = ["recipe", "val loss", "val perplexity", "vs 16-bit", "weights on disk (MB)", "size vs 16-bit",
             "quantize time (s)"]
