@@ -205,3 +205,21 @@ def test_quant_mse_rows_pair_with_the_peers_mse_rows(quant_driver):
     assert "- student w4: Sapling's perplexity 11.023 vs llm-compressor's 9.974 (goal <=: missed)" in text
     assert "guided GPTQ w4, mse scales loss 2.2000 vs the better plain GPTQ 2.2500 (goal: below both: met)" in text
     assert "- student w4, mse scales:\n  - none" in text and "- student w4:\n  - none" in text
+
+
+def test_distill_rounds_combine(load_benchmark):
+    distill = load_benchmark("peers/distill")
+
+    def run(med: float, peak: int) -> dict:
+        return {"median_step_s": med, "tokens_per_s": 1024 / med, "train_peak": peak, "hwm": peak, "wall_s": 10.0,
+                "losses": [2.0, 1.5], "step_s": [med, med]}
+
+    sap = distill.combine_rounds([run(6.0, 5), {"error": "exit 1"}, run(5.0, 7), run(5.5, 6)])
+    assert sap["median_step_s"] == 5.5 and sap["tokens_per_s"] == 1024 / 5.5
+    assert sap["rounds"] == [6.0, None, 5.0, 5.5] and sap["train_peak"] == 7 and sap["wall_s"] == 30.0
+    note = distill.rounds_note([6.0, None, 5.0], [8.0, 7.0, 7.5])
+    assert note.startswith("within each round Sapling's step is 0.75x, 0.67x TRL's (median 0.71x)")
+    args = argparse.Namespace(systems=["sapling", "trl"])
+    lines = distill.rounds_lines(args, {"256x4": {"sapling": sap, "trl": run(8.0, 9), "phases": {}}})
+    assert "| 256x4 | Sapling `sapling distill` | 6.00 | failed | 5.00 | 5.50 | 5.50 |" in lines
+    assert distill.rounds_lines(args, {"256x4": {"trl": run(8.0, 9)}}) == []

@@ -1,6 +1,7 @@
 """Sapling's distillation step vs TRL's and vs a naive HF loop, on the real SmolLM2-135M-Instruct teacher.
 
-    python benchmarks/peers/distill.py [--shapes 256x4 1024x8] [--steps 8] [--peers-python .venv-peers/bin/python]
+    python benchmarks/peers/distill.py [--shapes 256x4 1024x8] [--steps 8] [--rounds 1]
+                                       [--peers-python .venv-peers/bin/python]
                                        [--out benchmarks/results/peers_distill_cpu.md]
 
 Run with Sapling's virtualenv; the peers run in theirs (see benchmarks/peers/README.md). One student for all:
@@ -20,7 +21,9 @@ checkpointing. Reported per shape: the median step time over steps 2..N (the fir
 the memory the steps held (peak resident memory during training minus the resident memory when it began:
 the child's RSS sampled every 50 ms), the process's own peak, and each step's loss: step 1 sees identical
 weights and data in all three, so its losses must agree to float32 rounding; the later ones drift only by
-rounding. After each shape's runs, `--profile-repeats` steps of a phase profile (phases.py, in this process):
+rounding. `--rounds R` runs every system R times, interleaved, and reports the median of the rounds' medians
+beside each round's (and Sapling's step over TRL's within each round), so the machine's drift between processes
+minutes apart shows as a spread instead of hiding in one ratio. After each shape's runs, `--profile-repeats` steps of a phase profile (phases.py, in this process):
 where a step's time goes, with Sapling's fused head and with the full-logit head of the naive loop and TRL.
 """
 
@@ -139,46 +142,78 @@ def summarize(record: dict[str, Any], measured: dict[str, Any], tokens_per_step:
             "wall_s": measured["wall_s"]}
 
 
+def combine_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One system's interleaved rounds as one result: the median of the rounds' median steps (and each round's,
+    under "rounds"), the largest memory, the first round's losses (every round trains the same blocks)."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[0]
+    out = dict(ok[0])
+    meds = [r["median_step_s"] for r in runs if "error" not in r]
+    out["median_step_s"] = statistics.median(meds)
+    out["tokens_per_s"] = ok[0]["tokens_per_s"] * ok[0]["median_step_s"] / out["median_step_s"]
+    out["rounds"] = [r.get("median_step_s") for r in runs]
+    for key in ("train_peak", "hwm"):
+        out[key] = max(r[key] for r in ok)
+    out["wall_s"] = sum(r["wall_s"] for r in ok)
+    return out
+
+
 def run_shape(args, s, student: Path, py: Path, seq: int, batch: int) -> dict[str, Any]:
+    """Each system in a fresh process, --rounds times, interleaved (the order reversed every other round, so each
+    system's runs sit as close in time to the others' as possible)."""
     work = s.work / f"{seq}x{batch}"
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    sap_out = work / f"sapling-{stamp}"
-    overrides = sapling_overrides(s, student, sap_out, seq, batch, args.steps)
-    if args.device == "cuda":  # bf16 weights with fp32 master copies (Sapling's GPU mode); SDPA like the peers
-        overrides += ["trainer.device=cuda", "student.attn_implementation=sdpa", "teacher.attn_implementation=sdpa"]
-    blocks = work / "blocks.pt"
     work.mkdir(parents=True, exist_ok=True)
-    ids = training_blocks(s, overrides, args.steps, batch, blocks)
-    res: dict[str, Any] = {}
-    for system in args.systems:
-        log = work / f"{system}-{stamp}.log"
-        print(f"{seq}x{batch}: {system} ...", flush=True)
-        if system == "sapling":
-            cmd = [str(Path(sys.executable).with_name("sapling")), "distill", *overrides]
-        else:
-            o = OPTIM
-            cmd = [str(py), str(Path(__file__).with_name("trl_worker.py")), "--system", system,
-                   "--teacher", str(s.teacher_dir), "--student", str(student), "--blocks", str(blocks),
-                   "--batch", str(batch), "--steps", str(args.steps), "--lr", str(o["lr"]), "--warmup", str(o["warmup"]),
-                   "--min-lr-ratio", str(o["min_lr_ratio"]), "--weight-decay", str(o["weight_decay"]),
-                   "--beta1", str(o["beta1"]), "--beta2", str(o["beta2"]), "--grad-clip", str(o["grad_clip"]),
-                   "--device", args.device, "--out", str(work / f"{system}-{stamp}.json")]
-        measured = run_measured(cmd, log)
-        if measured["rc"] != 0:
-            res[system] = {"error": f"exit {measured['rc']}: " + tail(log, 1)[:300], "log": str(log)}
-            print(f"  failed (see {log}):\n{tail(log)}", flush=True)
-            continue
-        record = sapling_steps(sap_out) if system == "sapling" else json.loads(
-            (work / f"{system}-{stamp}.json").read_text())
-        res[system] = summarize(record, measured, seq * batch, args.device)
-        r = res[system]
-        print(f"  median step {r['median_step_s']:.2f} s, {r['tokens_per_s']:.0f} tok/s, steps held "
-              f"{r['train_peak'] / 2**30:.2f} GiB, losses {', '.join(f'{x:.4f}' for x in r['losses'])}", flush=True)
+    blocks = work / "blocks.pt"
+    ids = None
+    runs: dict[str, list[dict[str, Any]]] = {system: [] for system in args.systems}
+    for rnd in range(args.rounds):
+        for system in args.systems if rnd % 2 == 0 else list(reversed(args.systems)):
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            overrides = sapling_overrides(s, student, work / f"sapling-{stamp}", seq, batch, args.steps)
+            if args.device == "cuda":  # bf16 weights with fp32 master copies (Sapling's GPU mode); SDPA like the peers
+                overrides += ["trainer.device=cuda", "student.attn_implementation=sdpa",
+                              "teacher.attn_implementation=sdpa"]
+            if ids is None:
+                ids = training_blocks(s, overrides, args.steps, batch, blocks)
+            print(f"{seq}x{batch}: {system}" + (f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else "")
+                  + " ...", flush=True)
+            runs[system].append(run_system(args, s, student, py, work, stamp, system, overrides, seq, batch))
+    res: dict[str, Any] = {system: runs[system][0] if args.rounds == 1 else combine_rounds(runs[system])
+                           for system in args.systems}
     if args.profile_repeats > 0 and args.device == "cpu":
         print(f"{seq}x{batch}: phase profile ...", flush=True)
         res["phases"] = phase_times(s.teacher_dir, student, ids[:batch], args.profile_repeats,
                                     trainer_cfg=trainer_config(s, student, work, seq, batch, args.steps))
     return res
+
+
+def run_system(args, s, student: Path, py: Path, work: Path, stamp: str, system: str, overrides: list[str],
+               seq: int, batch: int) -> dict[str, Any]:
+    """One system's run in a fresh process: its step times, losses and memory, or the error."""
+    blocks = work / "blocks.pt"
+    sap_out = work / f"sapling-{stamp}"
+    log = work / f"{system}-{stamp}.log"
+    if system == "sapling":
+        cmd = [str(Path(sys.executable).with_name("sapling")), "distill", *overrides]
+    else:
+        o = OPTIM
+        cmd = [str(py), str(Path(__file__).with_name("trl_worker.py")), "--system", system,
+               "--teacher", str(s.teacher_dir), "--student", str(student), "--blocks", str(blocks),
+               "--batch", str(batch), "--steps", str(args.steps), "--lr", str(o["lr"]), "--warmup", str(o["warmup"]),
+               "--min-lr-ratio", str(o["min_lr_ratio"]), "--weight-decay", str(o["weight_decay"]),
+               "--beta1", str(o["beta1"]), "--beta2", str(o["beta2"]), "--grad-clip", str(o["grad_clip"]),
+               "--device", args.device, "--out", str(work / f"{system}-{stamp}.json")]
+    measured = run_measured(cmd, log)
+    if measured["rc"] != 0:
+        print(f"  failed (see {log}):\n{tail(log)}", flush=True)
+        return {"error": f"exit {measured['rc']}: " + tail(log, 1)[:300], "log": str(log)}
+    record = sapling_steps(sap_out) if system == "sapling" else json.loads(
+        (work / f"{system}-{stamp}.json").read_text())
+    r = summarize(record, measured, seq * batch, args.device)
+    print(f"  median step {r['median_step_s']:.2f} s, {r['tokens_per_s']:.0f} tok/s, steps held "
+          f"{r['train_peak'] / 2**30:.2f} GiB, losses {', '.join(f'{x:.4f}' for x in r['losses'])}", flush=True)
+    return r
 
 
 def trainer_config(s, student: Path, work: Path, seq: int, batch: int, steps: int):
@@ -232,9 +267,11 @@ def render(args, results: dict[str, dict[str, Any]], peer_versions: dict[str, st
                          f"{'met' if t <= 0.7 else 'missed'}), {held.split(' (')[0]} {m:.2f}x TRL's"
                          + (f" (goal at >= 8k tokens: <= 0.50x: {'met' if m <= 0.5 else 'missed'})"
                             if _tokens(shape) >= 8192 else ""))
+            if sap.get("rounds") and trl.get("rounds"):
+                goals.append("  - " + rounds_note(sap["rounds"], trl["rounds"]))
             if t > 0.7 and "phases" in res:
                 goals.append(_why_slow(sap["median_step_s"], trl["median_step_s"], res.get("naive", {}), res["phases"]))
-    lines += ["", "## Goals", "", *goals, ""]
+    lines += ["", "## Goals", "", *goals, "", *rounds_lines(args, results)]
     if any("phases" in res for res in results.values()):
         lines += ["## Where the step time goes", "",
                   "One process (Sapling's virtualenv), the same teacher, student and first micro-batch; each step split "
@@ -252,6 +289,34 @@ def render(args, results: dict[str, dict[str, Any]], peer_versions: dict[str, st
                 f"{res[s]['losses'][i]:.6f}" if i < len(res[s]["losses"]) else "-" for s in ok) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def rounds_note(sap: list[float | None], trl: list[float | None]) -> str:
+    """Sapling's step over TRL's within each interleaved round (runs minutes apart, so machine drift mostly cancels)."""
+    per = [a / b for a, b in zip(sap, trl) if a and b]
+    return (f"within each round Sapling's step is {', '.join(f'{x:.2f}x' for x in per)} TRL's (median "
+            f"{statistics.median(per):.2f}x)" if per else "no round has both systems")
+
+
+def rounds_lines(args, results: dict[str, dict[str, Any]]) -> list[str]:
+    """The median step of every system in every interleaved round (results measured with --rounds > 1)."""
+    n = max((len(r.get("rounds", [])) for res in results.values() for r in res.values() if isinstance(r, dict)),
+            default=0)
+    if n < 2:
+        return []
+    lines = ["## Interleaved rounds", "",
+             f"Each system ran {n} times, in the order {', '.join(args.systems)} and reversed every other "
+             "round; each cell is that run's median step (s), the table's is the median of the rounds'.", "",
+             "| shape | system | " + " | ".join(f"round {i + 1}" for i in range(n)) + " | median |",
+             "|---|---|" + "---|" * (n + 1)]
+    for shape, res in results.items():
+        for system in args.systems:
+            r = res.get(system, {})
+            if "rounds" in r:
+                lines.append(f"| {shape} | {LABELS[system]} | "
+                             + " | ".join("failed" if x is None else f"{x:.2f}" for x in r["rounds"])
+                             + f" | {r['median_step_s']:.2f} |")
+    return lines + [""]
 
 
 def _why_slow(sap: float, trl: float, naive: dict[str, Any], phases: dict[str, Any]) -> str:
@@ -316,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=["256x4", "1024x8"], help="sequence length x micro-batch")
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every system this many times, interleaved; the step time is the median of the rounds'")
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     p.add_argument("--peers-python", default=None, help="the peers' interpreter (default .venv-peers/bin/python)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -333,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out or str(REPO / "benchmarks" / "results" / f"peers_distill_{args.device}.md")
     if args.steps < 2:
         p.error("--steps must be >= 2 (the first step is a warm-up)")
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
     py = peers_python(args.peers_python)
     peer_versions = versions(py)
     s, student = setup(args)
