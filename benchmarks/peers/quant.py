@@ -200,9 +200,8 @@ def quantize_row(args, s, py: Path, work: Path, model: Path, key: str, tool: str
     return row
 
 
-def run_model(args, s, py: Path, name: str, model: Path) -> dict[str, Any]:
+def run_model(args, s, py: Path, name: str, model: Path, calib: Path, val: Path) -> dict[str, Any]:
     work = s.work / name
-    calib, val = token_files(s, model, args, work)
     res: dict[str, Any] = {"model": str(model), "16bit": evaluate(py, model, val, work, "16bit"), "rows": {}}
     print(f"{name}: 16-bit loss {res['16bit'].get('loss', float('nan')):.4f}", flush=True)
     run_rows(args, s, py, name, model, res, calib, val)
@@ -220,11 +219,10 @@ def run_rows(args, s, py: Path, name: str, model: Path, res: dict[str, Any], cal
                                         SAPLING_BATCH if tool == "sapling" else LLMC_BATCH, observer)
 
 
-def run_spread(args, s, py: Path, name: str, model: Path, res: dict[str, Any]) -> None:
+def run_spread(args, s, py: Path, name: str, model: Path, res: dict[str, Any], calib: Path, val: Path) -> None:
     """GPTQ w4 by both tools again at each of --spread's calibration batch sizes (the same sequences, summed in
     another order): how far the result moves on float rounding alone, beside the gap between the tools."""
     work = s.work / name
-    calib, val = token_files(s, model, args, work)
     spread = res.setdefault("spread", {})
     for tool, main_batch in (("sapling", SAPLING_BATCH), ("llmc", LLMC_BATCH)):
         losses = spread.setdefault(tool, {})
@@ -388,9 +386,10 @@ def main(argv: list[str] | None = None) -> int:
         models["student"] = distilled_student(s, args)
     results = {}
     for name in args.models:
-        results[name] = run_model(args, s, py, name, models[name])
+        calib, val = token_files(s, models[name], args, s.work / name)
+        results[name] = run_model(args, s, py, name, models[name], calib, val)
         if args.spread:
-            run_spread(args, s, py, name, models[name], results[name])
+            run_spread(args, s, py, name, models[name], results[name], calib, val)
         text = render(args, results, peer_versions)
         write_results(args.out, text, peer_versions, results)
     print(text)
@@ -431,12 +430,12 @@ def add_only(args, s, py: Path | None, peer_versions: dict[str, str]) -> int:
 
     for name in [] if args.render_only else args.models:
         model = Path(results[name]["model"])
+        calib, val = token_files(s, model, args, s.work / name)
         if args.add_only:
-            calib, val = token_files(s, model, args, s.work / name)
             run_rows(args, s, py, name, model, results[name], calib, val)
             save()
         if args.spread:
-            run_spread(args, s, py, name, model, results[name])
+            run_spread(args, s, py, name, model, results[name], calib, val)
             save()
     if args.render_only:
         save()
