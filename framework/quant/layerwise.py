@@ -41,6 +41,7 @@ class QuantResult:
     skipped: list[str] = field(default_factory=list)  # incompatible widths left 16-bit (skip_incompatible)
     ignored: list[str] = field(default_factory=list)  # linears matched by `ignore` (lm_head by default)
     wall_s: float = 0.0
+    observer: str = "minmax"  # how the scales were chosen (recorded in the export's quantization_config)
 
 
 def _ignored(name: str, patterns: Sequence[str]) -> bool:
@@ -174,7 +175,8 @@ def quantize_model(
     t0 = time.perf_counter()
     device = torch.device(device)
     targets, skipped, ignored = plan_targets(model, spec, ignore, skip_incompatible)
-    result = QuantResult(spec=spec, method=method, skipped=skipped, ignored=ignored)
+    result = QuantResult(spec=spec, method=method, skipped=skipped, ignored=ignored,
+                         observer=observer if method == "gptq" else "minmax")
     modules = dict(model.named_modules())
     def round_to_nearest(name: str) -> None:
         w = modules[name].weight

@@ -43,10 +43,14 @@ def reference_unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, 32, torch.bfloat16), QuantSpec(8, None, torch.bfloat16),
                                   QuantSpec(4, 64, torch.float16)], ids=lambda s: f"{s.label}-{s.scale_dtype}")
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "gptq-mse"])
 def test_transformers_loads_the_export_with_the_fake_quantized_logits(tmp_path, spec, method):
     model = tiny_llama()
-    result = quantize_model(model, spec, method=method, batches=calib(), progress=False)
+    # RTN is asked for mse scales too: it keeps absmax ones, and the export must say minmax
+    asked = "minmax" if method == "gptq" else "mse"
+    observer = "mse" if method == "gptq-mse" else "minmax"
+    result = quantize_model(model, spec, method=method.split("-")[0], batches=calib(), progress=False,
+                            observer=asked)
     out = export_compressed(model, result, tmp_path / "export")
 
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -54,6 +58,7 @@ def test_transformers_loads_the_export_with_the_fake_quantized_logits(tmp_path, 
     weights = qcfg["config_groups"]["group_0"]["weights"]
     assert weights["num_bits"] == spec.bits and weights["symmetric"] is True
     assert weights["strategy"] == ("channel" if spec.group_size is None else "group")
+    assert weights["observer"] == observer  # how the scales were chosen, as llm-compressor records it
     assert "lm_head" in qcfg["ignore"]
 
     fake = cast_parameters(model, spec.scale_dtype)  # Sapling's fake-quantized model in the export dtype
