@@ -42,6 +42,7 @@ class QuantResult:
     ignored: list[str] = field(default_factory=list)  # linears matched by `ignore` (lm_head by default)
     wall_s: float = 0.0
     observer: str = "minmax"  # how the scales were chosen (recorded in the export's quantization_config)
+    act_order: bool = False  # GPTQ in activation order with static groups (recorded as actorder: static)
 
 
 def _ignored(name: str, patterns: Sequence[str]) -> bool:
@@ -176,7 +177,8 @@ def quantize_model(
     device = torch.device(device)
     targets, skipped, ignored = plan_targets(model, spec, ignore, skip_incompatible)
     result = QuantResult(spec=spec, method=method, skipped=skipped, ignored=ignored,
-                         observer=observer if method == "gptq" else "minmax")
+                         observer=observer if method == "gptq" else "minmax",
+                         act_order=method == "gptq" and act_order)
     modules = dict(model.named_modules())
     def round_to_nearest(name: str) -> None:
         w = modules[name].weight

@@ -59,6 +59,8 @@ def test_transformers_loads_the_export_with_the_fake_quantized_logits(tmp_path, 
     assert weights["num_bits"] == spec.bits and weights["symmetric"] is True
     assert weights["strategy"] == ("channel" if spec.group_size is None else "group")
     assert weights["observer"] == observer  # how the scales were chosen, as llm-compressor records it
+    # GPTQ's activation order with static groups; RTN has none, and per-channel scales take no actorder
+    assert weights.get("actorder") == ("static" if method != "rtn" and spec.group_size else None)
     assert "lm_head" in qcfg["ignore"]
 
     fake = cast_parameters(model, spec.scale_dtype)  # Sapling's fake-quantized model in the export dtype
