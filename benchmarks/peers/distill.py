@@ -149,8 +149,7 @@ def combine_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if not ok:
         return runs[0]
     out = dict(ok[0])
-    meds = [r["median_step_s"] for r in runs if "error" not in r]
-    out["median_step_s"] = statistics.median(meds)
+    out["median_step_s"] = statistics.median(r["median_step_s"] for r in ok)
     out["tokens_per_s"] = ok[0]["tokens_per_s"] * ok[0]["median_step_s"] / out["median_step_s"]
     out["rounds"] = [r.get("median_step_s") for r in runs]
     for key in ("train_peak", "hwm"):

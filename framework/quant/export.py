@@ -37,12 +37,11 @@ def quantization_config(result: QuantResult, model: nn.Module) -> Any:
     # `observer` and `actorder` only record how the scales were chosen (compressed-tensors' names), as
     # llm-compressor's exports do: loaders read the stored scales, never recompute them. GPTQ's activation
     # order keeps contiguous groups ("static": no g_idx); compressed-tensors takes actorder for groups only.
+    common = dict(num_bits=spec.bits, type="int", symmetric=True, observer=result.observer)
     if spec.group_size is None:
-        weights = QuantizationArgs(num_bits=spec.bits, type="int", symmetric=True, strategy="channel",
-                                   observer=result.observer)
+        weights = QuantizationArgs(**common, strategy="channel")
     else:
-        weights = QuantizationArgs(num_bits=spec.bits, type="int", symmetric=True, strategy="group",
-                                   group_size=spec.group_size, observer=result.observer,
+        weights = QuantizationArgs(**common, strategy="group", group_size=spec.group_size,
                                    actorder="static" if result.act_order else None)
     quantized = set(result.weights)
     left_out = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
